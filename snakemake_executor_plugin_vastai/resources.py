@@ -1,0 +1,475 @@
+"""What a Snakemake job asks of Vast.ai: job resources + ``--vastai-*`` options become a
+validated, immutable :class:`ResourceRequest`, which yields the offer query (vastai query
+syntax), the rent parameters and the warm pool's :class:`Signature`.
+
+Mapping (one row per Snakefile resource or option; every query term is "at least" unless
+it says otherwise, and the cheapest-first offer order then prefers the smallest machine):
+
+============================  =============================================================
+``gpu`` / ``nvidia_gpu`` = N  ``num_gpus>=N``. Default 1: Vast.ai only rents GPU machines.
+                              0, negative or fractional counts are errors, and so are both
+                              names with different values.
+``gpu_model`` (job), else     ``gpu_name=RTX_4090``. Spaces or underscores are both fine;
+``--vastai-gpu-name``         the query spells spaces as ``_``.
+``threads``                   ``cpu_cores_effective>=threads`` if above 1 (every offer has
+                              a CPU, and a shorter query reads better in logs). A group
+                              job uses its combined ``_cores``.
+``mem_mb`` (or ``mem``)       ``cpu_ram>=GB`` with GB = mem_mb / 1000 rounded up to 0.1
+                              (the SDK multiplies by 1000 again). mem_mb=0 adds no filter.
+``disk_mb`` (or ``disk``)     rented disk = max(``--vastai-disk``, ceil(disk_mb / 1000)) GB,
+                              and ``disk_space>=`` that. Note that with
+                              ``--default-resources`` a job without input has
+                              disk_mb=50000, so 50 GB.
+``--vastai-reliability`` R    ``reliability>=R``; 0 adds no filter.
+``--vastai-no-datacenter``    drops the otherwise added ``datacenter=True``.
+``--vastai-geolocation``      ``geolocation in [DE,PL]``: region shortcuts (EU, NA, AS, AF,
+                              LC, OC; see ``regions.py``) and/or 2-letter country codes.
+``--vastai-max-price`` P      ``dph_total<=P`` ($/h, storage included).
+``--vastai-search-query``,    appended verbatim, in this order, so they can add any filter
+``vastai_query`` (job)        or override one above (the SDK keeps the last value of a
+                              field and operator; ``field=any`` removes a filter).
+``deploy`` (job)              comma-separated globs shipped besides the workflow sources.
+============================  =============================================================
+
+Whatever the source, the whole query must parse with the SDK's own parser and name only
+fields it knows, so a bad value fails before anything is searched or rented.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from decimal import Decimal
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from snakemake_interface_common.exceptions import WorkflowError
+
+from .regions import expand_geolocation
+
+if TYPE_CHECKING:
+    from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
+
+    from .settings import ExecutorSettings
+
+DEFAULT_NUM_GPUS = 1
+MIN_DISK_GB = 8
+"""Vast.ai's create call refuses a smaller disk."""
+
+JOB_RESOURCES = frozenset({"vastai_query"})
+"""The ``vastai_*`` resources this plugin reads; any other one is a typo and an error."""
+
+_GPU_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]*")
+_ORDER_TERM = re.compile(r"[+-]?[A-Za-z_][A-Za-z0-9_]*[+-]?")
+_QUERY_FIX = (
+    "Write filters as `field operator value` separated by spaces, e.g. "
+    "'cuda_vers>=12.1 inet_down>=200'; `vastai search offers --help` lists the fields."
+)
+
+
+class ResourceError(WorkflowError):
+    """A job resource Vast.ai cannot serve. The message names the job, the resource, the
+    bad value, why it is bad and how to fix it, because the user only sees this text."""
+
+    def __init__(self, job: str, resource: str, value: object, why: str, fix: str) -> None:
+        super().__init__(f"{job}: resource {resource}={value!r} is invalid: {why}. {fix}")
+
+
+class SettingsError(WorkflowError):
+    """A ``--vastai-*`` option with a bad value, worded like :class:`ResourceError`."""
+
+    def __init__(self, option: str, value: object, why: str, fix: str) -> None:
+        flag = "--vastai-" + option.replace("_", "-")
+        super().__init__(f"Option {flag}={value!r} is invalid: {why}. {fix}")
+
+
+_AT_LEAST = ("cpu_cores", "mem_gb", "disk_gb")
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What an instance was rented for, so the warm pool can hand it to a later job.
+
+    ``cpu_cores``, ``mem_gb`` and ``disk_gb`` are *at least*: a bigger instance serves a
+    smaller job. Everything else must be *equal*: the image and extra query decide what
+    runs and where; the GPU count too, since a job may use every GPU it sees.
+    """
+
+    image: str
+    gpu_name: str | None
+    num_gpus: int
+    geolocation: tuple[str, ...]
+    datacenter_only: bool
+    reliability: float
+    extra_query: str
+    interruptible: bool
+    max_price: float | None
+    cpu_cores: int
+    mem_gb: float
+    disk_gb: int
+
+    def exact_key(self) -> tuple[Any, ...]:
+        """The pool bucket: the fields that must be equal, in declaration order."""
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name not in _AT_LEAST)
+
+    def can_serve(self, wanted: Signature) -> bool:
+        """True if an instance rented for ``self`` may run a job that wants ``wanted``."""
+        return self.exact_key() == wanted.exact_key() and all(
+            getattr(self, name) >= getattr(wanted, name) for name in _AT_LEAST
+        )
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """One job's (or group job's) needs, validated. Build it with :meth:`from_job`, which
+    checks every value; the constructor trusts its arguments. ``image``, ``disk_gb`` and
+    ``interruptible`` are also what renting needs besides the offer query."""
+
+    rule: str
+    """For messages and labels: the rule name, or "group <id> (rules a, b)"."""
+    num_gpus: int
+    gpu_name: str | None
+    """With spaces, e.g. "RTX 4090"; None = any model."""
+    cpu_cores: int | None
+    """None = no CPU filter (1 thread)."""
+    mem_gb: float | None
+    """None = no RAM filter."""
+    disk_gb: int
+    """Disk to rent in GB; prices include it (search_offers(storage=))."""
+    image: str
+    geolocation: tuple[str, ...]
+    """Sorted 2-letter country codes; empty = anywhere."""
+    reliability: float
+    """0 = no filter."""
+    datacenter_only: bool
+    max_price: float | None
+    extra_query: str
+    """--vastai-search-query, then the job's vastai_query, verbatim."""
+    interruptible: bool = False
+    """Rent as a bid (search type "bid", create price=): for --preemptible-rules."""
+    deploy: tuple[str, ...] = ()
+    """The job's ``deploy`` globs; the union with --vastai-deploy-paths is made elsewhere."""
+
+    @classmethod
+    def from_job(
+        cls,
+        job: JobExecutorInterface,
+        settings: ExecutorSettings,
+        is_preemptible: Callable[[str], bool] | None = None,
+    ) -> ResourceRequest:
+        """Read and check the job's resources against the options. ``is_preemptible`` is
+        Snakemake's ``preemptible_rules.is_preemptible``: a group is interruptible only if
+        all its rules are. Raises ResourceError or SettingsError before any API call."""
+        options = _read_settings(settings)
+        if job.is_group():
+            rules = ", ".join(sorted(job.rules))
+            where, rule = (
+                f"Group '{job.groupid}' (rules {rules})",
+                f"group {job.groupid} (rules {rules})",
+            )
+        else:
+            where, rule = f"Rule '{job.name}'", job.name
+        resources = dict(job.resources.items())
+        for name in resources:
+            if name.startswith("vastai_") and name not in JOB_RESOURCES:
+                raise ResourceError(
+                    where,
+                    name,
+                    resources[name],
+                    "the vastai plugin knows no such resource",
+                    f"Use one of: {', '.join(sorted(JOB_RESOURCES))}.",
+                )
+        job_query = _job_text(resources, "vastai_query", where)
+        # A group job's threads are its combined resources["_cores"].
+        threads = _thread_count(job.threads, where)
+        mem_mb = _size_mb(resources, "mem_mb", where)
+        disk_mb = _size_mb(resources, "disk_mb", where)
+        request = cls(
+            rule=rule,
+            num_gpus=_gpu_count(resources, where),
+            gpu_name=_job_gpu_name(resources, where) or options.gpu_name,
+            cpu_cores=threads if threads > 1 else None,
+            mem_gb=math.ceil(mem_mb / 100) / 10 if mem_mb else None,
+            disk_gb=max(options.disk_gb, math.ceil(disk_mb / 1000)),
+            image=options.image,
+            geolocation=options.geolocation,
+            reliability=options.reliability,
+            datacenter_only=options.datacenter_only,
+            max_price=options.max_price,
+            extra_query=" ".join(text for text in (options.search_query, job_query) if text),
+            interruptible=is_preemptible is not None and all(map(is_preemptible, job.rules)),
+            deploy=_deploy_globs(_job_text(resources, "deploy", where), where),
+        )
+        try:
+            parse_offer_query(request.offer_query())
+        except ValueError as e:
+            # The options were parsed on their own above, so the job's text is to blame.
+            raise ResourceError(
+                where, "vastai_query", job_query, f"the vastai SDK rejects it ({e})", _QUERY_FIX
+            ) from None
+        return request
+
+    def offer_query(self) -> str:
+        """The offer search in vastai query syntax, in the order of the module's table."""
+        terms = (
+            f"num_gpus>={self.num_gpus}",
+            self.gpu_name and f"gpu_name={self.gpu_name.replace(' ', '_')}",
+            self.cpu_cores and f"cpu_cores_effective>={self.cpu_cores}",
+            self.mem_gb and f"cpu_ram>={_plain(self.mem_gb)}",
+            f"disk_space>={self.disk_gb}",
+            self.reliability and f"reliability>={_plain(self.reliability)}",
+            self.datacenter_only and "datacenter=True",
+            self.geolocation and f"geolocation in [{','.join(self.geolocation)}]",
+            self.max_price is not None and f"dph_total<={_plain(self.max_price)}",
+            self.extra_query,
+        )
+        return " ".join(term for term in terms if term)
+
+    def signature(self) -> Signature:
+        """The warm-pool key of an instance rented for this request."""
+        return Signature(
+            image=self.image,
+            gpu_name=self.gpu_name,
+            num_gpus=self.num_gpus,
+            geolocation=self.geolocation,
+            datacenter_only=self.datacenter_only,
+            reliability=self.reliability,
+            extra_query=self.extra_query,
+            interruptible=self.interruptible,
+            max_price=self.max_price,
+            cpu_cores=self.cpu_cores or 1,
+            mem_gb=self.mem_gb or 0.0,
+            disk_gb=self.disk_gb,
+        )
+
+
+def parse_offer_query(query: str) -> dict[str, dict[str, Any]]:
+    """Parse ``query`` exactly as the SDK's search_offers does (without its default
+    filters), so what fails here would fail there. Fields the SDK does not know raise too:
+    the SDK only warns about them on stderr and sends them anyway, so a misspelt filter
+    would go unnoticed. Raises ValueError."""
+    from vastai.api.query import offers_alias, offers_fields, offers_mult, parse_query
+
+    try:
+        parsed = parse_query(query, {}, offers_fields, offers_alias, offers_mult)
+    except TypeError as e:  # e.g. a list for a field the SDK multiplies (cpu_ram in [...])
+        raise ValueError(str(e)) from None
+    unknown = sorted(set(parsed) - offers_fields)
+    if unknown:
+        raise ValueError(f"unknown offer field(s) {', '.join(unknown)}")
+    return parsed
+
+
+def validate_settings(settings: ExecutorSettings) -> None:
+    """Check every option once at start, so a typo fails before any job is scheduled."""
+    _read_settings(settings)
+    terms = [term.strip() for term in settings.order.split(",")]
+    bad = [term for term in terms if not _ORDER_TERM.fullmatch(term)]
+    if bad:
+        raise SettingsError(
+            "order",
+            settings.order,
+            f"{', '.join(repr(t) for t in bad)} is not an offer field with an optional direction",
+            "Give comma-separated offer fields, each optionally followed by - (descending) "
+            "or + (ascending), e.g. dph_total or dlperf_usd-,dph_total.",
+        )
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The options every request shares, read and checked."""
+
+    gpu_name: str | None
+    max_price: float | None
+    geolocation: tuple[str, ...]
+    disk_gb: int
+    image: str
+    reliability: float
+    datacenter_only: bool
+    search_query: str
+
+
+def _read_settings(settings: ExecutorSettings) -> _Options:
+    gpu_name = None if settings.gpu_name is None else _normalise_gpu_name(settings.gpu_name)
+    if gpu_name == "":
+        raise SettingsError(
+            "gpu_name",
+            settings.gpu_name,
+            "it is not a GPU model name",
+            "Use the name Vast.ai lists, e.g. RTX_4090 or 'RTX 4090'.",
+        )
+    price = settings.max_price
+    if price is not None and not (_is_number(price) and 0 < price < math.inf):
+        raise SettingsError(
+            "max_price", price, "a price cap must be above 0 $/h", "Give e.g. 0.5, or omit it."
+        )
+    try:
+        geolocation = expand_geolocation(settings.geolocation) if settings.geolocation else ()
+    except ValueError as e:
+        raise SettingsError(
+            "geolocation",
+            settings.geolocation,
+            str(e),
+            "Give a region or 2-letter country codes, comma separated, e.g. EU or DE,PL.",
+        ) from None
+    disk = settings.disk
+    if not (isinstance(disk, int) and not isinstance(disk, bool) and disk >= MIN_DISK_GB):
+        raise SettingsError(
+            "disk",
+            disk,
+            f"Vast.ai rents at least {MIN_DISK_GB} GB of disk",
+            f"Give a whole number of GB, {MIN_DISK_GB} or more.",
+        )
+    image = settings.image
+    if not (isinstance(image, str) and image) or any(c.isspace() for c in image):
+        raise SettingsError(
+            "image",
+            image,
+            "it is not a Docker image reference",
+            "Give an image such as vastai/pytorch:@vastai-automatic-tag.",
+        )
+    reliability = settings.reliability
+    if not (_is_number(reliability) and 0 <= reliability <= 1):
+        raise SettingsError(
+            "reliability",
+            reliability,
+            "host reliability is a fraction between 0 and 1",
+            "Give e.g. 0.98, or 0 to rent from any host.",
+        )
+    search_query = (settings.search_query or "").strip()
+    try:
+        parse_offer_query(search_query)
+    except ValueError as e:
+        raise SettingsError(
+            "search_query", settings.search_query, f"the vastai SDK rejects it ({e})", _QUERY_FIX
+        ) from None
+    return _Options(
+        gpu_name=gpu_name,
+        max_price=None if price is None else float(price),
+        geolocation=geolocation,
+        disk_gb=disk,
+        image=image,
+        reliability=float(reliability),
+        datacenter_only=not settings.no_datacenter,
+        search_query=search_query,
+    )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _plain(value: float) -> str:
+    """A number as the query needs it: no exponent, no trailing zeros (0.5, 2, 0.00001)."""
+    return format(Decimal(repr(value)).normalize(), "f")
+
+
+def _normalise_gpu_name(name: object) -> str:
+    """'RTX_4090', ' rtx  4090' -> 'RTX 4090'-style spacing (case kept); '' if not a name."""
+    if not isinstance(name, str) or not _GPU_NAME.fullmatch(name.strip()):
+        return ""
+    return " ".join(name.replace("_", " ").split())
+
+
+def _job_gpu_name(resources: Mapping[str, Any], where: str) -> str | None:
+    value = resources.get("gpu_model")
+    if value is None:
+        return None
+    name = _normalise_gpu_name(value)
+    if not name:
+        raise ResourceError(
+            where,
+            "gpu_model",
+            value,
+            "it is not a GPU model name",
+            "Use the name Vast.ai lists, e.g. gpu_model='RTX_4090' (or 'RTX 4090').",
+        )
+    return name
+
+
+def _whole(value: object) -> int | None:
+    """``value`` as an int if it is a whole number (2 or 2.0), else None."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _gpu_count(resources: Mapping[str, Any], where: str) -> int:
+    given = {name: resources[name] for name in ("gpu", "nvidia_gpu") if name in resources}
+    for name, value in given.items():
+        count = _whole(value)
+        if count is None or count < 1:
+            why = (
+                f"Vast.ai only rents GPU machines, so a job needs {name} >= 1"
+                if _is_number(value) and value < 1
+                else "a GPU count must be a whole number"
+            )
+            raise ResourceError(
+                where, name, value, why, f"Remove the {name} resource or set it to 1 or more."
+            )
+    counts = {_whole(value) for value in given.values()}
+    if len(counts) > 1:
+        raise ResourceError(
+            where,
+            "nvidia_gpu",
+            given["nvidia_gpu"],
+            f"it differs from gpu={given['gpu']!r}",
+            "Set only gpu (Snakemake's standard name), or both to the same value.",
+        )
+    return counts.pop() if counts else DEFAULT_NUM_GPUS
+
+
+def _thread_count(threads: object, where: str) -> int:
+    count = _whole(threads)
+    if count is None or count < 1:
+        raise ResourceError(
+            where,
+            "threads",
+            threads,
+            "a job needs a whole number of threads, at least 1",
+            "Set threads: to 1 or more.",
+        )
+    return count
+
+
+def _size_mb(resources: Mapping[str, Any], name: str, where: str) -> float:
+    """A ``*_mb`` resource as a number of MB; 0 if unset."""
+    value = resources.get(name, 0)
+    if not (_is_number(value) and 0 <= value < math.inf):
+        unit_free = name.removesuffix("_mb")
+        raise ResourceError(
+            where,
+            name,
+            value,
+            "it must be a number of megabytes, 0 or more",
+            f"Set e.g. {name}=16000, or {unit_free}='16GB'.",
+        )
+    return value
+
+
+def _job_text(resources: Mapping[str, Any], name: str, where: str) -> str:
+    value = resources.get(name, "")
+    if not isinstance(value, str):
+        raise ResourceError(
+            where, name, value, "it must be a string", f"Quote it, e.g. {name}='...'."
+        )
+    return value.strip()
+
+
+def _deploy_globs(text: str, where: str) -> tuple[str, ...]:
+    """Comma-separated globs, relative to the working directory that is shipped."""
+    globs = tuple(part.strip() for part in text.split(",") if part.strip())
+    for glob in globs:
+        path = PurePosixPath(glob)
+        if path.is_absolute() or ".." in path.parts:
+            raise ResourceError(
+                where,
+                "deploy",
+                text,
+                f"{glob!r} points outside the working directory, which is what gets shipped",
+                "Give paths or globs relative to the working directory, e.g. "
+                "deploy='scripts/*.py,ref/genome.fa'.",
+            )
+    return globs

@@ -1,0 +1,109 @@
+"""The plugin's command line options (``--vastai-*``), kept apart from the executor so that
+the resource mapping and the tests can use them without importing Snakemake's executor API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from snakemake_interface_executor_plugins.settings import ExecutorSettingsBase
+
+DEFAULT_IMAGE = "vastai/pytorch:@vastai-automatic-tag"
+DEFAULT_API_URL = "https://console.vast.ai"
+
+
+@dataclass
+class ExecutorSettings(ExecutorSettingsBase):
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "Vast.ai API key. Falls back to VAST_API_KEY, then to the key file the "
+            "vastai CLI writes (~/.config/vastai/vast_api_key or ~/.vast_api_key).",
+            "env_var": True,
+        },
+    )
+    api_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "Vast.ai API base URL. Falls back to the SDK's VAST_URL, then to "
+            f"{DEFAULT_API_URL}. Tests and the demo point it at the fake marketplace.",
+            "env_var": True,
+        },
+    )
+    gpu_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "GPU model for jobs that set no gpu_model resource, e.g. RTX_4090 "
+            "(underscores stand for spaces)."
+        },
+    )
+    max_price: float | None = field(
+        default=None,
+        metadata={"help": "Highest price per instance in $/h (dph_total, storage included)."},
+    )
+    geolocation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where instances may run: a region (EU, NA, AS, AF, LC, OC) or country "
+            "codes, comma separated (e.g. DE,PL)."
+        },
+    )
+    disk: int = field(
+        default=40,
+        metadata={"help": "Disk to rent per instance in GB (a job's disk_mb can raise it)."},
+    )
+    image: str = field(
+        default=DEFAULT_IMAGE,
+        metadata={"help": "Docker image the instances run."},
+    )
+    reliability: float = field(
+        default=0.98,
+        metadata={"help": "Lowest host reliability (0-1) to rent from; 0 disables the filter."},
+    )
+    no_datacenter: bool = field(
+        default=False,
+        metadata={"help": "Also rent from hobbyist hosts, not only from datacenters."},
+    )
+    order: str = field(
+        default="dph_total",
+        metadata={
+            "help": "Offer ranking in vastai syntax, first wins: e.g. dph_total (cheapest) "
+            "or dlperf_usd- (most performance per dollar)."
+        },
+    )
+    search_query: str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra offer filters in vastai query syntax, e.g. 'cuda_vers>=12.1 "
+            "inet_down>=200'."
+        },
+    )
+    boot_timeout: int = field(
+        default=1800,
+        metadata={"help": "Seconds an instance may take from rent to a working SSH login."},
+    )
+    no_forward_credentials: bool = field(
+        default=False,
+        metadata={
+            "help": "Do not forward the workflow's environment variables (--envvars, "
+            "storage credentials) to the instances."
+        },
+    )
+    keep_instances: bool = field(
+        default=False,
+        metadata={
+            "help": "Debugging only: leave instances running after the run. They keep "
+            "billing until you destroy them (snakemake-vastai reap)."
+        },
+    )
+    deploy_paths: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated paths or globs of the source tree to ship, in addition "
+            "to the Snakefile, includes, config, scripts and conda files (default: all "
+            "workflow sources)."
+        },
+    )
+    max_runtime: int = field(
+        default=0,
+        metadata={"help": "Seconds a job may run on its instance before it is killed; 0: no cap."},
+    )
