@@ -1,0 +1,597 @@
+"""SSH to one rented instance: a persistent paramiko connection, detached jobs, SFTP transfers.
+
+Only this module knows SSH. An instance is reached as root over one long-lived transport that
+every command, transfer and job watcher shares, so a status round costs no handshakes. Jobs run
+detached (``setsid``) and record their exit code in a file, so they outlive dropped
+connections; a cheap remote waiter per job reports completion over an open channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import re
+import select
+import shlex
+import socket
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import paramiko
+
+log = logging.getLogger(__name__)
+
+
+class _AsDebug(logging.Filter):
+    """paramiko logs every failed attempt with a traceback at ERROR, and connecting to a booting
+    instance fails many times; we retry and report failures ourselves, so its messages are kept
+    for debugging but demoted to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+PARAMIKO_LOG = f"{__name__}.paramiko"
+logging.getLogger(PARAMIKO_LOG).addFilter(_AsDebug())
+
+T = TypeVar("T")
+
+KEEPALIVE_S = 15
+# Socket, banner, handshake and auth timeout for one connection attempt.
+ATTEMPT_TIMEOUT_S = 10.0
+# A dead peer that stops acknowledging (with keepalives flowing every KEEPALIVE_S) kills the
+# socket after this long, so a silently dropped connection is noticed and reconnected.
+TCP_USER_TIMEOUT_MS = 60_000
+# The window we grant the server; paramiko's 2 MiB default caps downloads on long links.
+WINDOW_SIZE = 16 * 1024 * 1024
+# OpenSSH's own sftp client keeps at most 64 reads in flight; paramiko has no limit by default.
+PREFETCH_REQUESTS = 64
+READ_CHUNK = 1024 * 1024
+KILL_GRACE_S = 5
+
+# The files of a detached job, all inside its workdir.
+ENV_FILE = "job.env"
+SCRIPT_FILE = "job.sh"
+RUNNER_FILE = "run.sh"
+LOG_FILE = "job.log"
+EXIT_CODE_FILE = "exit_code"
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_NETWORK_ERRORS = (OSError, EOFError, paramiko.SSHException, paramiko.SFTPError)
+
+# Runs the job script with the job's environment and renames its exit code into place, so a
+# waiter never reads a half-written file. The script is read, not executed, by /bin/sh, so a
+# workdir on a noexec mount works too.
+_RUNNER = f"""\
+. ./{ENV_FILE}
+/bin/sh ./{SCRIPT_FILE}
+echo $? > {EXIT_CODE_FILE}.tmp
+mv -f {EXIT_CODE_FILE}.tmp {EXIT_CODE_FILE}
+"""
+
+# TERM the job's process group, KILL it after a grace period, and record an exit code if the
+# job died before writing its own. Zombies do not count as alive: a container's PID 1 may reap
+# orphans late or never. (Reads /proc because minimal images have no ps or pgrep.)
+_KILL_SCRIPT = """\
+cd {workdir} || exit 1
+[ -e {exit_file} ] && exit 0
+alive() {{
+  for f in /proc/[0-9]*/stat; do
+    read -r s 2>/dev/null < "$f" || continue
+    set -- ${{s##*") "}}
+    [ "$3" = {pgid} ] && [ "$1" != Z ] && return 0
+  done
+  return 1
+}}
+kill -TERM -{pgid} 2>/dev/null
+code=143 i=0
+while alive; do
+  if [ $i -ge {grace_ticks} ]; then kill -KILL -{pgid} 2>/dev/null; code=137; break; fi
+  sleep 0.1
+  i=$((i + 1))
+done
+[ -e {exit_file} ] || {{ echo $code > {exit_file}.tmp && mv -f {exit_file}.tmp {exit_file}; }}
+"""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One way to reach an instance's sshd (the direct port or the Vast SSH proxy)."""
+
+    host: str
+    port: int
+    user: str = "root"
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+class RemoteError(Exception):
+    """An SSH-level failure; the message names the instance and what failed."""
+
+
+class HostKeyMismatch(RemoteError):
+    """The instance presented a different host key than the one pinned on first contact."""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """Outcome of a short command; exit_code is -1 when the command died from a signal (the
+    server then reports no exit status)."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+class RemoteHost:
+    """One persistent SSH connection to one instance, shared by all threads.
+
+    Opening channels on a paramiko Transport is thread-safe; reconnecting and the single SFTP
+    session (which is not) are serialised with locks.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        endpoints: list[Endpoint],
+        key: paramiko.PKey,
+        reconnect_timeout: float = 60.0,
+    ) -> None:
+        """``endpoints`` in order of preference; ``reconnect_timeout`` bounds the transparent
+        reconnects after a dropped connection (the first connect has its own deadline)."""
+        if not endpoints:
+            raise ValueError(f"{name}: no SSH endpoints")
+        self.name = name
+        self.endpoints = list(endpoints)
+        self.reconnect_timeout = reconnect_timeout
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._key = key
+        self._host_key: paramiko.PKey | None = None
+        self._transport: paramiko.Transport | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+        self._sftp: paramiko.SFTPClient | None = None
+        self._sftp_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"RemoteHost({self.name!r}, {', '.join(map(str, self.endpoints))})"
+
+    # -- connection -------------------------------------------------------------------------
+
+    def connect(self, deadline: float) -> None:
+        """Connect, retrying until ``time.monotonic()`` reaches deadline.
+
+        Vast's sshd often refuses or resets connections for a while after the instance reports
+        running, and keys attached at boot take a moment to be in force, so every failure except
+        a changed host key is retried, cycling through the endpoints with backoff.
+        """
+        with self._lock:
+            self._closed = False
+            if self._transport is None or not self._transport.is_active():
+                self._connect_locked(deadline)
+
+    def close(self) -> None:
+        """Close the connection; later calls fail until connect() is called again. Idempotent."""
+        with self._lock:
+            self._closed = True
+            transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+
+    def _connect_locked(self, deadline: float) -> None:
+        if self._transport is not None:
+            self._transport.close()  # a dead transport still holds its socket
+            self._transport = None
+        delay, last = 0.5, ""
+        while True:
+            for endpoint in self.endpoints:
+                timeout = min(ATTEMPT_TIMEOUT_S, max(1.0, deadline - time.monotonic()))
+                try:
+                    self._transport = self._open(endpoint, timeout)
+                    log.debug("%s: connected via %s", self.name, endpoint)
+                    return
+                except HostKeyMismatch:
+                    raise
+                except _NETWORK_ERRORS as exc:
+                    last = f"{endpoint}: {_describe(exc)}"
+                    log.debug("%s: connect failed: %s", self.name, last)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RemoteError(
+                    f"{self.name}: could not connect via "
+                    f"{', '.join(map(str, self.endpoints))} in time; last error from {last}"
+                )
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 5.0)
+
+    def _open(self, endpoint: Endpoint, timeout: float) -> paramiko.Transport:
+        """One connection attempt: TCP, handshake, host key check, public key auth with our key
+        only (a Transport never consults known_hosts, an agent or ~/.ssh)."""
+        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS)
+        transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE)
+        transport.set_log_channel(PARAMIKO_LOG)
+        try:
+            transport.banner_timeout = transport.handshake_timeout = timeout
+            transport.auth_timeout = timeout
+            transport.start_client(timeout=timeout)
+            self._check_host_key(endpoint, transport.get_remote_server_key())
+            transport.auth_publickey(endpoint.user, self._key)
+            if not transport.is_authenticated():
+                raise paramiko.AuthenticationException("server wants more than a public key")
+            transport.set_keepalive(KEEPALIVE_S)
+        except BaseException:
+            transport.close()
+            raise
+        return transport
+
+    def _check_host_key(self, endpoint: Endpoint, key: paramiko.PKey) -> None:
+        """Trust the first host key this object sees and refuse any other afterwards: a new key
+        on a reconnect means a different machine (or someone in between), not our instance."""
+        if self._host_key is None:
+            self._host_key = key
+        elif key.asbytes() != self._host_key.asbytes():
+            raise HostKeyMismatch(
+                f"{self.name}: host key of {endpoint} changed from {self._host_key.fingerprint} "
+                f"to {key.fingerprint}; refusing to connect"
+            )
+
+    def _live_transport(self) -> paramiko.Transport:
+        with self._lock:
+            if self._closed:
+                raise RemoteError(f"{self.name}: connection was closed")
+            if self._transport is None or not self._transport.is_active():
+                log.info("%s: SSH connection lost; reconnecting", self.name)
+                self._connect_locked(time.monotonic() + self.reconnect_timeout)
+            assert self._transport is not None
+            return self._transport
+
+    def _call(self, what: str, action: Callable[[paramiko.Transport], T], retry: bool = True) -> T:
+        """Run action on a live transport. A dead connection is often only discovered when used,
+        so if the transport died, reconnect and run the action once more."""
+        transport = self._live_transport()
+        try:
+            return action(transport)
+        except _NETWORK_ERRORS as exc:
+            if retry and not transport.is_active():
+                return self._call(what, action, retry=False)
+            raise RemoteError(f"{self.name}: {what} failed: {_describe(exc)}") from exc
+
+    def _sftp_call(self, what: str, action: Callable[[paramiko.SFTPClient], T]) -> T:
+        """Like _call, on the host's one SFTP session (re-opened after a reconnect). paramiko's
+        SFTPClient must not be used by two threads at once, hence the lock."""
+
+        def with_sftp(transport: paramiko.Transport) -> T:
+            sftp = self._sftp
+            channel = sftp.get_channel() if sftp else None
+            if channel is None or channel.closed or channel.get_transport() is not transport:
+                sftp = self._sftp = paramiko.SFTPClient.from_transport(transport)
+            assert sftp is not None
+            return action(sftp)
+
+        with self._sftp_lock:
+            return self._call(what, with_sftp)
+
+    # -- commands -------------------------------------------------------------------------
+
+    def run(self, command: str, timeout: float = 120, stdin: bytes | None = None) -> CommandResult:
+        """Run a short command and collect its output. A connection found dead before the command
+        starts is re-established once; one lost while it runs is an error (it may have run)."""
+        deadline = time.monotonic() + timeout
+        channel = self._call(f"starting {command!r}", lambda t: _exec(t, command))
+        with channel:
+            try:
+                if stdin:
+                    channel.sendall(stdin)
+                channel.shutdown_write()
+                stdout, stderr = _drain(channel, deadline)
+                if not channel.status_event.wait(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError
+            except TimeoutError as exc:
+                raise RemoteError(
+                    f"{self.name}: {command!r} did not finish within {timeout:g} s"
+                ) from exc
+            except _NETWORK_ERRORS as exc:
+                raise RemoteError(f"{self.name}: {command!r} failed: {_describe(exc)}") from exc
+            exit_code = channel.recv_exit_status()
+            if exit_code == -1 and not channel.get_transport().is_active():
+                raise RemoteError(f"{self.name}: connection lost while running {command!r}")
+        return CommandResult(
+            exit_code, stdout.decode(errors="replace"), stderr.decode(errors="replace")
+        )
+
+    def start_detached(self, script: str, workdir: str, env: dict[str, str]) -> DetachedJob:
+        """Start a long job that survives SSH disconnects and return at once.
+
+        The environment travels in a 0600 file over SFTP, never on a command line, so secrets
+        stay out of ``ps``. The job runs in its own session (so kill() can end its whole process
+        group), writes stdout and stderr to <workdir>/job.log and its exit code to
+        <workdir>/exit_code. ``script`` is POSIX shell text, run by /bin/sh.
+        """
+        bad = [name for name in env if not _ENV_NAME.match(name)]
+        if bad:
+            raise ValueError(f"invalid environment variable names: {bad}")
+        env_text = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+
+        def write_files(sftp: paramiko.SFTPClient) -> None:
+            _mkdirs(sftp, workdir)
+            for name, text, mode in (
+                (ENV_FILE, env_text, 0o600),
+                (SCRIPT_FILE, script, 0o600),
+                (RUNNER_FILE, _RUNNER, 0o600),
+            ):
+                with sftp.open(posixpath.join(workdir, name), "w") as f:
+                    # chmod before writing: the secrets are never in a readable file.
+                    f.chmod(mode)
+                    f.write(text.encode())
+
+        self._sftp_call(f"writing job files to {workdir}", write_files)
+        # A background child of a shell without job control is no process group leader, so
+        # setsid does not fork and $! is the new session's (and process group's) id.
+        result = self.run(
+            f"cd {shlex.quote(workdir)} || exit 1; rm -f {EXIT_CODE_FILE} {EXIT_CODE_FILE}.tmp; "
+            f"setsid nohup /bin/sh {RUNNER_FILE} > {LOG_FILE} 2>&1 < /dev/null & echo $!"
+        )
+        if result.exit_code != 0 or not result.stdout.strip().isdigit():
+            raise RemoteError(
+                f"{self.name}: could not start job in {workdir}: {result.stderr.strip()}"
+            )
+        job = DetachedJob(self, workdir, int(result.stdout))
+        self.watch(job)
+        return job
+
+    def watch(self, job: DetachedJob) -> None:
+        """(Re-)arm the job's waiter: a channel running a tiny remote loop that ends, printing
+        the exit code, once <workdir>/exit_code exists, so poll() needs no round trip. The loop
+        also ends when its SSH session is gone, so dropped connections leave no waiters behind."""
+        command = (
+            f"cd {shlex.quote(job.workdir)} || exit 1; "
+            f"while [ ! -e {EXIT_CODE_FILE} ] && kill -0 $PPID 2>/dev/null; do sleep 0.2; done; "
+            f"cat {EXIT_CODE_FILE}"
+        )
+        job._attach(self._call(f"watching {job.workdir}", lambda t: _exec(t, command)))
+
+    # -- files --------------------------------------------------------------------------------
+
+    def put_file(self, local: Path, remote: str) -> None:
+        """Upload one file, creating missing parent directories and keeping its mode."""
+        self._sftp_call(f"uploading {local} to {remote}", lambda s: self._put(s, local, remote))
+
+    def get_file(self, remote: str, local: Path) -> None:
+        """Download one file atomically: a crash never leaves a truncated file at ``local``."""
+        self._sftp_call(f"downloading {remote}", lambda s: self._get(s, remote, local))
+
+    def put_tree(self, local: Path, remote: str) -> None:
+        """Upload a directory recursively (empty directories included, symlinks followed)."""
+
+        def put_all(sftp: paramiko.SFTPClient) -> None:
+            for root, _dirs, files in os.walk(local, onerror=_raise):
+                relative = Path(root).relative_to(local)
+                remote_root = posixpath.join(remote, *relative.parts)
+                _mkdirs(sftp, remote_root)
+                for name in files:
+                    self._put(sftp, Path(root, name), posixpath.join(remote_root, name))
+
+        self._sftp_call(f"uploading {local} to {remote}", put_all)
+
+    def get_tree(self, remote: str, local: Path) -> None:
+        """Download a directory recursively. Symlinks to files are followed; symlinks to
+        directories are skipped (with a warning) so a link cycle cannot recurse forever."""
+
+        def get_all(sftp: paramiko.SFTPClient, remote_dir: str, local_dir: Path) -> None:
+            local_dir.mkdir(parents=True, exist_ok=True)
+            for entry in sftp.listdir_attr(remote_dir):
+                path = posixpath.join(remote_dir, entry.filename)
+                mode = entry.st_mode or 0
+                if stat.S_ISDIR(mode):
+                    get_all(sftp, path, local_dir / entry.filename)
+                elif stat.S_ISREG(mode) or (
+                    stat.S_ISLNK(mode) and stat.S_ISREG(sftp.stat(path).st_mode or 0)
+                ):
+                    self._get(sftp, path, local_dir / entry.filename)
+                else:
+                    log.warning("%s: not downloading %s (not a regular file)", self.name, path)
+
+        self._sftp_call(f"downloading {remote}", lambda s: get_all(s, remote, local))
+
+    def read_from(self, remote: str, offset: int) -> bytes:
+        """The bytes of a (growing) file from offset to its current end, for streaming a log.
+        A file that does not exist yet has no bytes."""
+
+        def read(sftp: paramiko.SFTPClient) -> bytes:
+            try:
+                f = sftp.open(remote, "rb")
+            except FileNotFoundError:
+                return b""
+            with f:
+                size = f.stat().st_size or 0
+                if size <= offset:
+                    return b""
+                f.seek(offset)
+                f.prefetch(size, PREFETCH_REQUESTS)
+                data = f.read(size - offset)
+            self.bytes_received += len(data)
+            return data
+
+        return self._sftp_call(f"reading {remote}", read)
+
+    def exists(self, remote: str) -> bool:
+        def check(sftp: paramiko.SFTPClient) -> bool:
+            try:
+                sftp.stat(remote)
+            except FileNotFoundError:
+                return False
+            return True
+
+        return self._sftp_call(f"checking {remote}", check)
+
+    def makedirs(self, remote: str) -> None:
+        self._sftp_call(f"creating {remote}", lambda s: _mkdirs(s, remote))
+
+    def _put(self, sftp: paramiko.SFTPClient, local: Path, remote: str) -> None:
+        with open(local, "rb") as f:
+            try:
+                attrs = sftp.putfo(f, remote)
+            except FileNotFoundError:  # the remote parent is missing; rarely, so create lazily
+                _mkdirs(sftp, posixpath.dirname(remote))
+                f.seek(0)
+                attrs = sftp.putfo(f, remote)
+            sftp.chmod(remote, stat.S_IMODE(os.fstat(f.fileno()).st_mode))
+        self.bytes_sent += attrs.st_size or 0
+
+    def _get(self, sftp: paramiko.SFTPClient, remote: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            with sftp.open(remote, "rb") as source, open(partial, "wb") as target:
+                attrs = source.stat()
+                source.prefetch(attrs.st_size, PREFETCH_REQUESTS)
+                while chunk := source.read(READ_CHUNK):
+                    target.write(chunk)
+                    self.bytes_received += len(chunk)
+            os.chmod(partial, stat.S_IMODE(attrs.st_mode or 0o644))
+            os.replace(partial, local)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+class DetachedJob:
+    """A job started by RemoteHost.start_detached; it runs on whether or not we are connected."""
+
+    def __init__(self, host: RemoteHost, workdir: str, pid: int) -> None:
+        self.host = host
+        self.workdir = workdir
+        self.pid = pid
+        self._exit_code: int | None = None
+        self._waiter: paramiko.Channel | None = None
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"DetachedJob({self.host.name!r}, {self.workdir!r}, pid={self.pid})"
+
+    @property
+    def log_path(self) -> str:
+        return posixpath.join(self.workdir, LOG_FILE)
+
+    def poll(self) -> int | None:
+        """The job's exit code, or None while it runs.
+
+        Costs no round trip: it only looks at the waiter channel's local state. When the
+        connection dropped, the waiter is re-armed through the host (reconnecting if needed).
+        """
+        with self._lock:
+            if self._exit_code is not None:
+                return self._exit_code
+            if self._waiter is not None and not self._waiter.exit_status_ready():
+                return None
+            if self._waiter is not None:
+                self._exit_code = self._collect(self._waiter)
+                self._waiter = None
+                if self._exit_code is not None:
+                    return self._exit_code
+            self.host.watch(self)
+            return None
+
+    def kill(self) -> None:
+        """End the job's whole process group: TERM, then KILL after a grace period. Records an
+        exit code (143 or 137) when the job died before writing its own, so poll() sees it."""
+        if self.poll() is not None:
+            return
+        script = _KILL_SCRIPT.format(
+            workdir=shlex.quote(self.workdir),
+            pgid=self.pid,
+            exit_file=EXIT_CODE_FILE,
+            grace_ticks=round(KILL_GRACE_S * 10),
+        )
+        result = self.host.run(script, timeout=KILL_GRACE_S + 60)
+        if result.exit_code != 0:
+            raise RemoteError(f"{self.host.name}: could not kill {self}: {result.stderr.strip()}")
+
+    def _attach(self, waiter: paramiko.Channel) -> None:
+        with self._lock:
+            old, self._waiter = self._waiter, waiter
+        if old is not None:
+            old.close()
+
+    def _collect(self, waiter: paramiko.Channel) -> int | None:
+        """The exit code a finished waiter printed, or None if its connection was lost."""
+        with waiter:
+            status = waiter.recv_exit_status()
+            if status == -1:
+                return None
+            stdout, stderr = _drain(waiter, time.monotonic() + 10)
+        if status != 0 or not stdout.strip().lstrip(b"-").isdigit():
+            raise RemoteError(
+                f"{self.host.name}: cannot read the exit code of {self}: "
+                f"{stderr.decode(errors='replace').strip() or stdout!r}"
+            )
+        return int(stdout)
+
+
+def _exec(transport: paramiko.Transport, command: str) -> paramiko.Channel:
+    channel = transport.open_session(timeout=ATTEMPT_TIMEOUT_S)
+    try:
+        channel.exec_command(command)
+    except BaseException:
+        channel.close()
+        raise
+    return channel
+
+
+def _drain(channel: paramiko.Channel, deadline: float) -> tuple[bytes, bytes]:
+    """Read stdout and stderr together until EOF; reading one to its end first could deadlock
+    once the other fills its window."""
+    stdout, stderr = bytearray(), bytearray()
+    while True:
+        # All data precedes the EOF, so once EOF was seen, one more pass empties the buffers.
+        done = channel.eof_received or channel.closed
+        while channel.recv_ready():
+            stdout += channel.recv(READ_CHUNK)
+        while channel.recv_stderr_ready():
+            stderr += channel.recv_stderr(READ_CHUNK)
+        if done:
+            return bytes(stdout), bytes(stderr)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        select.select([channel], [], [], remaining)
+
+
+def _mkdirs(sftp: paramiko.SFTPClient, path: str) -> None:
+    """mkdir -p over SFTP; tolerates another client creating the same directory meanwhile."""
+    if path in ("", "/", "."):
+        return
+    try:
+        if stat.S_ISDIR(sftp.stat(path).st_mode or 0):
+            return
+        raise NotADirectoryError(f"{path} exists and is not a directory")
+    except FileNotFoundError:
+        pass
+    _mkdirs(sftp, posixpath.dirname(path.rstrip("/")))
+    try:
+        sftp.mkdir(path)
+    except OSError:
+        if not stat.S_ISDIR(sftp.stat(path).st_mode or 0):
+            raise
+
+
+def _raise(error: OSError) -> None:
+    """os.walk's onerror: an unreadable or missing local directory must fail the upload, not
+    be skipped silently."""
+    raise error
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,555 @@
+"""Instance runtime of the fake Vast.ai marketplace: every rented instance is a real sshd.
+
+As root, an instance is a private mount + PID namespace whose root is a copy-on-write overlay of
+this machine's ``/`` (the upper layer lives in the instance's state dir). Jobs can then install
+packages, write ``/root/.ssh`` and leave ``nohup``'d processes behind for real, two instances
+never see each other's writes, and killing the namespace's PID 1 ends every process it holds.
+Without root, each instance falls back to an sshd of the current user in its own directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BARE_IMAGE_PREFIX = "bare/"
+_POLL_INTERVAL = 0.02
+_LOG_TAIL_CHARS = 2000
+# Unisolated instances cannot be told apart by namespace; this variable tags their processes.
+_MARKER = "FAKEVAST_INSTANCE_DIR"
+
+# PID 1 of the new namespaces runs this while it still sees the host's /: it builds the
+# instance's root and enters it. $1 = state dir, $2/$3 = mount/chroot binaries (absolute, as the
+# container env may replace PATH), the rest = the command to run inside the instance.
+_ENTER_SCRIPT = """\
+set -e
+state=$1 mount=$2 chroot=$3
+shift 3
+root=$state/root
+"$mount" -t overlay overlay -o "lowerdir=/,upperdir=$state/upper,workdir=$state/work" "$root"
+"$mount" -t proc proc "$root/proc"
+"$mount" --rbind /dev "$root/dev"
+"$mount" -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
+: > "$state/entered"
+exec "$chroot" "$root" "$@"
+"""
+
+# The main process of an ssh-mode instance. $1 = sshd_config, $2 = sshd's pid file (sshd writes
+# it once it listens), $3 = onstart script. It stays alive until destroy, and as it waits it also
+# reaps orphaned jobs, so a finished nohup'd job does not linger as a zombie that `kill -0` sees.
+_INIT_SCRIPT = """\
+trap 'exit 1' USR1
+{ /usr/sbin/sshd -D -e -f "$1"; [ -s "$2" ] || kill -USR1 $$; } &
+while [ ! -s "$2" ]; do sleep 0.05; done
+if [ -f "$3" ]; then /bin/sh "$3" & fi
+while :; do sleep 3600 & wait $!; done
+"""
+
+
+class ContainerError(Exception):
+    """An instance could not be started or driven."""
+
+
+@dataclass
+class ContainerSpec:
+    """What the renter asked for: image, runtype (ssh or args), onstart/args, env and keys."""
+
+    instance_id: int
+    image: str
+    ssh: bool
+    onstart: str | None
+    args: list[str] | None
+    env: dict[str, str]
+    authorized_keys: list[str]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where an instance's own files live, as paths seen from inside the instance.
+
+    ``base`` maps them to the host: the overlay's upper dir when isolated (files put there before
+    the mount simply appear in the instance), ``/`` when not (paths are host paths already).
+    """
+
+    base: Path
+    home: str
+    bin_dir: str
+    config: str
+    host_key: str
+    authorized_keys: str
+    pid_file: str
+    init: str
+    onstart: str
+
+    @classmethod
+    def isolated(cls, state_dir: Path) -> _Layout:
+        return cls(
+            base=state_dir / "upper",
+            home="/root",
+            bin_dir="/usr/local/bin",
+            config="/etc/ssh/sshd_config",
+            host_key="/etc/ssh/ssh_host_ed25519_key",
+            authorized_keys="/root/.ssh/authorized_keys",
+            pid_file="/run/sshd.pid",
+            init="/etc/fakevast/init.sh",
+            onstart="/etc/fakevast/onstart.sh",
+        )
+
+    @classmethod
+    def unisolated(cls, state_dir: Path) -> _Layout:
+        top = str(state_dir.resolve())
+        return cls(
+            base=Path("/"),
+            home=f"{top}/home",
+            bin_dir=f"{top}/bin",
+            config=f"{top}/sshd_config",
+            host_key=f"{top}/ssh_host_ed25519_key",
+            authorized_keys=f"{top}/home/.ssh/authorized_keys",
+            pid_file=f"{top}/sshd.pid",
+            init=f"{top}/init.sh",
+            onstart=f"{top}/onstart.sh",
+        )
+
+    def host(self, inner: str) -> Path:
+        return self.base / inner.lstrip("/")
+
+    def make_dir(self, inner: str, mode: int = 0o755) -> Path:
+        """Create `inner` and its parents; a dir that exists on the host keeps its owner and
+        mode, since an upper-layer dir's attributes replace the lower one's in the instance."""
+        path = self.base
+        for part in Path(inner).parts[1:]:
+            path = path / part
+            if path.is_dir():
+                continue
+            lower = Path("/", path.relative_to(self.base))
+            info = lower.stat() if lower.is_dir() else None
+            path.mkdir()
+            if info is not None:
+                os.chown(path, info.st_uid, info.st_gid)
+                os.chmod(path, info.st_mode & 0o7777)
+            else:
+                os.chmod(path, mode)
+        return path
+
+    def write(self, inner: str, text: str, mode: int = 0o644) -> None:
+        self.make_dir(str(Path(inner).parent))
+        path = self.host(inner)
+        path.write_text(text)
+        os.chmod(path, mode)
+
+
+@dataclass(frozen=True)
+class _Process:
+    pid: int
+    ppid: int
+    comm: str
+
+
+def image_python(image: str) -> str:
+    """The interpreter an image's ``python`` runs: ``bare/`` images lack snakemake."""
+    if image.startswith(BARE_IMAGE_PREFIX):
+        return os.path.join(sys.base_prefix, "bin", "python3")
+    return sys.executable
+
+
+@functools.cache
+def namespaces_available() -> bool:
+    """Whether this process may create the mount + PID namespaces an isolated instance needs."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "true"]
+    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
+
+
+@functools.cache
+def _warn_unisolated() -> None:
+    warnings.warn(
+        "fakevast: cannot create namespaces (not root?); instances run unisolated, sharing this "
+        "machine's filesystem and processes",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+class Container:
+    """One rented instance: a real sshd (or args-mode process) in its own view of this machine."""
+
+    def __init__(
+        self, spec: ContainerSpec, state_dir: Path, *, isolate: bool | None = None
+    ) -> None:
+        self.spec = spec
+        self.state_dir = Path(state_dir)
+        self.isolated = namespaces_available() if isolate is None else isolate
+        if not self.isolated:
+            _warn_unisolated()
+        layout = _Layout.isolated if self.isolated else _Layout.unisolated
+        self._layout = layout(self.state_dir)
+        self.sshd_port: int | None = None
+        self._log_path = self.state_dir / "container.log"
+        self._final_log = ""
+        self._pending_keys = list(spec.authorized_keys)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._init_pid: int | None = None
+        self._pidns: str | None = None
+        self._lock = threading.Lock()
+        self._prepared = False
+        self._destroyed = False
+
+    # -- public interface ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Boot the instance; returns once sshd listens (ssh mode) or the main process runs."""
+        with self._lock:
+            if self._destroyed:
+                raise ContainerError(f"instance {self.spec.instance_id} was destroyed")
+            if self._proc is not None:
+                raise ContainerError(f"instance {self.spec.instance_id} was already started")
+            self._prepare()
+            self._proc = self._launch()
+        try:
+            self._wait_started()
+        except ContainerError:
+            if not self._destroyed:
+                self._stop_processes()
+            raise
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None and not self._destroyed
+
+    def add_authorized_key(self, key: str) -> None:
+        """Allow `key` for new logins. Appending to the upper-layer file is seen at once by the
+        instance, because a file that exists only in the upper layer *is* the instance's file."""
+        with self._lock:
+            if not self._prepared:
+                self._pending_keys.append(key)
+                return
+            with self._layout.host(self._layout.authorized_keys).open("a") as handle:
+                handle.write(key.strip() + "\n")
+
+    def kill_sshd(self) -> None:
+        """Simulate the host going offline: every sshd process dies, so live sessions drop."""
+        for process in self._instance_processes():
+            if process.comm == "sshd":
+                _kill(process.pid)
+
+    def log_text(self) -> str:
+        """Everything the main process and the onstart script wrote, like ``docker logs``."""
+        if self._destroyed:
+            return self._final_log
+        try:
+            return self._log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def destroy(self) -> None:
+        """Kill every process of the instance and delete its state; idempotent."""
+        with self._lock:
+            if self._destroyed:
+                return
+            self._final_log = self.log_text()
+            self._destroyed = True
+            self._stop_processes()
+            if self.state_dir.exists():
+                shutil.rmtree(self.state_dir)
+
+    # -- preparing the instance's files ---------------------------------------------------------
+
+    def _prepare(self) -> None:
+        layout = self._layout
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.isolated:
+            self._prepare_overlay()
+        layout.make_dir(layout.home, mode=0o700)
+        layout.make_dir(str(Path(layout.authorized_keys).parent), mode=0o700)
+        keys = "".join(key.strip() + "\n" for key in self._pending_keys)
+        layout.write(layout.authorized_keys, keys, 0o600)
+        python = shlex.quote(image_python(self.spec.image))
+        for name in ("python", "python3"):
+            # A wrapper, not a symlink: a venv's python is only a venv when run by its own path.
+            layout.write(f"{layout.bin_dir}/{name}", f'#!/bin/sh\nexec {python} "$@"\n', 0o755)
+        if self.spec.ssh:
+            self._prepare_sshd()
+        self._prepared = True
+
+    def _prepare_overlay(self) -> None:
+        for name in ("upper", "work", "root"):
+            (self.state_dir / name).mkdir(exist_ok=True)
+        layout = self._layout
+        layout.make_dir("/workspace")
+        layout.make_dir("/run/sshd")  # sshd's privilege-separation dir
+        # Opaque upper dirs hide the host's: an empty /tmp (where state dirs usually live), as a
+        # fresh container has, and a /root/.ssh holding no key of the host's.
+        for inner, mode in (("/tmp", 0o1777), ("/root/.ssh", 0o700)):
+            os.setxattr(layout.make_dir(inner, mode), "trusted.overlay.opaque", b"y")
+        # The host's own dotfiles (pyenv shims first on PATH) would decide what `python` is.
+        for dotfile in Path("/etc/skel").glob(".*"):
+            shutil.copy(dotfile, layout.host(f"/root/{dotfile.name}"))
+        lines = [f"{name}={shlex.quote(value)}" for name, value in self._environment().items()]
+        layout.write("/etc/environment", "".join(line + "\n" for line in lines))
+
+    def _prepare_sshd(self) -> None:
+        layout = self._layout
+        self.sshd_port = _free_port()
+        layout.make_dir(str(Path(layout.host_key).parent))
+        self._generate_host_key(layout.host(layout.host_key))
+        layout.write(layout.config, self._sshd_config())
+        layout.write(layout.init, _INIT_SCRIPT, 0o755)
+        if self.spec.onstart:
+            layout.write(layout.onstart, self.spec.onstart, 0o755)
+
+    def _generate_host_key(self, path: Path) -> None:
+        """Each instance gets its own host key, so clients see distinct hosts as on Vast.ai."""
+        comment = f"fakevast-instance-{self.spec.instance_id}"
+        command = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise ContainerError(f"ssh-keygen failed: {done.stderr.strip()}")
+
+    def _sshd_config(self) -> str:
+        layout = self._layout
+        set_env = " ".join(_sshd_setenv_token(k, v) for k, v in self._environment().items())
+        lines = [
+            f"Port {self.sshd_port}",
+            "ListenAddress 127.0.0.1",
+            f"HostKey {layout.host_key}",
+            f"PidFile {layout.pid_file}",
+            f"AuthorizedKeysFile {layout.authorized_keys}",
+            "PermitRootLogin prohibit-password",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "StrictModes no",
+            "PrintMotd no",
+            "Subsystem sftp internal-sftp",
+            "MaxSessions 50",
+            "MaxStartups 50:30:100",
+            # sshd honours only the first SetEnv line, so every variable goes on this one.
+            f"SetEnv {set_env}",
+        ]
+        return "".join(line + "\n" for line in lines)
+
+    def _environment(self) -> dict[str, str]:
+        """The container env: what its processes and (via SetEnv) plain ssh commands see."""
+        layout = self._layout
+        path = DEFAULT_PATH if self.isolated else f"{layout.bin_dir}:{DEFAULT_PATH}"
+        env = {"HOME": layout.home, "PATH": path, **self.spec.env}
+        if not self.isolated:
+            env[_MARKER] = str(self.state_dir.resolve())
+        return env
+
+    # -- running it -----------------------------------------------------------------------------
+
+    def _main_command(self) -> list[str]:
+        """The instance's main process, as the instance names it."""
+        layout = self._layout
+        if self.spec.ssh:
+            return ["/bin/sh", layout.init, layout.config, layout.pid_file, layout.onstart]
+        argv = ([self.spec.onstart] if self.spec.onstart else []) + list(self.spec.args or [])
+        if not argv:
+            raise ContainerError(f"instance {self.spec.instance_id}: args mode needs a command")
+        return argv
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        command = self._main_command()
+        cwd: str | None = None
+        if self.isolated:
+            # `--kill-child` (implies --fork): should unshare die, its child PID 1 dies with it.
+            unshare = [_which("unshare"), "--mount", "--pid", "--propagation=private"]
+            unshare.append("--kill-child")
+            enter = ["/bin/sh", "-c", _ENTER_SCRIPT, "fakevast-enter", str(self.state_dir)]
+            command = [*unshare, *enter, _which("mount"), _which("chroot"), *command]
+        else:
+            cwd = self._layout.home
+        with self._log_path.open("ab") as log:
+            try:
+                return subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self._environment(),
+                    cwd=cwd,
+                    start_new_session=True,
+                )
+            except OSError as error:
+                raise ContainerError(f"instance {self.spec.instance_id}: {error}") from error
+
+    def _is_started(self) -> bool:
+        """sshd writes its pid file once it listens; the enter script marks the chroot."""
+        if self.spec.ssh:
+            try:
+                return self._layout.host(self._layout.pid_file).stat().st_size > 0
+            except FileNotFoundError:
+                return False
+        return not self.isolated or (self.state_dir / "entered").exists()
+
+    def _wait_started(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._is_started():
+            if self._destroyed:
+                raise ContainerError(f"instance {self.spec.instance_id} destroyed while starting")
+            if self._proc is not None and self._proc.poll() is not None:
+                raise self._start_failure(f"exited with status {self._proc.returncode}")
+            if time.monotonic() > deadline:
+                raise self._start_failure(f"not up after {START_TIMEOUT:.0f} s")
+            time.sleep(_POLL_INTERVAL)
+        if self.isolated:
+            self._init_pid = self._find_init()
+            self._pidns = _pidns_of(self._init_pid) if self._init_pid else None
+
+    def _start_failure(self, what: str) -> ContainerError:
+        tail = self.log_text()[-_LOG_TAIL_CHARS:].strip()
+        return ContainerError(
+            f"instance {self.spec.instance_id} ({self.spec.image}) failed to start: {what}; "
+            f"log:\n{tail}"
+        )
+
+    # -- finding and stopping its processes -----------------------------------------------------
+
+    def _find_init(self) -> int | None:
+        """PID 1 of the instance's namespace: the only child of `unshare --fork`."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        pid = self._proc.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
+    def _instance_processes(self) -> list[_Process]:
+        processes = _processes()
+        if self.isolated:
+            if self._pidns is None:
+                return []
+            return [p for p in processes if _pidns_of(p.pid) == self._pidns]
+        return self._unisolated_processes(processes)
+
+    def _unisolated_processes(self, processes: list[_Process]) -> list[_Process]:
+        """Descendants of the main process, plus anything carrying the instance's marker
+        variable (jobs that detached with setsid/nohup are no longer descendants)."""
+        ours: set[int] = set()
+        if self._proc is not None and self._proc.poll() is None:
+            ours.add(self._proc.pid)
+        children: dict[int, list[int]] = {}
+        for process in processes:
+            children.setdefault(process.ppid, []).append(process.pid)
+        queue = list(ours)
+        while queue:
+            for child in children.get(queue.pop(), []):
+                ours.add(child)
+                queue.append(child)
+        marker = f"{_MARKER}={self.state_dir.resolve()}".encode()
+        ours.update(p.pid for p in processes if _has_environ_entry(p.pid, marker))
+        return [p for p in processes if p.pid in ours]
+
+    def _stop_processes(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if self.isolated:
+            self._stop_namespace(proc)
+        else:
+            self._kill_all()  # the process tree must be collected before its root dies
+            proc.kill()
+        proc.wait(timeout=STOP_TIMEOUT)
+        if not _wait_for(lambda: not self._kill_all(), STOP_TIMEOUT):
+            raise ContainerError(f"instance {self.spec.instance_id}: processes survived destroy")
+
+    def _stop_namespace(self, unshare: subprocess.Popen[bytes]) -> None:
+        """Kill PID 1: the kernel then kills the whole namespace, and the mounts go with its
+        last process. unshare must stay alive to reap PID 1; were it killed, the orphaned PID 1
+        would linger as a zombie of the host's init."""
+        init = self._init_pid or self._find_init()
+        if init is None:
+            unshare.kill()  # not forked yet; `--kill-child` takes down a PID 1 forked meanwhile
+            return
+        self._pidns = self._pidns or _pidns_of(init)
+        if unshare.poll() is None:  # else PID 1 is gone and its pid may be reused
+            _kill(init)
+
+    def _kill_all(self) -> bool:
+        """Kill what is left of the instance; True if anything was."""
+        left = self._instance_processes()
+        for process in left:
+            _kill(process.pid)
+        return bool(left)
+
+
+def _sshd_setenv_token(name: str, value: str) -> str:
+    """One quoted NAME=VALUE word of an sshd_config SetEnv line (sshd's argv_split rules)."""
+    token = f"{name}={value}"
+    if any(char in token for char in "\r\n\0"):
+        raise ContainerError(f"env var {name!r} contains a line break, which sshd cannot pass")
+    return '"' + token.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _which(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise ContainerError(f"{tool} not found on PATH")
+    return path
+
+
+def _processes() -> list[_Process]:
+    result = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        head, _, tail = stat.rpartition(")")
+        result.append(_Process(int(entry), int(tail.split()[1]), head.partition("(")[2]))
+    return result
+
+
+def _pidns_of(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def _has_environ_entry(pid: int, entry: bytes) -> bool:
+    try:
+        return entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(_POLL_INTERVAL)
+    return True
