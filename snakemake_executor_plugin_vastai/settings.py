@@ -1,9 +1,11 @@
 """The plugin's command line options (``--vastai-*``), kept apart from the executor so that
-the resource mapping and the tests can use them without importing Snakemake's executor API."""
+the resource mapping and the tests can use them without importing Snakemake's executor API.
 
-from __future__ import annotations
+The field types must stay real ``Optional[X]`` objects (no ``from __future__ import
+annotations``, no ``X | None``): Snakemake builds its argparse flags from them at run time."""
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from snakemake_interface_executor_plugins.settings import ExecutorSettingsBase
 
@@ -13,7 +15,7 @@ DEFAULT_API_URL = "https://console.vast.ai"
 
 @dataclass
 class ExecutorSettings(ExecutorSettingsBase):
-    api_key: str | None = field(
+    api_key: Optional[str] = field(
         default=None,
         metadata={
             "help": "Vast.ai API key. Falls back to VAST_API_KEY, then to the key file the "
@@ -21,7 +23,7 @@ class ExecutorSettings(ExecutorSettingsBase):
             "env_var": True,
         },
     )
-    api_url: str | None = field(
+    api_url: Optional[str] = field(
         default=None,
         metadata={
             "help": "Vast.ai API base URL. Falls back to the SDK's VAST_URL, then to "
@@ -29,18 +31,18 @@ class ExecutorSettings(ExecutorSettingsBase):
             "env_var": True,
         },
     )
-    gpu_name: str | None = field(
+    gpu_name: Optional[str] = field(
         default=None,
         metadata={
             "help": "GPU model for jobs that set no gpu_model resource, e.g. RTX_4090 "
             "(underscores stand for spaces)."
         },
     )
-    max_price: float | None = field(
+    max_price: Optional[float] = field(
         default=None,
         metadata={"help": "Highest price per instance in $/h (dph_total, storage included)."},
     )
-    geolocation: str | None = field(
+    geolocation: Optional[str] = field(
         default=None,
         metadata={
             "help": "Where instances may run: a region (EU, NA, AS, AF, LC, OC) or country "
@@ -70,7 +72,7 @@ class ExecutorSettings(ExecutorSettingsBase):
             "or dlperf_usd- (most performance per dollar)."
         },
     )
-    search_query: str | None = field(
+    search_query: Optional[str] = field(
         default=None,
         metadata={
             "help": "Extra offer filters in vastai query syntax, e.g. 'cuda_vers>=12.1 "
@@ -95,7 +97,7 @@ class ExecutorSettings(ExecutorSettingsBase):
             "billing until you destroy them (snakemake-vastai reap)."
         },
     )
-    deploy_paths: str | None = field(
+    deploy_paths: Optional[str] = field(
         default=None,
         metadata={
             "help": "Comma-separated paths or globs of the source tree to ship, in addition "

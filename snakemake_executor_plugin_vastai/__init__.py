@@ -1,0 +1,172 @@
+"""Snakemake executor plugin for Vast.ai: the glue between Snakemake's executor API and the
+pool of rented instances. Only this module knows Snakemake's executor interface.
+
+Importing it must stay cheap and side-effect free: Snakemake imports every installed executor
+plugin on every start, whatever executor is used.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import signal
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from snakemake_interface_common.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
+from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
+from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
+from snakemake_interface_executor_plugins.settings import CommonSettings
+
+from snakemake_executor_plugin_vastai.settings import ExecutorSettings
+
+__all__ = ["Executor", "ExecutorSettings", "common_settings"]
+
+log = logging.getLogger(__name__)
+
+common_settings = CommonSettings(
+    non_local_exec=True,
+    implies_no_shared_fs=True,
+    # The plugin ships sources and files over SSH itself (can_transfer_local_files), so
+    # Snakemake need not archive sources into a storage provider.
+    job_deploy_sources=False,
+    can_transfer_local_files=True,
+    pass_default_storage_provider_args=True,
+    pass_default_resources_args=True,
+    # Secrets travel over SSH into a 0600 env file, never on the job's command line.
+    pass_envvar_declarations_to_cmd=False,
+    # The bootstrap installs the storage plugins in use, pinned to the local versions.
+    auto_deploy_default_storage_provider=False,
+    pass_group_args=True,
+    init_seconds_before_status_checks=0,
+)
+
+FAST_STATUS_SECONDS = 0.5  # status rounds read local state; API calls are paced by the pool
+
+
+class Executor(RemoteExecutor):
+    def __post_init__(self) -> None:
+        from snakemake_executor_plugin_vastai.run import RunContext
+
+        settings: ExecutorSettings = self.workflow.executor_settings
+        self._teardown_lock = threading.Lock()
+        self._torn_down = False
+        self.context = RunContext.start(
+            settings=settings,
+            state_dir=Path(self.workflow.persistence.path) / "vastai",
+            envvars={} if settings.no_forward_credentials else dict(self.envvars()),
+            bootstrap_packages=self._storage_plugin_packages(),
+            sources=self._source_lists,
+        )
+        self.workers = ThreadPoolExecutor(
+            max_workers=max(1, int(self.workflow.resource_settings.nodes or 1)),
+            thread_name_prefix="vastai-job",
+        )
+        atexit.register(self._teardown)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, self._on_hangup)
+
+    # -- Snakemake's executor interface --------------------------------------------------
+
+    def run_job(self, job: JobExecutorInterface) -> None:
+        from snakemake_executor_plugin_vastai.jobrun import JobRun
+        from snakemake_executor_plugin_vastai.resources import ResourceError
+
+        try:
+            spec = self.context.job_spec(job, self.format_job_exec(job))
+        except (ResourceError, WorkflowError) as error:
+            self.report_job_error(SubmittedJobInfo(job, aux={}), msg=f"{error}. ")
+            return
+        run = JobRun(spec, self.context.pool, self.context.source_bundle, self.context.digests)
+        self.report_job_submission(SubmittedJobInfo(job, external_jobid=spec.tag, aux={"run": run}))
+        self.workers.submit(run.run)
+
+    async def check_active_jobs(self, active_jobs: list[SubmittedJobInfo]):
+        context = getattr(self, "context", None)  # the status thread starts before __post_init__
+        if context is not None and context.pool.refresh_due():
+            async with self.status_rate_limiter:
+                context.refresh_quietly()
+        for job_info in active_jobs:
+            outcome = job_info.aux["run"].outcome
+            if outcome is None:
+                yield job_info
+            elif outcome.success:
+                self.report_job_success(job_info)
+            else:
+                self.report_job_error(job_info, msg=outcome.message, aux_logs=outcome.aux_logs)
+        self.next_seconds_between_status_checks = FAST_STATUS_SECONDS if active_jobs else None
+
+    def cancel_jobs(self, active_jobs: list[SubmittedJobInfo]) -> None:
+        for job_info in active_jobs:
+            run = (job_info.aux or {}).get("run")
+            if run is not None:
+                run.cancel()
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._teardown()
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _teardown(self) -> None:
+        """The one way out, whatever triggered it: idempotent, never raises."""
+        with self._teardown_lock:
+            if self._torn_down or not hasattr(self, "context"):
+                return
+            self._torn_down = True
+        self.context.close()
+        self.workers.shutdown(wait=False, cancel_futures=True)
+
+    def _on_hangup(self, signum: int, frame: object) -> None:
+        log.warning("SIGHUP: destroying every Vast.ai instance of this run")
+        self._teardown()
+        raise SystemExit(128 + signum)
+
+    def _source_lists(self) -> tuple[list[str], list[str]]:
+        """(essential sources, other git-tracked sources) of the workflow.
+
+        Essential is what Snakemake itself always ships: included Snakefiles, scripts and
+        notebooks with their folders, conda env files and config files.
+        """
+        essential = [self.workflow.main_snakefile, *self.workflow.included]
+        for rule in self.workflow.rules:
+            for name in (rule.script or rule.notebook, rule.conda_env):
+                if isinstance(name, str) and local_path(name) is not None:
+                    path = Path(rule.basedir.join(name).get_path_or_uri(secret_free=True))
+                    essential.append(str(path))
+                    if name != rule.conda_env:
+                        essential.extend(str(p) for p in path.parent.rglob("*") if p.is_file())
+        essential.extend(self.workflow.configfiles)
+        return relative_paths(essential), relative_paths(self.dag.get_sources())
+
+    def _storage_plugin_packages(self) -> tuple[str, ...]:
+        provider = self.workflow.storage_settings.default_storage_provider
+        if not provider:
+            return ()
+        package = f"snakemake-storage-plugin-{provider}"
+        try:
+            return (f"{package}=={version(package)}",)
+        except PackageNotFoundError:
+            return (package,)
+
+
+def local_path(path: object) -> str | None:
+    """The local path of a source file, or None for a remote one (URL, storage query)."""
+    getter = getattr(path, "get_path_or_uri", None)
+    text = str(getter(secret_free=True) if getter else path)
+    return None if re.match(r"^[a-z][a-z0-9+.-]*://", text) else text
+
+
+def relative_paths(paths: Iterable[object]) -> list[str]:
+    found = set()
+    for path in paths:
+        text = local_path(path)
+        if text is not None:
+            found.add(os.path.relpath(text) if os.path.isabs(text) else os.path.normpath(text))
+    return sorted(found)

@@ -1,0 +1,202 @@
+"""One job's way through an instance, on a worker thread: get an instance, ship, run, watch,
+fetch, give the instance back. The status loop only reads the outcome.
+
+Why a thread per job: renting and booting take minutes and transfers block; Snakemake's
+``run_job`` must return at once and its status loop must stay responsive. The thread holds
+no Snakemake objects, only the plain facts of the job, so nothing here races the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snakemake_interface_common.exceptions import WorkflowError
+
+from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure
+from snakemake_executor_plugin_vastai.pool import Pool
+from snakemake_executor_plugin_vastai.remote import DetachedJob, RemoteError
+from snakemake_executor_plugin_vastai.resources import ResourceRequest
+from snakemake_executor_plugin_vastai.staging import (
+    REMOTE_BASE,
+    DigestCache,
+    SourceBundle,
+    Stager,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2
+LOG_STREAM_SECONDS = 1.0
+# How long a job may stay unreachable over SSH before the host counts as lost.
+UNREACHABLE_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """The plain facts of one Snakemake job (or group job)."""
+
+    name: str  # for messages: "rule train (jobid 3)"
+    tag: str  # label- and path-safe, unique in the run
+    request: ResourceRequest
+    command: str
+    env: dict[str, str]
+    inputs: list[str]
+    outputs: list[str]  # outputs, benchmarks: must exist after success
+    logs: list[str]  # fetched whenever present, also after a failure
+    local_log: Path
+    max_runtime: float  # 0: no cap
+
+
+@dataclass(frozen=True)
+class Outcome:
+    success: bool
+    message: str = ""
+    aux_logs: list[str] = field(default_factory=list)
+
+
+class JobFailed(WorkflowError):
+    pass
+
+
+class JobRun:
+    def __init__(
+        self,
+        spec: JobSpec,
+        pool: Pool,
+        sources: Callable[[], SourceBundle],
+        digests: DigestCache,
+    ) -> None:
+        self.spec = spec
+        self.pool = pool
+        self.sources = sources
+        self.digests = digests
+        self.outcome: Outcome | None = None
+        self.instance: Instance | None = None
+        self._detached: DetachedJob | None = None
+        self._cancelled = threading.Event()
+        self._log_offset = 0
+
+    @property
+    def job_dir(self) -> str:
+        return f"{REMOTE_BASE}/jobs/{self.spec.tag}"
+
+    def cancel(self) -> None:
+        """Stop the remote job; the pool's teardown destroys the instance."""
+        self._cancelled.set()
+        if self._detached is not None:
+            try:
+                self._detached.kill()
+            except RemoteError as error:
+                log.debug("could not kill %s: %s", self.spec.name, error)
+
+    def run(self) -> None:
+        """The worker thread's body: never raises; always leaves an outcome."""
+        healthy = False
+        try:
+            self.instance = self.pool.acquire(self.spec.request, self.spec.tag)
+            self._check_cancelled()
+            exit_code = self._execute(self.instance)
+            self._stream_log()
+            if exit_code == 0:
+                self._fetch(required=True)
+                healthy = True
+                self.outcome = Outcome(True)
+            else:
+                self._fetch(required=False)
+                self.outcome = self._failure(
+                    f"{self.spec.name} failed on {self.instance.name} with exit code "
+                    f"{exit_code}. {self._log_tail()}"
+                )
+        except (WorkflowError, RemoteError, OSError) as error:
+            where = f" on {self.instance.name}" if self.instance else ""
+            self.outcome = self._failure(f"{self.spec.name} failed{where}: {error}. ")
+        except Exception as error:  # a bug must fail the job, not hang the run
+            log.exception("unexpected error in %s", self.spec.name)
+            self.outcome = self._failure(f"{self.spec.name}: internal error: {error!r}. ")
+        finally:
+            if self.instance is not None:
+                self.pool.release(self.instance, healthy=healthy)
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _execute(self, instance: Instance) -> int:
+        assert instance.host is not None
+        stager = Stager(instance.host, instance.files, self.digests)
+        stager.prepare(self.job_dir, self.sources(), self.spec.inputs)
+        self._check_cancelled()
+        self._detached = instance.host.start_detached(
+            self.spec.command, self.job_dir, self.spec.env
+        )
+        started = time.monotonic()
+        unreachable_since: float | None = None
+        next_log = started
+        while True:
+            self._check_cancelled()
+            info = instance.info
+            if info is not None and info.lost:
+                raise InstanceFailure(
+                    f"{instance.name} went {info.actual_status} while the job was running"
+                )
+            try:
+                exit_code = self._detached.poll()
+                unreachable_since = None
+            except RemoteError as error:
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > UNREACHABLE_SECONDS:
+                    raise InstanceFailure(
+                        f"{instance.name} has been unreachable over SSH for "
+                        f"{UNREACHABLE_SECONDS:.0f} s ({error})"
+                    ) from None
+                exit_code = None
+            if exit_code is not None:
+                return exit_code
+            now = time.monotonic()
+            if self.spec.max_runtime and now - started > self.spec.max_runtime:
+                self._detached.kill()
+                self._stream_log()
+                raise JobFailed(
+                    f"killed after exceeding --vastai-max-runtime ({self.spec.max_runtime:g} s)"
+                )
+            if now >= next_log and unreachable_since is None:
+                self._stream_log()
+                next_log = now + LOG_STREAM_SECONDS
+            time.sleep(POLL_SECONDS)
+
+    def _fetch(self, required: bool) -> None:
+        assert self.instance is not None and self.instance.host is not None
+        stager = Stager(self.instance.host, self.instance.files, self.digests)
+        wanted = [*self.spec.outputs, *self.spec.logs] if required else list(self.spec.logs)
+        stager.fetch(self.job_dir, wanted, optional=set(self.spec.logs))
+
+    def _stream_log(self) -> None:
+        """Append what the job printed since last time to the local log file."""
+        if self.instance is None or self.instance.host is None:
+            return
+        try:
+            chunk = self.instance.host.read_from(f"{self.job_dir}/job.log", self._log_offset)
+        except (RemoteError, OSError):
+            return
+        if chunk:
+            self.spec.local_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.spec.local_log, "ab") as handle:
+                handle.write(chunk)
+            self._log_offset += len(chunk)
+
+    def _log_tail(self, lines: int = 20) -> str:
+        if not self.spec.local_log.exists():
+            return ""
+        text = self.spec.local_log.read_text(errors="replace").splitlines()[-lines:]
+        return "Last lines of the job's output:\n" + "\n".join(text) + "\n"
+
+    def _failure(self, message: str) -> Outcome:
+        logs = [str(self.spec.local_log)] if self.spec.local_log.exists() else []
+        return Outcome(False, message, logs)
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise JobFailed("cancelled")

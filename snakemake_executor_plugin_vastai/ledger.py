@@ -1,0 +1,178 @@
+"""A crash-safe local record of every instance a run rents, and which runs are still alive.
+
+Why on disk and append-only: after ``kill -9`` nothing in memory survives, yet the instances
+keep billing. Every rent is written (and fsynced) *before* the create request is sent, under
+the instance's unique label, so the next run or ``snakemake-vastai reap`` can find and destroy
+whatever this one left, and the cost summary can be rebuilt from the file alone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LABEL_PREFIX = "snakemake-vastai"
+
+
+def new_run_id() -> str:
+    """Short, unique and label-safe: time for humans, random part for uniqueness."""
+    return time.strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def make_label(run_id: str, tag: str) -> str:
+    return f"{LABEL_PREFIX}:{run_id}:{tag}"[:256]
+
+
+def run_id_of(label: str) -> str | None:
+    """The run that rented an instance, from its label; None for labels that are not ours."""
+    parts = label.split(":")
+    return parts[1] if len(parts) >= 3 and parts[0] == LABEL_PREFIX else None
+
+
+@dataclass
+class InstanceRecord:
+    """What the ledger knows of one rent, folded from its events."""
+
+    label: str
+    run_id: str
+    offer_id: int
+    dph_total: float
+    requested_at: float
+    instance_id: int | None = None
+    running_at: float | None = None
+    destroyed_at: float | None = None
+    jobs: list[str] = field(default_factory=list)
+
+    @property
+    def open(self) -> bool:
+        return self.destroyed_at is None
+
+    def cost(self, now: float | None = None) -> float:
+        """Dollars billed so far: Vast bills from rent to destroy at the instance's $/h."""
+        end = self.destroyed_at or now or time.time()
+        return max(0.0, end - self.requested_at) * self.dph_total / 3600.0
+
+
+class Ledger:
+    """Append-only JSON lines under ``.snakemake/vastai/``; shared by all runs of a workdir."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / "ledger.jsonl"
+        self._lock = threading.Lock()
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def rent_requested(self, label: str, run_id: str, offer_id: int, dph_total: float) -> None:
+        self._append(
+            {"event": "rent", "label": label, "run": run_id, "offer": offer_id, "dph": dph_total}
+        )
+
+    def rented(self, label: str, instance_id: int) -> None:
+        self._append({"event": "rented", "label": label, "instance": instance_id})
+
+    def running(self, label: str) -> None:
+        self._append({"event": "running", "label": label})
+
+    def job_ran(self, label: str, job: str) -> None:
+        self._append({"event": "job", "label": label, "job": job})
+
+    def price_changed(self, label: str, dph_total: float) -> None:
+        self._append({"event": "price", "label": label, "dph": dph_total})
+
+    def destroyed(self, label: str) -> None:
+        self._append({"event": "destroyed", "label": label})
+
+    def records(self) -> list[InstanceRecord]:
+        """Every rent ever recorded here, oldest first."""
+        by_label: dict[str, InstanceRecord] = {}
+        for event in self._events():
+            label = event.get("label", "")
+            if event["event"] == "rent":
+                by_label[label] = InstanceRecord(
+                    label=label,
+                    run_id=event["run"],
+                    offer_id=event["offer"],
+                    dph_total=event["dph"],
+                    requested_at=event["t"],
+                )
+                continue
+            record = by_label.get(label)
+            if record is None:
+                continue
+            if event["event"] == "rented":
+                record.instance_id = event["instance"]
+            elif event["event"] == "running":
+                record.running_at = event["t"]
+            elif event["event"] == "job":
+                record.jobs.append(event["job"])
+            elif event["event"] == "price":
+                record.dph_total = event["dph"]
+            elif event["event"] == "destroyed":
+                record.destroyed_at = event["t"]
+        return list(by_label.values())
+
+    def open_records(self) -> list[InstanceRecord]:
+        return [record for record in self.records() if record.open]
+
+    def _append(self, event: dict[str, Any]) -> None:
+        event["t"] = time.time()
+        line = json.dumps(event, separators=(",", ":")) + "\n"
+        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _events(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        events = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-write; the rest is still good
+        return events
+
+
+class RunLock:
+    """Held by a live run for its whole life: a run whose lock can be taken is dead.
+
+    ``flock`` is released by the kernel when the process dies, even by ``kill -9``, so a
+    later run can tell an orphan from an instance that another live run still uses.
+    """
+
+    def __init__(self, directory: Path, run_id: str) -> None:
+        self.path = directory / "runs" / f"{run_id}.lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "w")  # noqa: SIM115 (held open for the run's life)
+        fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._handle.write(str(os.getpid()))
+        self._handle.flush()
+
+    def release(self) -> None:
+        # The file stays: an unlockable lock file is how later runs recognise a dead run.
+        if not self._handle.closed:
+            self._handle.close()
+
+
+def run_is_alive(directory: Path, run_id: str) -> bool:
+    """True while the run holds its lock. A run unknown to this workdir counts as alive:
+    it may be another user's or another machine's, so its instances are not ours to touch."""
+    path = directory / "runs" / f"{run_id}.lock"
+    if not path.exists():
+        return True
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False

@@ -1,0 +1,352 @@
+"""The Vast.ai API, typed. Only this module talks HTTP (through the official ``vastai`` SDK).
+
+Why a wrapper: the SDK returns loosely shaped dicts, retries only three times within half a
+second, reports a failed create as a 200 with ``success: false``, and its exceptions carry
+request URLs. Here every call is retried with backoff on rate limits and server errors,
+answers become small dataclasses, and every message is scrubbed of secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from snakemake_interface_common.exceptions import WorkflowError
+
+from snakemake_executor_plugin_vastai.settings import DEFAULT_API_URL
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+FATAL_BOOT_MESSAGES = (
+    "oci runtime create failed",
+    "toomanyrequests",
+    "manifest unknown",
+    "unauthorized: authentication required",
+    "no space left on device",
+    "error response from daemon",
+)
+# Runtype that starts sshd in the container and wires both the direct port and Vast's proxy.
+SSH_RUNTYPE = "ssh_direc ssh_proxy"
+
+
+class MarketplaceError(WorkflowError):
+    """A Vast.ai API call failed for good; the message is safe to print."""
+
+
+class AuthError(MarketplaceError):
+    """The API key is missing or was rejected."""
+
+
+class OfferGone(MarketplaceError):
+    """The offer was taken or withdrawn between search and create; try the next one."""
+
+
+@dataclass(frozen=True)
+class Offer:
+    id: int
+    gpu_name: str
+    num_gpus: int
+    dph_total: float
+    cpu_cores: float
+    cpu_ram_mb: int
+    disk_gb: float
+    geolocation: str
+    reliability: float
+    machine_id: int
+
+    @classmethod
+    def from_api(cls, row: dict[str, Any]) -> Offer:
+        return cls(
+            id=int(row["id"]),
+            gpu_name=str(row.get("gpu_name", "")),
+            num_gpus=int(row.get("num_gpus") or 0),
+            dph_total=float(row.get("dph_total") or 0.0),
+            cpu_cores=float(row.get("cpu_cores_effective") or row.get("cpu_cores") or 0.0),
+            cpu_ram_mb=int(row.get("cpu_ram") or 0),
+            disk_gb=float(row.get("disk_space") or 0.0),
+            geolocation=str(row.get("geolocation") or ""),
+            reliability=float(row.get("reliability2") or row.get("reliability") or 0.0),
+            machine_id=int(row.get("machine_id") or 0),
+        )
+
+    def describe(self) -> str:
+        return (
+            f"offer {self.id}: {self.num_gpus}x {self.gpu_name}, {self.cpu_cores:g} cores, "
+            f"{self.cpu_ram_mb / 1000:g} GB RAM, {self.geolocation or 'unknown location'}, "
+            f"${self.dph_total:.3f}/h"
+        )
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """One row of the instance list: what the plugin needs to track and reach an instance."""
+
+    id: int
+    label: str
+    actual_status: str | None
+    intended_status: str | None
+    status_msg: str
+    ssh_host: str | None
+    ssh_port: int | None
+    public_ipaddr: str | None
+    direct_ssh_port: int | None
+    dph_total: float
+    start_date: float
+
+    @classmethod
+    def from_api(cls, row: dict[str, Any]) -> InstanceInfo:
+        ports = row.get("ports") or {}
+        direct = (ports.get("22/tcp") or [{}])[0].get("HostPort")
+        return cls(
+            id=int(row["id"]),
+            label=str(row.get("label") or ""),
+            actual_status=row.get("actual_status"),
+            intended_status=row.get("intended_status"),
+            status_msg=str(row.get("status_msg") or ""),
+            ssh_host=row.get("ssh_host") or None,
+            ssh_port=int(row["ssh_port"]) if row.get("ssh_port") else None,
+            public_ipaddr=row.get("public_ipaddr") or None,
+            direct_ssh_port=int(direct) if direct else None,
+            dph_total=float(row.get("dph_total") or 0.0),
+            start_date=float(row.get("start_date") or 0.0),
+        )
+
+    @property
+    def fatal_boot_message(self) -> str | None:
+        """The Docker error that will never heal by waiting, if the status message holds one."""
+        text = self.status_msg.lower()
+        if any(pattern in text for pattern in FATAL_BOOT_MESSAGES):
+            return self.status_msg
+        return None
+
+    @property
+    def lost(self) -> bool:
+        """The host stopped or vanished: the instance will not come back to ``running``."""
+        return self.actual_status in {"offline", "unknown", "stopped", "exited"} or (
+            self.intended_status == "stopped"
+        )
+
+
+def resolve_api_key(explicit: str | None) -> str:
+    """The key from the option, ``VAST_API_KEY`` or the vastai CLI's key files, in that order."""
+    if explicit:
+        return explicit.strip()
+    if os.environ.get("VAST_API_KEY"):
+        return os.environ["VAST_API_KEY"].strip()
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    for path in (config_home / "vastai" / "vast_api_key", Path.home() / ".vast_api_key"):
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().strip()
+    raise AuthError(
+        "No Vast.ai API key found. Pass --vastai-api-key, or set SNAKEMAKE_VASTAI_API_KEY or "
+        "VAST_API_KEY, or run 'vastai set api-key <key>'. Nothing was rented."
+    )
+
+
+def resolve_api_url(explicit: str | None) -> str:
+    """The option wins, then the SDK's own ``VAST_URL``, then Vast.ai itself."""
+    url = explicit or os.environ.get("VAST_URL") or DEFAULT_API_URL
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    first_delay: float = 0.5
+    factor: float = 2.0
+    max_delay: float = 30.0
+
+    def delays(self) -> Iterable[float]:
+        delay = self.first_delay
+        for _ in range(self.attempts - 1):
+            yield delay
+            delay = min(delay * self.factor, self.max_delay)
+
+
+class Marketplace:
+    """Typed, retrying, secret-scrubbing access to the Vast.ai API for one run."""
+
+    def __init__(self, api_key: str, api_url: str, retry: RetryPolicy | None = None) -> None:
+        from vastai import VastAI  # the SDK is heavy; import only when a run really starts
+
+        self._secrets = [api_key]
+        self.api_url = api_url
+        self._retry = retry or RetryPolicy()
+        # retry=1: the SDK's own retry loop would hide the status codes our policy needs.
+        self._sdk = VastAI(api_key=api_key, server_url=api_url, retry=1, raw=True, quiet=True)
+
+    def add_secret(self, value: str) -> None:
+        """Scrub this value too from every message (e.g. forwarded credentials)."""
+        if value:
+            self._secrets.append(value)
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def check_credentials(self) -> None:
+        """Fail the run at start, before anything is rented, when the key is rejected."""
+        self._call("check the API key", self._sdk.show_user)
+
+    def search(self, query: str, order: str, disk_gb: float, limit: int = 20) -> list[Offer]:
+        rows = self._call(
+            "search offers",
+            lambda: self._sdk.search_offers(
+                query=query, type="on-demand", order=order, limit=limit, storage=disk_gb
+            ),
+        )
+        return [Offer.from_api(row) for row in rows]
+
+    def rent(
+        self,
+        offer_id: int,
+        *,
+        image: str,
+        disk_gb: float,
+        label: str,
+        onstart: str,
+    ) -> int:
+        """Create an instance; returns its id. ``OfferGone`` means: try the next offer.
+
+        A create is not idempotent, so it is never blindly retried: after a transport or
+        server error the unique label tells whether the instance exists after all.
+        """
+
+        def create() -> dict[str, Any]:
+            return self._sdk.create_instance(
+                id=offer_id,
+                image=image,
+                disk=disk_gb,
+                label=label,
+                onstart_cmd=onstart,
+                runtype=SSH_RUNTYPE,
+                cancel_unavail=True,
+            )
+
+        try:
+            answer = self._call("rent", create, retry_server_errors=False)
+        except OfferGone:
+            raise
+        except MarketplaceError:
+            found = [row for row in self.list_instances() if row.label == label]
+            if found:
+                return found[0].id
+            raise
+        if not answer.get("success") or not answer.get("new_contract"):
+            raise OfferGone(self.redact(f"offer {offer_id} refused: {answer.get('msg', answer)}"))
+        return int(answer["new_contract"])
+
+    def attach_key(self, instance_id: int, public_key: str) -> None:
+        self._call(
+            f"attach the SSH key to instance {instance_id}",
+            lambda: self._sdk.attach_ssh(instance_id, public_key),
+        )
+
+    def list_instances(self) -> list[InstanceInfo]:
+        """Every instance of the account: one paged list call, used once per status round."""
+        rows = self._call("list instances", self._sdk.show_instances)
+        return [InstanceInfo.from_api(row) for row in rows]
+
+    def show(self, instance_id: int) -> InstanceInfo | None:
+        """One instance, or None once it is gone."""
+        row = self._call(
+            f"show instance {instance_id}", lambda: self._sdk.show_instance(instance_id)
+        )
+        return InstanceInfo.from_api(row) if row else None
+
+    def destroy(self, instance_id: int, confirm_timeout: float = 60.0) -> None:
+        """Destroy and confirm the instance is gone; an already-gone instance is fine."""
+        deadline = time.monotonic() + confirm_timeout
+        while True:
+            try:
+                self._call(
+                    f"destroy instance {instance_id}",
+                    lambda: self._sdk.destroy_instance(instance_id),
+                    gone_is_ok=True,
+                )
+            except MarketplaceError:
+                if time.monotonic() > deadline:
+                    raise
+            if self.show(instance_id) is None:
+                return
+            if time.monotonic() > deadline:
+                raise MarketplaceError(
+                    f"instance {instance_id} is still listed {confirm_timeout:.0f} s after "
+                    "destroy; check the Vast.ai console, it may still be billing"
+                )
+            time.sleep(1.0)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _call(
+        self,
+        what: str,
+        fn: Callable[[], T],
+        *,
+        retry_server_errors: bool = True,
+        gone_is_ok: bool = False,
+    ) -> T:
+        import requests
+
+        delays = iter(self._retry.delays())
+        while True:
+            try:
+                return fn()
+            except requests.HTTPError as error:
+                response = error.response
+                status = response.status_code if response is not None else 0
+                body = _json_body(response)
+                if status == 401 or body.get("error") == "auth_error":
+                    raise AuthError(
+                        f"Vast.ai rejected the API key ({what}: HTTP {status}). Check "
+                        "--vastai-api-key / VAST_API_KEY. Nothing was rented by this call."
+                    ) from None
+                if gone_is_ok and status == 404:
+                    return None  # type: ignore[return-value]
+                if status in (404, 410) and body.get("error") in ("no_such_ask", "invalid_args"):
+                    raise OfferGone(self.redact(f"{what}: {body.get('msg', status)}")) from None
+                retryable = status == 429 or (retry_server_errors and status in RETRYABLE_STATUS)
+                if body.get("error") == "search_quota_exceeded":
+                    retryable = False
+                wait = next(delays, None) if retryable else None
+                if wait is None:
+                    detail = body.get("msg") or body.get("error") or body.get("detail") or ""
+                    raise MarketplaceError(
+                        self.redact(f"Vast.ai API: could not {what}: HTTP {status} {detail}")
+                    ) from None
+                wait = max(wait, _retry_after(response))
+                log.debug("Vast.ai API %s: HTTP %s, retrying in %.1f s", what, status, wait)
+                time.sleep(wait)
+            except (requests.ConnectionError, requests.Timeout) as error:
+                wait = next(delays, None) if retry_server_errors else None
+                if wait is None:
+                    raise MarketplaceError(
+                        self.redact(f"Vast.ai API unreachable at {self.api_url} ({what}): {error}")
+                    ) from None
+                time.sleep(wait)
+
+
+def _json_body(response: Any) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except Exception:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _retry_after(response: Any) -> float:
+    try:
+        return min(float(response.headers.get("Retry-After", 0)), 60.0)
+    except (TypeError, ValueError):
+        return 0.0

@@ -1,0 +1,153 @@
+"""Everything one Snakemake run owns on Vast.ai, made once at start and closed once at the end.
+
+Why checks come first here: a missing or rejected API key, or a bad option, must stop the run
+with a clear message before anything is rented (the credential check is one cheap API call).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan
+from snakemake_executor_plugin_vastai.jobrun import JobSpec
+from snakemake_executor_plugin_vastai.ledger import Ledger, RunLock, new_run_id
+from snakemake_executor_plugin_vastai.marketplace import (
+    Marketplace,
+    MarketplaceError,
+    resolve_api_key,
+    resolve_api_url,
+)
+from snakemake_executor_plugin_vastai.pool import Pool, PoolConfig
+from snakemake_executor_plugin_vastai.resources import ResourceRequest, validate_settings
+from snakemake_executor_plugin_vastai.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.sshkey import RunKey
+from snakemake_executor_plugin_vastai.staging import DigestCache, SourceBundle, select_sources
+
+log = logging.getLogger(__name__)
+
+SourceLists = Callable[[], tuple[list[str], list[str]]]
+
+
+@dataclass
+class RunContext:
+    settings: ExecutorSettings
+    state_dir: Path
+    run_id: str
+    market: Marketplace
+    ledger: Ledger
+    lock: RunLock
+    key: RunKey
+    pool: Pool
+    envvars: dict[str, str]
+    source_lists: SourceLists
+    digests: DigestCache = field(default_factory=DigestCache)
+    _bundle: SourceBundle | None = None
+    _bundle_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def start(
+        cls,
+        settings: ExecutorSettings,
+        state_dir: Path,
+        envvars: dict[str, str],
+        bootstrap_packages: tuple[str, ...],
+        sources: SourceLists,
+    ) -> RunContext:
+        validate_settings(settings)
+        market = Marketplace(resolve_api_key(settings.api_key), resolve_api_url(settings.api_url))
+        for value in envvars.values():
+            market.add_secret(value)
+        market.check_credentials()
+        run_id = new_run_id()
+        ledger = Ledger(state_dir)
+        key = RunKey.create(state_dir / "keys", run_id)
+        plan = BootstrapPlan(version("snakemake"), bootstrap_packages)
+        config = PoolConfig(
+            run_id=run_id,
+            order=settings.order,
+            boot_timeout=float(settings.boot_timeout),
+            keep_instances=settings.keep_instances,
+            bootstrap=plan,
+        )
+        return cls(
+            settings=settings,
+            state_dir=state_dir,
+            run_id=run_id,
+            market=market,
+            ledger=ledger,
+            lock=RunLock(state_dir, run_id),
+            key=key,
+            pool=Pool(market, ledger, key, config),
+            envvars=envvars,
+            source_lists=sources,
+        )
+
+    def job_spec(self, job: Any, command: str) -> JobSpec:
+        """The plain facts of a Snakemake job; raises ResourceError for bad resources."""
+        request = ResourceRequest.from_job(job, self.settings)
+        members = list(job.jobs) if job.is_group() else [job]
+        tag = job_tag(job)
+        outputs, logs = [], []
+        for member in members:
+            outputs += [str(f) for f in member.output if not is_storage(f)]
+            logs += [str(f) for f in member.log if not is_storage(f)]
+            benchmark = getattr(member, "benchmark", None)
+            if benchmark and not is_storage(benchmark):
+                outputs.append(str(benchmark))
+        return JobSpec(
+            name=describe(job),
+            tag=tag,
+            request=request,
+            command=command,
+            env=self.envvars,
+            inputs=[str(f) for f in job.input if not is_storage(f)],
+            outputs=sorted(set(outputs)),
+            logs=sorted(set(logs)),
+            local_log=Path(".snakemake/auxiliary/vastai-logs") / f"{tag}.log",
+            max_runtime=float(self.settings.max_runtime),
+        )
+
+    def source_bundle(self) -> SourceBundle:
+        """Packed on first use (the DAG is complete by then), then shared by every job."""
+        with self._bundle_lock:
+            if self._bundle is None:
+                essential, tracked = self.source_lists()
+                globs = [g.strip() for g in (self.settings.deploy_paths or "").split(",")]
+                files = select_sources(essential, tracked, globs)
+                self._bundle = SourceBundle.build(files, self.state_dir / "sources")
+            return self._bundle
+
+    def refresh_quietly(self) -> None:
+        try:
+            self.pool.refresh()
+        except MarketplaceError as error:
+            log.warning("Could not list Vast.ai instances this round: %s", error)
+
+    def close(self) -> None:
+        try:
+            self.pool.shutdown()
+        finally:
+            self.lock.release()
+
+
+def job_tag(job: Any) -> str:
+    """Label- and path-safe, unique per job attempt: rule-jobid-a<attempt>."""
+    name = "group-" + str(job.jobid)[:8] if job.is_group() else f"{job.name}-{job.jobid}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}-a{job.attempt}")
+
+
+def describe(job: Any) -> str:
+    if job.is_group():
+        return f"group job {job.name} (rules {', '.join(sorted(job.rules))})"
+    return f"rule {job.name} (jobid {job.jobid})"
+
+
+def is_storage(path: Any) -> bool:
+    return bool(getattr(path, "is_storage", False))

@@ -1,0 +1,43 @@
+"""The run's own SSH key: made fresh for every run, so no long-lived key of the user's is
+ever attached to a rented machine, and kept on disk (mode 0600) under ``.snakemake/`` so the
+user can log in to an instance while debugging a run."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+
+@dataclass(frozen=True)
+class RunKey:
+    private_path: Path
+    public_line: str
+    pkey: paramiko.PKey
+
+    @classmethod
+    def create(cls, directory: Path, name: str) -> RunKey:
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        key = Ed25519PrivateKey.generate()
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        path = directory / name
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(private)
+        public_line = f"{public.decode()} {name}"
+        (directory / f"{name}.pub").write_text(public_line + "\n")
+        pkey = paramiko.Ed25519Key.from_private_key(io.StringIO(private.decode()))
+        return cls(private_path=path, public_line=public_line, pkey=pkey)
