@@ -1,0 +1,52 @@
+"""Shared fixtures: a fake Vast.ai marketplace per test that must end with nothing rented."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import paramiko
+import pytest
+
+from tests.fakevast.harness import FakeVast
+
+
+def _stop_checked(fakes: list[FakeVast]) -> None:
+    """Stop every fake; fail if a test left an instance running in any of them."""
+    leftovers = {}
+    for fake in fakes:
+        try:
+            alive = fake.alive_instances()
+        finally:
+            fake.stop()
+        if alive:
+            leftovers[fake.url] = [row["id"] for row in alive]
+    assert not leftovers, f"instances left running at teardown: {leftovers}"
+
+
+@pytest.fixture
+def fakevast() -> Iterator[FakeVast]:
+    """A fake marketplace with instant boots (--boot-seconds 0)."""
+    fake = FakeVast(boot_seconds=0)
+    yield fake
+    _stop_checked([fake])
+
+
+@pytest.fixture
+def fakevast_factory() -> Iterator[Callable[..., FakeVast]]:
+    """Start fakes with custom settings: ``fakevast_factory(boot_seconds=2, offers=path)``."""
+    started: list[FakeVast] = []
+
+    def start(**kwargs: Any) -> FakeVast:
+        fake = FakeVast(**kwargs)
+        started.append(fake)
+        return fake
+
+    yield start
+    _stop_checked(started)
+
+
+@pytest.fixture(scope="session")
+def ssh_key() -> paramiko.ECDSAKey:
+    """A throwaway client key; its public half is what tests attach to instances."""
+    return paramiko.ECDSAKey.generate()

@@ -1,0 +1,73 @@
+"""``python -m tests.fakevast``: serve a fake marketplace until SIGTERM or SIGINT.
+
+The first stdout line is ``URL http://127.0.0.1:<port>`` (flushed), so a parent process can read
+where to connect; everything else goes to stderr. On shutdown every instance is destroyed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from .catalog import DEFAULT_OFFERS, Catalog
+from .market import Market
+from .server import FakeVastServer
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.fakevast", description=__doc__)
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--boot-seconds", type=float, default=0.0, help="create -> running delay")
+    parser.add_argument("--offers", type=Path, default=DEFAULT_OFFERS, help="catalogue JSON")
+    parser.add_argument("--api-key", default="fake-key", help="the only key accepted")
+    parser.add_argument("--state-dir", type=Path, help="instances' files (default: a temp dir)")
+    parser.add_argument("--log-requests", action="store_true", help="log each request to stderr")
+    parser.add_argument(
+        "--exit-on-eof",
+        action="store_true",
+        help="also shut down when stdin closes (the harness's lifeline: a killed parent stops us)",
+    )
+    return parser.parse_args(argv)
+
+
+def _stop_at_eof(stop: threading.Event) -> None:
+    """Raw reads: a daemon thread blocked in sys.stdin would hold its lock at exit and abort."""
+    while os.read(sys.stdin.fileno(), 4096):
+        pass
+    stop.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    catalog = Catalog.load(args.offers)
+    with tempfile.TemporaryDirectory(prefix="fakevast-") as scratch:
+        state_root = args.state_dir or Path(scratch)
+        state_root.mkdir(parents=True, exist_ok=True)
+        market = Market(catalog, args.boot_seconds, state_root)
+        server = FakeVastServer(args.port, market, args.api_key, args.log_requests)
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        if args.exit_on_eof:
+            threading.Thread(target=_stop_at_eof, args=(stop,), daemon=True).start()
+        market.start()
+        serving = threading.Thread(
+            target=server.serve_forever, args=(0.05,), name="fakevast-http", daemon=True
+        )
+        serving.start()
+        print(f"URL http://127.0.0.1:{server.port}", flush=True)
+        while not stop.wait(0.5):
+            pass
+        server.shutdown()
+        server.server_close()
+        market.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

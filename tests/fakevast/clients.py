@@ -1,0 +1,70 @@
+"""Client-side helpers for tests that drive the fake: SDK client, status waits, SSH logins."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import paramiko
+from vastai import VastAI
+
+from .harness import FakeVast
+
+DEFAULT_IMAGE = "vastai/base-image:cuda-12.4.1-auto"
+
+
+def sdk(fake: FakeVast, retry: int = 3) -> VastAI:
+    return VastAI(api_key=fake.api_key, server_url=fake.url, retry=retry, raw=True, quiet=True)
+
+
+def public_key(key: paramiko.PKey) -> str:
+    return f"{key.get_name()} {key.get_base64()} fakevast-test"
+
+
+def rent(
+    vast: VastAI, query: str = "gpu_name=RTX_4090 num_gpus=1", runtype: str = "ssh_proxy", **kw: Any
+) -> int:
+    """Create an instance on the cheapest offer matching `query`; returns its id."""
+    offer = vast.search_offers(query=query, order="dph_total", limit=1)[0]
+    kw.setdefault("image", DEFAULT_IMAGE)
+    created = vast.create_instance(id=offer["id"], disk=16, runtype=runtype, **kw)
+    assert created["success"], created
+    return int(created["new_contract"])
+
+
+def wait_status(vast: VastAI, instance_id: int, status: str, timeout: float = 20) -> dict:
+    """Poll show_instance until actual_status is `status`; returns that row."""
+    deadline = time.monotonic() + timeout
+    row = None
+    while time.monotonic() < deadline:
+        row = vast.show_instance(instance_id)
+        if row is not None and row["actual_status"] == status:
+            return row
+        time.sleep(0.1)
+    raise TimeoutError(f"instance {instance_id} not {status} after {timeout} s: {row}")
+
+
+def ssh_login(host: str, port: int, key: paramiko.PKey, timeout: float = 10) -> paramiko.SSHClient:
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect(
+        host,
+        port=port,
+        username="root",
+        pkey=key,
+        timeout=timeout,
+        banner_timeout=timeout,
+        auth_timeout=timeout,
+        allow_agent=False,
+        look_for_keys=False,
+    )
+    return client
+
+
+def run(client: paramiko.SSHClient, command: str, timeout: float = 30) -> str:
+    """Run `command`; its stdout, or AssertionError with stderr on a non-zero exit."""
+    _, stdout, stderr = client.exec_command(command, timeout=timeout)
+    out = stdout.read().decode()
+    status = stdout.channel.recv_exit_status()
+    assert status == 0, f"{command!r} exited {status}: {stderr.read().decode()}"
+    return out

@@ -1,0 +1,378 @@
+"""Fault configuration: what ``POST /_fake/faults`` accepts, validates and remembers.
+
+This module only parses and keeps the settings; the market and the HTTP layer ask it what to do.
+The JSON schema is documented in README.md ("Faults").
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from http import HTTPStatus
+from typing import Any
+
+# The status_msg texts vast-api.md §4 lists for boot failures; any other text works too.
+BOOT_FAILURES = (
+    "Error response from daemon: failed to create task for container: failed to create shim "
+    "task: OCI runtime create failed: runc create failed: unable to start container process: "
+    'exec: "/bin/sh": permission denied: unknown',
+    "toomanyrequests: You have reached your pull rate limit. You may increase the limit by "
+    "authenticating and upgrading: https://www.docker.com/increase-rate-limit",
+    "Error response from daemon: manifest for vastai/missing:latest not found: "
+    "manifest unknown: manifest unknown",
+    'Error response from daemon: Head "https://registry-1.docker.io/v2/acme/private/manifests/'
+    'latest": unauthorized: authentication required',
+    "failed to register layer: write /usr/lib/x86_64-linux-gnu/libcudnn.so.8: "
+    "no space left on device",
+)
+HTTP_STATUSES = frozenset({429, 500, 502, 503, 504})
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE"})
+
+
+class FaultError(ValueError):
+    """A fault document that does not follow the schema (answered with 400)."""
+
+
+def normalise_path(path: str) -> str:
+    """Collapse repeated slashes and end with exactly one, as the fake serves every path."""
+    parts = [part for part in path.split("/") if part]
+    return "/" + "/".join(parts) + "/" if parts else "/"
+
+
+def _object(value: Any, where: str, allowed: set[str] | None = None) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise FaultError(f"{where}: expected an object, got {value!r}")
+    unknown = set(value) - allowed if allowed is not None else set()
+    if unknown:
+        raise FaultError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return value
+
+
+def _number(value: Any, where: str, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        raise FaultError(f"{where}: expected a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise FaultError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _count(value: Any, where: str) -> int | None:
+    """A use count: a positive integer, or null for "until cleared"."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise FaultError(f"{where}: expected a positive integer or null, got {value!r}")
+    return value
+
+
+def _bandwidth(value: Any, where: str) -> float | None:
+    return None if value is None else _number(value, where, minimum=1.0)
+
+
+def _boot_failure(value: Any, where: str) -> str | None:
+    if value is not None and not (isinstance(value, str) and value):
+        raise FaultError(f"{where}: expected a status_msg string or null, got {value!r}")
+    return value
+
+
+def _id(key: str, where: str) -> int:
+    try:
+        return int(key)
+    except ValueError:
+        raise FaultError(f"{where}: keys must be numeric ids, got {key!r}") from None
+
+
+@dataclass(frozen=True)
+class Delay:
+    """A one-shot event, due `after_seconds` after it is armed."""
+
+    after_seconds: float = 0.0
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> Delay | None:
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        data = _object(value, where, {"after_seconds"})
+        return cls(_number(data.get("after_seconds", 0.0), f"{where}.after_seconds"))
+
+
+@dataclass(frozen=True)
+class PriceRise:
+    """The instance's dph_total becomes `dph_total`, `after_seconds` after it is armed."""
+
+    dph_total: float
+    after_seconds: float = 0.0
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> PriceRise | None:
+        if value is None:
+            return None
+        data = _object(value, where, {"dph_total", "after_seconds"})
+        if "dph_total" not in data:
+            raise FaultError(f"{where}: dph_total is required")
+        return cls(
+            _number(data["dph_total"], f"{where}.dph_total"),
+            _number(data.get("after_seconds", 0.0), f"{where}.after_seconds"),
+        )
+
+
+@dataclass(frozen=True)
+class InstanceFaults:
+    """What goes wrong with one instance; attached per offer, per next create or per id."""
+
+    boot_failure: str | None = None
+    stuck_loading: bool = False
+    offline: Delay | None = None
+    stopped: Delay | None = None
+    price_rise: PriceRise | None = None
+    bandwidth: float | None = None
+    cut_connections: bool = False
+
+
+@dataclass(frozen=True)
+class CreateFaults(InstanceFaults):
+    """Instance faults for creates, plus `gone`: the create answers 410 and the offer vanishes
+    (someone else took it after it was shown). `count` limits next_creates to N creates."""
+
+    gone: bool = False
+    count: int | None = None
+
+
+_PARSERS: dict[str, Callable[[Any, str], Any]] = {
+    "boot_failure": _boot_failure,
+    "stuck_loading": _flag,
+    "offline": Delay.parse,
+    "stopped": Delay.parse,
+    "price_rise": PriceRise.parse,
+    "bandwidth": _bandwidth,
+    "cut_connections": _flag,
+    "gone": _flag,
+    "count": _count,
+}
+INSTANCE_KEYS = frozenset(f.name for f in fields(InstanceFaults))
+_OFFER_KEYS = INSTANCE_KEYS | {"gone"}
+_NEXT_CREATE_KEYS = _OFFER_KEYS | {"count"}
+
+
+def parse_fields(value: Any, where: str, allowed: frozenset[str]) -> dict[str, Any]:
+    """The keys given, validated, so that an update merges key by key."""
+    data = _object(value, where, set(allowed))
+    return {key: _PARSERS[key](item, f"{where}.{key}") for key, item in data.items()}
+
+
+def _optional_fields(value: Any, where: str, allowed: frozenset[str]) -> dict[str, Any] | None:
+    """null removes the faults set for that scope."""
+    return None if value is None else parse_fields(value, where, allowed)
+
+
+def to_json(faults: InstanceFaults) -> dict[str, Any]:
+    return {
+        f.name: asdict(v) if isinstance(v := getattr(faults, f.name), Delay | PriceRise) else v
+        for f in fields(faults)
+    }
+
+
+@dataclass
+class HttpRule:
+    """Answers matching /api/ requests late and/or with an error status, `count` times."""
+
+    endpoint: str | None = None  # "METHOD /path/" or "/path/": a template or a concrete path
+    count: int | None = 1
+    status: int | None = None
+    retry_after: float | None = None
+    latency: float = 0.0
+    body: dict[str, Any] | None = None
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> HttpRule:
+        data = _object(value, where, {f.name for f in fields(cls)})
+        status = data.get("status")
+        if status is not None and status not in HTTP_STATUSES:
+            raise FaultError(f"{where}.status: one of {sorted(HTTP_STATUSES)}, got {status!r}")
+        if status is None and not data.get("latency"):
+            raise FaultError(f"{where}: give a status, a latency or both")
+        if data.get("retry_after") is not None and status is None:
+            raise FaultError(f"{where}.retry_after needs a status")
+        if data.get("body") is not None and not isinstance(data["body"], dict):
+            raise FaultError(f"{where}.body: expected an object")
+        retry_after = data.get("retry_after")
+        return cls(
+            endpoint=_endpoint(data.get("endpoint"), f"{where}.endpoint"),
+            count=_count(data.get("count", 1), f"{where}.count"),
+            status=status,
+            retry_after=None if retry_after is None else _number(retry_after, where),
+            latency=_number(data.get("latency", 0.0), f"{where}.latency"),
+            body=data.get("body"),
+        )
+
+    def matches(self, method: str, template: str, path: str) -> bool:
+        if self.endpoint is None:
+            return True
+        want_method, _, want_path = self.endpoint.rpartition(" ")
+        return want_method in ("", method) and want_path in (template, path)
+
+    def error_body(self, method: str, template: str) -> dict[str, Any]:
+        """The body the real API sends with this status on this endpoint (vast-api.md §3)."""
+        if self.body is not None:
+            return self.body
+        if self.status == 429:
+            detail = "API requests too frequent endpoint threshold=3.0"
+            if method == "DELETE" and template == "/api/v0/instances/{id}/":
+                return {"success": False, "error": "rate_limit_exceeded", "msg": detail}
+            return {"detail": detail}
+        phrase = HTTPStatus(self.status or 500).phrase
+        return {"success": False, "error": "server_error", "msg": f"{self.status} {phrase}"}
+
+
+def _endpoint(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise FaultError(f"{where}: expected 'METHOD /path/' or '/path/', got {value!r}")
+    method, _, path = value.strip().rpartition(" ")
+    method = method.strip().upper()
+    if method and method not in _METHODS:
+        raise FaultError(f"{where}: unknown method {method!r}")
+    return f"{method} {normalise_path(path)}".strip()
+
+
+@dataclass(frozen=True)
+class FaultUpdate:
+    """A validated ``POST /_fake/faults`` document, split by who applies which part."""
+
+    settings: dict[str, Any]  # boot_seconds, bandwidth, logs_not_ready, next_creates
+    http: list[HttpRule]
+    offers: dict[int, dict[str, Any] | None]
+    instances: dict[int, dict[str, Any]]
+    cut_connections: bool
+
+
+_TOP_KEYS = {
+    "boot_seconds",
+    "http",
+    "offers",
+    "next_creates",
+    "instances",
+    "bandwidth",
+    "cut_connections",
+    "logs_not_ready",
+}
+
+
+def parse_update(doc: Any) -> FaultUpdate:
+    """Validate a whole document before anything is applied, so a bad one changes nothing."""
+    data = _object(doc, "faults", _TOP_KEYS)
+    settings: dict[str, Any] = {}
+    if "boot_seconds" in data:
+        value = data["boot_seconds"]
+        settings["boot_seconds"] = None if value is None else _number(value, "boot_seconds")
+    if "bandwidth" in data:
+        settings["bandwidth"] = _bandwidth(data["bandwidth"], "bandwidth")
+    if "logs_not_ready" in data:
+        settings["logs_not_ready"] = int(_number(data["logs_not_ready"], "logs_not_ready"))
+    if "next_creates" in data:
+        given = _optional_fields(data["next_creates"], "next_creates", _NEXT_CREATE_KEYS)
+        settings["next_creates"] = None if given is None else CreateFaults(**{"count": 1, **given})
+    rules = data.get("http", [])
+    if not isinstance(rules, list):
+        raise FaultError("http: expected a list of rules")
+    offers = {
+        _id(key, "offers"): _optional_fields(value, f"offers.{key}", _OFFER_KEYS)
+        for key, value in _object(data.get("offers", {}), "offers").items()
+    }
+    instances = {
+        _id(key, "instances"): parse_fields(value, f"instances.{key}", INSTANCE_KEYS)
+        for key, value in _object(data.get("instances", {}), "instances").items()
+    }
+    return FaultUpdate(
+        settings=settings,
+        http=[HttpRule.parse(rule, f"http[{i}]") for i, rule in enumerate(rules)],
+        offers=offers,
+        instances=instances,
+        cut_connections=_flag(data.get("cut_connections", False), "cut_connections"),
+    )
+
+
+@dataclass
+class FaultBook:
+    """The marketplace-wide fault settings; thread-safe, consulted on every request."""
+
+    default_boot_seconds: float
+    boot_seconds: float = field(init=False)
+    http: list[HttpRule] = field(default_factory=list)
+    offers: dict[int, CreateFaults] = field(default_factory=dict)
+    next_creates: CreateFaults | None = None
+    bandwidth: float | None = None
+    logs_not_ready: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.boot_seconds = self.default_boot_seconds
+
+    def apply(self, update: FaultUpdate) -> None:
+        """Merge: settings replace, `http` rules append, offers merge key by key."""
+        with self._lock:
+            for key, value in update.settings.items():
+                if key == "boot_seconds" and value is None:
+                    value = self.default_boot_seconds
+                setattr(self, key, value)
+            self.http.extend(update.http)
+            for offer_id, given in update.offers.items():
+                if given is None:
+                    self.offers.pop(offer_id, None)
+                else:
+                    old = self.offers.get(offer_id, CreateFaults())
+                    self.offers[offer_id] = replace(old, **given)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.boot_seconds = self.default_boot_seconds
+            self.http.clear()
+            self.offers.clear()
+            self.next_creates = None
+            self.bandwidth = None
+            self.logs_not_ready = 0
+
+    def take_http(self, method: str, template: str, path: str) -> HttpRule | None:
+        """The first rule matching this request, with one of its uses consumed."""
+        with self._lock:
+            for rule in self.http:
+                if rule.matches(method, template, path):
+                    if rule.count is not None:
+                        rule.count -= 1
+                        if rule.count == 0:
+                            self.http.remove(rule)
+                    return rule
+        return None
+
+    def take_create(self, offer_id: int) -> CreateFaults:
+        """The faults of one create on `offer_id`: next_creates (one use taken) if set, else
+        the offer's; an offer's `gone` fires once, after which the offer stays taken."""
+        with self._lock:
+            per_offer = self.offers.get(offer_id, CreateFaults())
+            if per_offer.gone:
+                self.offers[offer_id] = replace(per_offer, gone=False)
+                return per_offer
+            upcoming = self.next_creates
+            if upcoming is None:
+                return per_offer
+            if upcoming.count is not None:
+                left = upcoming.count - 1
+                self.next_creates = replace(upcoming, count=left) if left else None
+            return upcoming
+
+    def to_json(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "boot_seconds": self.boot_seconds,
+                "http": [asdict(rule) for rule in self.http],
+                "offers": {str(k): to_json(v) for k, v in self.offers.items()},
+                "next_creates": to_json(self.next_creates) if self.next_creates else None,
+                "bandwidth": self.bandwidth,
+                "logs_not_ready": self.logs_not_ready,
+            }

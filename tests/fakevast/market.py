@@ -1,0 +1,513 @@
+"""The marketplace's state and the operations behind every endpoint.
+
+One lock guards instances, keys, logs and counters; anything that blocks (starting a container,
+killing sshd, relays) happens outside it. A ticker thread drives each instance's timeline and
+fires due faults, so statuses change with time, as on Vast.ai, not only when polled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+import shutil
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .catalog import Catalog
+from .container import Container, ContainerError, ContainerSpec
+from .errors import ApiError, api_error, no_such_instance
+from .faults import FaultBook, FaultError, InstanceFaults, parse_update
+from .instance import Effects, Instance
+from .launch import parse_launch
+from .listing import list_page
+from .relay import Relay, TrafficCounter
+
+TICK_SECONDS = 0.1
+FIRST_INSTANCE_ID = 22_000_001
+USER_ID = 41_207
+STARTING_CREDIT = 100.0
+_SSH_KEY = re.compile(r"^(ssh-(rsa|dss|ed25519)|ecdsa-sha2-nistp\d+|sk-[\w@.-]+) [A-Za-z0-9+/]+=*")
+
+
+@dataclass
+class AccountKey:
+    id: int
+    public_key: str
+    created_at: str
+
+
+@dataclass
+class LogUpload:
+    """A result_url's content; `not_ready` 404s come first, like an S3 upload still running."""
+
+    text: str
+    not_ready: int
+
+
+def _int_id(raw: str, error: ApiError) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise error from None
+
+
+def _key_from(body: Mapping[str, Any]) -> str:
+    key = body.get("ssh_key")
+    if not isinstance(key, str) or not key.strip():
+        raise api_error(400, "no_ssh_key", "No ssh key provided")
+    if not _SSH_KEY.match(key.strip()):
+        raise api_error(400, "invalid_args", "Invalid ssh key: expected an OpenSSH public key")
+    return key.strip()
+
+
+class Market:
+    """All state of one fake marketplace."""
+
+    def __init__(self, catalog: Catalog, boot_seconds: float, state_root: Path) -> None:
+        self.catalog = catalog
+        self.faults = FaultBook(boot_seconds)
+        self.traffic = TrafficCounter()
+        self.state_root = state_root
+        self._lock = threading.RLock()
+        self._instances: dict[int, Instance] = {}
+        self._rented: dict[int, int] = {}  # offer id -> instance id
+        self._taken_by_others: set[int] = set()
+        self._keys: list[AccountKey] = []
+        self._logs: dict[str, LogUpload] = {}
+        self._api_calls: Counter[str] = Counter()
+        self._next_id = FIRST_INSTANCE_ID
+        self._next_key_id = 1
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._ticker = threading.Thread(target=self._tick_loop, name="fakevast-ticker", daemon=True)
+
+    # -- lifecycle of the market ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._ticker.start()
+
+    def close(self) -> None:
+        """Destroy every instance, then wait for boots in flight: nothing may outlive us."""
+        self._stop.set()
+        if self._ticker.is_alive():
+            self._ticker.join()
+        with self._lock:
+            alive = [i.id for i in self._instances.values() if i.alive]
+        for instance_id in alive:
+            with contextlib.suppress(ApiError):
+                self.destroy(str(instance_id))
+        for thread in list(self._threads):
+            thread.join()
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(TICK_SECONDS):
+            self.tick()
+
+    def tick(self) -> None:
+        now = time.time()
+        effects = Effects()
+        with self._lock:
+            boot_seconds = self.faults.boot_seconds
+            for instance in self._instances.values():
+                instance.step(now, boot_seconds, effects)
+                self._track_bandwidth(instance, effects)
+        self._run(effects)
+
+    def _track_bandwidth(self, instance: Instance, effects: Effects) -> None:
+        wanted = instance.bandwidth if instance.bandwidth is not None else self.faults.bandwidth
+        if instance.alive and instance.relays and wanted != instance.applied_bandwidth:
+            instance.applied_bandwidth = wanted
+            effects.bandwidth.extend((relay, wanted) for relay in instance.relays)
+
+    def _run(self, effects: Effects) -> None:
+        for instance in effects.boot:
+            thread = threading.Thread(
+                target=self._boot, args=(instance,), name=f"fakevast-boot-{instance.id}"
+            )
+            self._threads.append(thread)
+            thread.start()
+        for container in effects.kill_sshd:
+            container.kill_sshd()
+        for relay in effects.cut:
+            relay.cut_connections()
+        for relay, rate in effects.bandwidth:
+            relay.set_bandwidth(rate)
+
+    def _boot(self, instance: Instance) -> None:
+        """Start the container off the request and ticker threads, then publish endpoints."""
+        try:
+            self._boot_container(instance)
+        finally:
+            self._threads.remove(threading.current_thread())
+
+    def _boot_container(self, instance: Instance) -> None:
+        with self._lock:
+            spec = ContainerSpec(
+                instance_id=instance.id,
+                image=instance.launch.image,
+                ssh=instance.launch.ssh,
+                onstart=instance.launch.onstart,
+                args=instance.launch.args,
+                env=instance.launch.variables,
+                authorized_keys=list(instance.keys),
+            )
+        state_dir = self.state_root / f"inst-{instance.id}"
+        shutil.rmtree(state_dir, ignore_errors=True)
+        container = Container(spec, state_dir)
+        with self._lock:
+            if not instance.alive:
+                return
+            instance.container = container
+            late_keys = instance.keys[len(spec.authorized_keys) :]
+        for key in late_keys:
+            container.add_authorized_key(key)
+        try:
+            container.start()
+        except ContainerError as error:
+            with self._lock:
+                if instance.alive:
+                    first_line = str(error).splitlines()[0]
+                    instance.fail_create(
+                        f"Error response from daemon: OCI runtime create failed: {first_line}"
+                    )
+            return
+        self._publish(instance, container)
+
+    def _publish(self, instance: Instance, container: Container) -> None:
+        relays: list[Relay] = []
+        proxy = direct = None
+        if container.sshd_port is not None:
+            target = ("127.0.0.1", container.sshd_port)
+            proxy = Relay(target, self.traffic)
+            relays.append(proxy)
+            if instance.launch.wants_direct and instance.offer["direct_port_count"] > 0:
+                direct = Relay(target, self.traffic)
+                relays.append(direct)
+        effects = Effects()
+        with self._lock:
+            if instance.alive:
+                if instance.actual_status == "loading":
+                    instance.mark_running(time.time(), proxy, direct)
+                else:  # stopped or lost while booting: it comes up without its sshd
+                    instance.proxy, instance.direct = proxy, direct
+                    effects.kill_sshd.append(container)
+                self._track_bandwidth(instance, effects)
+                relays = []
+        self._run(effects)
+        for relay in relays:  # destroyed while booting
+            relay.close()
+
+    # -- counters and the ledger ----------------------------------------------------------------
+
+    def count_call(self, key: str) -> None:
+        with self._lock:
+            self._api_calls[key] += 1
+
+    def ledger(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "instances": [i.ledger_row() for i in self._instances.values()],
+                "api_calls": dict(self._api_calls),
+                "ssh_bytes": self.traffic.snapshot(),
+            }
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def set_faults(self, doc: Any) -> dict[str, Any]:
+        try:
+            update = parse_update(doc)
+        except FaultError as error:
+            raise api_error(400, "invalid_faults", str(error)) from None
+        effects = Effects()
+        now = time.time()
+        with self._lock:
+            for instance_id in update.instances:
+                if instance_id not in self._instances or not self._instances[instance_id].alive:
+                    raise api_error(400, "invalid_faults", f"no live instance {instance_id}")
+            self.faults.apply(update)
+            for instance_id, given in update.instances.items():
+                self._instances[instance_id].arm(given, now)
+            for instance in self._instances.values():
+                if update.cut_connections and instance.alive:
+                    effects.cut.extend(instance.relays)
+                self._track_bandwidth(instance, effects)
+        self._run(effects)
+        self.tick()  # faults due at once happen before this call returns
+        return self.faults_json()
+
+    def clear_faults(self) -> dict[str, Any]:
+        effects = Effects()
+        with self._lock:
+            self.faults.clear()
+            for instance in self._instances.values():
+                instance.disarm()
+                self._track_bandwidth(instance, effects)
+        self._run(effects)
+        return self.faults_json()
+
+    def faults_json(self) -> dict[str, Any]:
+        with self._lock:
+            pending = {
+                str(i.id): [asdict(e) for e in i.events]
+                for i in self._instances.values()
+                if i.events
+            }
+        return {**self.faults.to_json(), "instances": pending}
+
+    # -- offers and creates ---------------------------------------------------------------------
+
+    def _unavailable(self) -> set[int]:
+        return set(self._rented) | self._taken_by_others
+
+    def search(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            unavailable = self._unavailable()
+        return {"offers": self.catalog.search(body, unavailable)}
+
+    def create(self, raw_offer_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        def not_available(offer_id: object) -> ApiError:
+            msg = f"error 404/3603: no_such_ask Instance type by id {offer_id} is not available."
+            return api_error(404, "invalid_args", msg, ask_id=offer_id)
+
+        offer_id = _int_id(raw_offer_id, not_available(raw_offer_id))
+        offer = self.catalog.offers.get(offer_id)
+        if offer is None:
+            raise not_available(offer_id)
+        launch = parse_launch(body, offer)
+        with self._lock:
+            if offer_id in self._unavailable() or not offer["rentable"]:
+                raise self._gone(offer_id)
+            faults = self.faults.take_create(offer_id)
+            if faults.gone:
+                self._taken_by_others.add(offer_id)
+                raise self._gone(offer_id)
+            now = time.time()
+            instance = Instance(
+                id=self._next_id,
+                offer=offer,
+                launch=launch,
+                created_at=now,
+                keys=[k.public_key for k in self._keys],
+            )
+            instance.arm({f.name: getattr(faults, f.name) for f in fields(InstanceFaults)}, now)
+            self._next_id += 1
+            self._instances[instance.id] = instance
+            self._rented[offer_id] = instance.id
+        return {"success": True, "new_contract": instance.id}
+
+    @staticmethod
+    def _gone(offer_id: int) -> ApiError:
+        msg = f"error 410/3907: no_such_ask Instance type {offer_id} is no longer available."
+        return api_error(410, "no_such_ask", msg, ask_id=offer_id)
+
+    # -- instances ------------------------------------------------------------------------------
+
+    def _alive(self, raw_id: str, error: ApiError | None = None) -> Instance:
+        error = error or no_such_instance(raw_id)
+        instance = self._instances.get(_int_id(raw_id, error))
+        if instance is None or not instance.alive:
+            raise error
+        return instance
+
+    def _rows(self) -> list[dict[str, Any]]:
+        now = time.time()
+        rows = []
+        for instance in self._instances.values():
+            if instance.alive:
+                rows.append(instance.row(now))
+                instance.polled = True
+        return rows
+
+    def list_v1(self, query: Mapping[str, str]) -> dict[str, Any]:
+        with self._lock:
+            rows = self._rows()
+        return list_page(rows, query)
+
+    def list_v0(self) -> dict[str, Any]:
+        with self._lock:
+            return {"instances": self._rows()}
+
+    def show(self, raw_id: str) -> dict[str, Any]:
+        with self._lock:
+            try:
+                instance = self._alive(raw_id)
+            except ApiError:
+                return {"instances": None}
+            instance.polled = True
+            return {"instances": instance.row(time.time())}
+
+    def destroy(self, raw_id: str) -> dict[str, Any]:
+        with self._lock:
+            instance = self._alive(raw_id)
+            instance.end(time.time())
+            self._rented.pop(instance.offer["id"], None)
+            container, relays = instance.container, instance.relays
+        for relay in relays:
+            relay.close()
+        if container is not None:
+            try:
+                container.destroy()
+            except ContainerError as error:
+                print(f"fakevast: destroying {instance.id}: {error}", file=sys.stderr)
+        return {"success": True, "msg": f"destroying instance {instance.id}."}
+
+    def manage(self, raw_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``PUT /instances/{id}/``: dispatch on the body keys (label, or state)."""
+        if "label" in body:
+            return self._label(raw_id, body["label"])
+        state = body.get("state")
+        if state not in ("running", "stopped"):
+            raise api_error(400, "invalid_args", "expected 'label' or 'state': running|stopped")
+        effects = Effects()
+        with self._lock:
+            instance = self._alive(raw_id)
+            if state == "stopped" and instance.intended_status != "stopped":
+                instance.stop(effects, "Instance stopped by user")
+            elif state == "running" and instance.intended_status == "stopped":
+                if instance.container is not None:
+                    raise api_error(
+                        400,
+                        "invalid_args",
+                        "this fake cannot restart a stopped container; destroy it instead",
+                    )
+                instance.resume_before_boot()
+        self._run(effects)
+        return {"success": True, "msg": f"instance {instance.id} set to {state}"}
+
+    def _label(self, raw_id: str, label: Any) -> dict[str, Any]:
+        if label is not None and (not isinstance(label, str) or len(label) > 1024):
+            raise api_error(400, "label_too_long", "label must be at most 1024 characters")
+        with self._lock:
+            instance = self._alive(raw_id)
+            instance.label = label
+        return {"success": True, "msg": f"label for {instance.id} set to '{label}'"}
+
+    def reboot(self, raw_id: str) -> dict[str, Any]:
+        effects = Effects()
+        with self._lock:
+            instance = self._alive(raw_id)
+            if instance.actual_status == "running":
+                instance.reboot(time.time(), effects)
+        self._run(effects)
+        return {"success": True}
+
+    # -- ssh keys -------------------------------------------------------------------------------
+
+    def attach(self, raw_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        key = _key_from(body)
+        with self._lock:
+            instance = self._alive(raw_id)
+            instance.keys.append(key)
+            container = instance.container
+        if container is not None:
+            container.add_authorized_key(key)
+        return {"success": True, "msg": "SSH key attached successfully"}
+
+    def add_key(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        key = _key_from(body)
+        with self._lock:
+            record = AccountKey(self._next_key_id, key, datetime.now(UTC).isoformat())
+            self._next_key_id += 1
+            self._keys.append(record)
+            containers = []
+            for instance in self._instances.values():
+                if instance.alive:
+                    instance.keys.append(key)
+                    if instance.container is not None:
+                        containers.append(instance.container)
+        for container in containers:
+            container.add_authorized_key(key)
+        return {
+            "success": True,
+            "key": {
+                "id": record.id,
+                "user_id": USER_ID,
+                "public_key": record.public_key,
+                "created_at": record.created_at,
+                "deleted_at": None,
+            },
+        }
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                {
+                    "id": k.id,
+                    "user_id": USER_ID,
+                    "key": k.public_key,
+                    "created_at": k.created_at,
+                    "deleted_at": None,
+                }
+                for k in self._keys
+            ]
+
+    def delete_key(self, raw_id: str) -> dict[str, Any]:
+        missing = api_error(404, "not_found", f"ssh key {raw_id} not found")
+        key_id = _int_id(raw_id, missing)
+        with self._lock:
+            kept = [k for k in self._keys if k.id != key_id]
+            if len(kept) == len(self._keys):
+                raise missing
+            self._keys = kept
+        return {"success": True}
+
+    # -- logs and the account -------------------------------------------------------------------
+
+    def request_logs(self, raw_id: str, body: Mapping[str, Any], base_url: str) -> dict[str, Any]:
+        with self._lock:
+            instance = self._alive(raw_id, api_error(404, "invalid_id", "Invalid instance id."))
+            container = instance.container
+        lines = (container.log_text() if container else "").splitlines(keepends=True)
+        pattern = body.get("filter")
+        if pattern:
+            lines = [line for line in lines if str(pattern) in line]
+        tail = body.get("tail")
+        with contextlib.suppress(TypeError, ValueError):
+            lines = lines[-int(tail) :] if tail is not None and int(tail) > 0 else lines
+        token = secrets.token_hex(16)
+        with self._lock:
+            self._logs[token] = LogUpload("".join(lines), self.faults.logs_not_ready)
+        return {
+            "success": True,
+            "result_url": f"{base_url}/_fake/logs/{token}.log",
+            "msg": "Log request queued; the logs will be at result_url shortly.",
+        }
+
+    def fetch_log(self, name: str) -> str | None:
+        """The uploaded text, or None while it is 'not uploaded yet' or unknown (S3's 404)."""
+        with self._lock:
+            upload = self._logs.get(name.removesuffix(".log"))
+            if upload is None:
+                return None
+            if upload.not_ready > 0:
+                upload.not_ready -= 1
+                return None
+            return upload.text
+
+    def user(self) -> dict[str, Any]:
+        now = time.time()
+        with self._lock:
+            spent = sum(i.cost(now) for i in self._instances.values())
+            first_key = self._keys[0].public_key if self._keys else None
+        balance = round(STARTING_CREDIT - spent, 6)
+        return {
+            "id": USER_ID,
+            "username": "fakevast",
+            "email": "fakevast@example.com",
+            "fullname": "Fake Vast User",
+            "balance": balance,
+            "credit": balance,
+            "ssh_key": first_key,
+            "sid": "fakevast-session",
+            "key_id": 1,
+            "can_pay": balance > 0,
+            "has_billing": True,
+        }

@@ -1,0 +1,247 @@
+"""The HTTP front: routing, authentication, JSON envelopes, call counting and HTTP faults.
+
+Paths are served with or without a trailing slash and with repeated slashes collapsed (the SDK
+sends ``//api/...`` when its server_url ends in a slash). ``/_fake/*`` is the control plane for
+tests: no auth, not counted, not subject to faults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hmac
+import json
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from .errors import ApiError, api_error, invalid_request
+from .faults import normalise_path
+from .market import Market
+
+JSON = "application/json"
+_UNAUTHORIZED = {"success": False, "error": "auth_error", "msg": "Invalid user key"}
+_PLACEHOLDER = re.compile(r"\{\w+\}")
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    params: tuple[str, ...]  # the path's {placeholders}, in order
+    query: Mapping[str, str]
+    body: Mapping[str, Any]
+    base_url: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    payload: Any  # JSON-able, or str for text/plain
+    headers: Mapping[str, str]
+
+    @classmethod
+    def of(cls, status: int, payload: Any) -> Reply:
+        return cls(status, payload, {})
+
+
+Handler = Callable[[Request], Any]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    template: str  # e.g. "/api/v0/instances/{id}/", also the api_calls key
+    handler: Handler
+
+    def match(self, path: str) -> tuple[str, ...] | None:
+        found = _compiled(self.template).fullmatch(path)
+        return found.groups() if found else None
+
+
+@functools.cache
+def _compiled(template: str) -> re.Pattern[str]:
+    return re.compile(_PLACEHOLDER.sub("([^/]+)", template))
+
+
+def path_template(path: str) -> str:
+    """An unrouted path's api_calls key: numeric segments become {id}."""
+    return re.sub(r"/\d+(?=/)", "/{id}", path)
+
+
+def _api_routes(market: Market, api_key: str) -> list[Route]:
+    def user(_: Request) -> dict[str, Any]:
+        return {**market.user(), "api_key": api_key}
+
+    return [
+        Route("POST", "/api/v0/bundles/", lambda r: market.search(r.body)),
+        Route("PUT", "/api/v0/asks/{id}/", lambda r: market.create(r.params[0], r.body)),
+        Route("GET", "/api/v1/instances/", lambda r: market.list_v1(r.query)),
+        Route("GET", "/api/v0/instances/", lambda r: market.list_v0()),
+        Route("GET", "/api/v0/instances/{id}/", lambda r: market.show(r.params[0])),
+        Route("DELETE", "/api/v0/instances/{id}/", lambda r: market.destroy(r.params[0])),
+        Route("PUT", "/api/v0/instances/{id}/", lambda r: market.manage(r.params[0], r.body)),
+        Route("PUT", "/api/v0/instances/reboot/{id}/", lambda r: market.reboot(r.params[0])),
+        Route("POST", "/api/v0/instances/{id}/ssh/", lambda r: market.attach(r.params[0], r.body)),
+        Route(
+            "PUT",
+            "/api/v0/instances/request_logs/{id}/",
+            lambda r: market.request_logs(r.params[0], r.body, r.base_url),
+        ),
+        Route("POST", "/api/v0/ssh/", lambda r: market.add_key(r.body)),
+        Route("GET", "/api/v0/ssh/", lambda r: market.list_keys()),
+        Route("DELETE", "/api/v0/ssh/{id}/", lambda r: market.delete_key(r.params[0])),
+        Route("GET", "/api/v0/users/current/", user),
+    ]
+
+
+def _fake_routes(market: Market) -> list[Route]:
+    def log(request: Request) -> Reply:
+        text = market.fetch_log(request.params[0])
+        return Reply.of(404, "NoSuchKey\n") if text is None else Reply.of(200, text)
+
+    return [
+        Route("GET", "/_fake/ledger/", lambda r: market.ledger()),
+        Route("GET", "/_fake/faults/", lambda r: market.faults_json()),
+        Route("POST", "/_fake/faults/", lambda r: market.set_faults(r.body)),
+        Route("DELETE", "/_fake/faults/", lambda r: market.clear_faults()),
+        Route("GET", "/_fake/logs/{name}/", log),
+    ]
+
+
+def _find(routes: list[Route], method: str, path: str) -> tuple[Route | None, tuple[str, ...]]:
+    """The route for (method, path); a path known under another method gives a 405 route."""
+    other_method = None
+    for route in routes:
+        params = route.match(path)
+        if params is None:
+            continue
+        if route.method == method:
+            return route, params
+        other_method = route
+    if other_method is not None:
+        allowed = Route(method, other_method.template, _method_not_allowed)
+        return allowed, ()
+    return None, ()
+
+
+def _method_not_allowed(request: Request) -> Reply:
+    error = api_error(405, "method_not_allowed", f"{request.method} is not allowed here")
+    return Reply.of(error.status, error.body)
+
+
+class FakeVastServer(ThreadingHTTPServer):
+    """Serves one Market on 127.0.0.1; each request runs on its own daemon thread."""
+
+    daemon_threads = True
+
+    def __init__(self, port: int, market: Market, api_key: str, log_requests: bool = False):
+        self.market = market
+        self.api_key = api_key
+        self.log_requests = log_requests
+        self.api_routes = _api_routes(market, api_key)
+        self.fake_routes = _fake_routes(market)
+        super().__init__(("127.0.0.1", port), _RequestHandler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def answer(self, handler: _RequestHandler, method: str) -> Reply:
+        split = urlsplit(handler.path)
+        path = normalise_path(split.path)
+        query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
+        raw_body = handler.read_body()
+        control = path.startswith("/_fake/")
+        route, params = _find(self.fake_routes if control else self.api_routes, method, path)
+        if not control:
+            template = route.template if route else path_template(path)
+            self.market.count_call(f"{method} {template}")
+            if not self._authorized(handler, query):
+                return Reply.of(401, _UNAUTHORIZED)
+            rule = self.market.faults.take_http(method, template, path)
+            if rule is not None:
+                time.sleep(rule.latency)
+                if rule.status is not None:
+                    retry = (
+                        {} if rule.retry_after is None else {"Retry-After": f"{rule.retry_after:g}"}
+                    )
+                    return Reply(rule.status, rule.error_body(method, template), retry)
+        if route is None:
+            return Reply.of(
+                404, {"success": False, "error": "not_found", "msg": f"{path} not found"}
+            )
+        host = handler.headers.get("Host") or f"127.0.0.1:{self.port}"
+        try:
+            request = Request(method, path, params, query, _json_body(raw_body), f"http://{host}")
+            result = route.handler(request)
+        except ApiError as error:
+            return Reply.of(error.status, error.body)
+        return result if isinstance(result, Reply) else Reply.of(200, result)
+
+    def _authorized(self, handler: _RequestHandler, query: Mapping[str, str]) -> bool:
+        """``Authorization: Bearer <key>`` (all SDKs) or ``?api_key=`` (SDK <= 1.5.0)."""
+        header = handler.headers.get("Authorization", "")
+        offered = [header.removeprefix("Bearer ").strip(), query.get("api_key", "")]
+        return any(hmac.compare_digest(key, self.api_key) for key in offered if key)
+
+
+def _json_body(raw: bytes) -> Mapping[str, Any]:
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise invalid_request("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise invalid_request("request body must be a JSON object")
+    return body
+
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    server: FakeVastServer
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
+    def read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _serve(self, method: str) -> None:
+        try:
+            reply = self.server.answer(self, method)
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            reply = Reply.of(500, {"success": False, "error": "server_error", "msg": "fake bug"})
+        if isinstance(reply.payload, str):
+            data, content_type = reply.payload.encode(), "text/plain; charset=utf-8"
+        else:
+            data, content_type = json.dumps(reply.payload).encode(), JSON
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.send_response(reply.status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.log_requests:
+            super().log_message(format, *args)
