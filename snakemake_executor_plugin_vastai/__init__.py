@@ -8,7 +8,6 @@ plugin on every start, whatever executor is used.
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import re
 import signal
@@ -24,11 +23,12 @@ from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import CommonSettings
 
+from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 
 __all__ = ["Executor", "ExecutorSettings", "common_settings"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 common_settings = CommonSettings(
     non_local_exec=True,
@@ -63,7 +63,9 @@ class Executor(RemoteExecutor):
             envvars={} if settings.no_forward_credentials else dict(self.envvars()),
             bootstrap_packages=self._storage_plugin_packages(),
             sources=self._source_lists,
+            max_jobs=max(1, int(self.workflow.resource_settings.nodes or 1)),
         )
+        self._demand_counted = False
         self.workers = ThreadPoolExecutor(
             max_workers=max(1, int(self.workflow.resource_settings.nodes or 1)),
             thread_name_prefix="vastai-job",
@@ -78,6 +80,9 @@ class Executor(RemoteExecutor):
         from snakemake_executor_plugin_vastai.jobrun import JobRun
         from snakemake_executor_plugin_vastai.resources import ResourceError
 
+        if not self._demand_counted:  # the DAG is complete when the first job is submitted
+            self.context.count_demand(self.dag.needrun_jobs())
+            self._demand_counted = True
         try:
             spec = self.context.job_spec(job, self.format_job_exec(job))
         except (ResourceError, WorkflowError) as error:
@@ -99,6 +104,7 @@ class Executor(RemoteExecutor):
             elif outcome.success:
                 self.report_job_success(job_info)
             else:
+                context.pool.demand.returned(job_info.aux["run"].spec.counted)  # may be retried
                 self.report_job_error(job_info, msg=outcome.message, aux_logs=outcome.aux_logs)
         self.next_seconds_between_status_checks = FAST_STATUS_SECONDS if active_jobs else None
 

@@ -54,12 +54,19 @@ class Instance:
     gone_at: float | None = None
     last_released_at: float | None = None
     jobs_run: int = 0
+    busy_since: float | None = None
     busy_seconds: float = 0.0
+    price_warned: bool = False
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def name(self) -> str:
         return f"instance {self.instance_id or '?'} ({self.offer.gpu_name}, {self.label})"
+
+    def cost(self, now: float) -> float:
+        """Dollars billed so far: Vast bills from rent to destroy at the instance's $/h."""
+        end = self.gone_at if self.gone_at is not None else now
+        return max(0.0, end - self.rented_at) * self.dph_total / 3600.0
 
     def set_state(self, state: State) -> None:
         with self.changed:

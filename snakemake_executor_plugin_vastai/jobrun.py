@@ -8,7 +8,6 @@ no Snakemake objects, only the plain facts of the job, so nothing here races the
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -18,9 +17,10 @@ from pathlib import Path
 from snakemake_interface_common.exceptions import WorkflowError
 
 from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure
+from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.pool import Pool
 from snakemake_executor_plugin_vastai.remote import DetachedJob, RemoteError
-from snakemake_executor_plugin_vastai.resources import ResourceRequest
+from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
 from snakemake_executor_plugin_vastai.staging import (
     REMOTE_BASE,
     DigestCache,
@@ -28,7 +28,7 @@ from snakemake_executor_plugin_vastai.staging import (
     Stager,
 )
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 POLL_SECONDS = 0.2
 LOG_STREAM_SECONDS = 1.0
@@ -50,6 +50,7 @@ class JobSpec:
     logs: list[str]  # fetched whenever present, also after a failure
     local_log: Path
     max_runtime: float  # 0: no cap
+    counted: tuple[Signature, ...] = ()  # the member jobs' signatures in the workflow demand
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class JobRun:
         """The worker thread's body: never raises; always leaves an outcome."""
         healthy = False
         try:
-            self.instance = self.pool.acquire(self.spec.request, self.spec.tag)
+            self.instance = self.pool.acquire(self.spec.request, self.spec.tag, self.spec.counted)
             self._check_cancelled()
             exit_code = self._execute(self.instance)
             self._stream_log()

@@ -8,7 +8,6 @@ answers become small dataclasses, and every message is scrubbed of secrets.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -18,10 +17,11 @@ from typing import Any, TypeVar
 
 from snakemake_interface_common.exceptions import WorkflowError
 
+from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.settings import DEFAULT_API_URL
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 FATAL_BOOT_MESSAGES = (

@@ -26,7 +26,9 @@ from typing import TypeVar
 
 import paramiko
 
-log = logging.getLogger(__name__)
+from snakemake_executor_plugin_vastai.logger import get_logger
+
+log = get_logger(__name__)
 
 
 class _AsDebug(logging.Filter):

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from decimal import Decimal
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -113,6 +113,17 @@ class Signature:
     def exact_key(self) -> tuple[Any, ...]:
         """The pool bucket: the fields that must be equal, in declaration order."""
         return tuple(getattr(self, f.name) for f in fields(self) if f.name not in _AT_LEAST)
+
+    def with_capacity(self, cpu_cores: float, mem_gb: float, disk_gb: int) -> Signature:
+        """The signature of a rented machine: what the job asked for, with the at-least
+        fields raised to what the offer really has, so a 16-core machine rented for a
+        1-core job can later serve a 4-core one."""
+        return replace(
+            self,
+            cpu_cores=max(self.cpu_cores, math.floor(cpu_cores)),
+            mem_gb=max(self.mem_gb, mem_gb),
+            disk_gb=max(self.disk_gb, disk_gb),
+        )
 
     def can_serve(self, wanted: Signature) -> bool:
         """True if an instance rented for ``self`` may run a job that wants ``wanted``."""
@@ -262,9 +273,29 @@ def parse_offer_query(query: str) -> dict[str, dict[str, Any]]:
     return parsed
 
 
+# Numeric options outside the request: (name, lowest allowed, whether the bound is allowed).
+_LIMITS = (
+    ("boot_timeout", 1, True),
+    ("max_runtime", 0, True),
+    ("pool_ttl", 0, True),
+    ("pool_max_instances", 1, True),
+    ("pool_max_lifetime", 0, True),
+    ("max_total_price", 0, False),
+    ("budget", 0, False),
+)
+
+
 def validate_settings(settings: ExecutorSettings) -> None:
     """Check every option once at start, so a typo fails before any job is scheduled."""
     _read_settings(settings)
+    for name, lowest, inclusive in _LIMITS:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        fine = _is_number(value) and (value >= lowest if inclusive else value > lowest)
+        if not fine:
+            bound = f"at least {lowest}" if inclusive else f"above {lowest}"
+            raise SettingsError(name, value, f"it must be {bound}", f"Give a number {bound}.")
     terms = [term.strip() for term in settings.order.split(",")]
     bad = [term for term in terms if not _ORDER_TERM.fullmatch(term)]
     if bad:

@@ -6,9 +6,9 @@ with a clear message before anything is rented (the credential check is one chea
 
 from __future__ import annotations
 
-import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -18,6 +18,7 @@ from typing import Any
 from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan
 from snakemake_executor_plugin_vastai.jobrun import JobSpec
 from snakemake_executor_plugin_vastai.ledger import Ledger, RunLock, new_run_id
+from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.marketplace import (
     Marketplace,
     MarketplaceError,
@@ -25,12 +26,19 @@ from snakemake_executor_plugin_vastai.marketplace import (
     resolve_api_url,
 )
 from snakemake_executor_plugin_vastai.pool import Pool, PoolConfig
-from snakemake_executor_plugin_vastai.resources import ResourceRequest, validate_settings
+from snakemake_executor_plugin_vastai.reaper import Reaper
+from snakemake_executor_plugin_vastai.resources import (
+    ResourceError,
+    ResourceRequest,
+    Signature,
+    validate_settings,
+)
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 from snakemake_executor_plugin_vastai.sshkey import RunKey
 from snakemake_executor_plugin_vastai.staging import DigestCache, SourceBundle, select_sources
+from snakemake_executor_plugin_vastai.summary import run_cost
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SourceLists = Callable[[], tuple[list[str], list[str]]]
 
@@ -45,6 +53,7 @@ class RunContext:
     lock: RunLock
     key: RunKey
     pool: Pool
+    reaper: Reaper
     envvars: dict[str, str]
     source_lists: SourceLists
     digests: DigestCache = field(default_factory=DigestCache)
@@ -59,6 +68,7 @@ class RunContext:
         envvars: dict[str, str],
         bootstrap_packages: tuple[str, ...],
         sources: SourceLists,
+        max_jobs: int,
     ) -> RunContext:
         validate_settings(settings)
         market = Marketplace(resolve_api_key(settings.api_key), resolve_api_url(settings.api_url))
@@ -75,8 +85,16 @@ class RunContext:
             boot_timeout=float(settings.boot_timeout),
             keep_instances=settings.keep_instances,
             bootstrap=plan,
+            ttl=float(settings.pool_ttl),
+            max_instances=settings.pool_max_instances or max_jobs,
+            max_lifetime=float(settings.pool_max_lifetime),
+            max_price=settings.max_price,
+            max_total_price=settings.max_total_price,
+            budget=settings.budget,
         )
-        return cls(
+        pool = Pool(market, ledger, key, config)
+        reaper = Reaper(pool, market, ledger, state_dir, run_id)
+        context = cls(
             settings=settings,
             state_dir=state_dir,
             run_id=run_id,
@@ -84,10 +102,13 @@ class RunContext:
             ledger=ledger,
             lock=RunLock(state_dir, run_id),
             key=key,
-            pool=Pool(market, ledger, key, config),
+            pool=pool,
+            reaper=reaper,
             envvars=envvars,
             source_lists=sources,
         )
+        reaper.start()
+        return context
 
     def job_spec(self, job: Any, command: str) -> JobSpec:
         """The plain facts of a Snakemake job; raises ResourceError for bad resources."""
@@ -112,7 +133,21 @@ class RunContext:
             logs=sorted(set(logs)),
             local_log=Path(".snakemake/auxiliary/vastai-logs") / f"{tag}.log",
             max_runtime=float(self.settings.max_runtime),
+            counted=tuple(self._signatures(members)),
         )
+
+    def count_demand(self, jobs: Any) -> None:
+        """Tell the pool what the workflow still wants: every remote job yet to run."""
+        self.pool.demand.reset(self._signatures(j for j in jobs if not j.is_local))
+
+    def _signatures(self, jobs: Any) -> list[Signature]:
+        found = []
+        for job in jobs:
+            try:
+                found.append(ResourceRequest.from_job(job, self.settings).signature())
+            except ResourceError:
+                continue  # reported when that job is submitted
+        return found
 
     def source_bundle(self) -> SourceBundle:
         """Packed on first use (the DAG is complete by then), then shared by every job."""
@@ -132,9 +167,17 @@ class RunContext:
 
     def close(self) -> None:
         try:
+            self.reaper.stop()
             self.pool.shutdown()
+            self._report_cost()
         finally:
             self.lock.release()
+
+    def _report_cost(self) -> None:
+        cost = run_cost(self.run_id, self.pool.instances(), time.time())
+        if cost.instances:
+            path = cost.write(self.state_dir)
+            log.info("%s\n  (details: %s)", cost.render(), path)
 
 
 def job_tag(job: Any) -> str:

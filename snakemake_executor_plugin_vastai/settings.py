@@ -109,3 +109,38 @@ class ExecutorSettings(ExecutorSettingsBase):
         default=0,
         metadata={"help": "Seconds a job may run on its instance before it is killed; 0: no cap."},
     )
+    pool_ttl: int = field(
+        default=300,
+        metadata={
+            "help": "Seconds a finished instance waits idle for the next job it can serve "
+            "before it is destroyed; 0 destroys every instance after its job. Instances no "
+            "remaining job can use are destroyed at once, whatever the TTL."
+        },
+    )
+    pool_max_instances: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Most instances alive at once, booting and idle included (default: --jobs)."
+        },
+    )
+    pool_max_lifetime: int = field(
+        default=0,
+        metadata={
+            "help": "Retire an instance after its current job once it is older than this "
+            "many seconds; 0: no limit."
+        },
+    )
+    max_total_price: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Highest $/h summed over all instances of the run (booting and idle "
+            "included): no new rent above it, idle instances are evicted first."
+        },
+    )
+    budget: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Dollars the run may spend: no new rent once the spend so far plus 15 "
+            "minutes at the running rate would pass it; running jobs finish."
+        },
+    )

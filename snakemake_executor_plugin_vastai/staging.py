@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import logging
 import os
 import shlex
 import tarfile
@@ -23,9 +22,10 @@ from pathlib import Path, PurePosixPath
 
 from snakemake_interface_common.exceptions import WorkflowError
 
+from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.remote import RemoteHost
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 REMOTE_BASE = "snakemake-vastai"  # relative to the login user's home, for SFTP and shell alike
 MAX_SOURCE_BYTES = 10_000_000
@@ -227,7 +227,7 @@ class Stager:
                 digest = self.digests.digest(str(file))
                 remote_file = f"{job_dir}/{PurePosixPath(*file.parts)}"
                 registered.append((remote_file, digest))
-        self._remember(registered)
+        self._remember(registered, job_dir)
         return report
 
     # -- the instance's store ------------------------------------------------------------
@@ -259,12 +259,11 @@ class Stager:
         with self.held.lock:
             self.held.digests.add(digest)
 
-    def _remember(self, files: list[tuple[str, str]]) -> None:
-        """Keep fetched outputs in the store (hard links: the job directory is not reused)."""
-        if not files:
-            return
+    def _remember(self, files: list[tuple[str, str]], job_dir: str) -> None:
+        """Keep fetched outputs in the store (hard links survive the job directory), then
+        remove the job directory: its env file holds the job's secrets."""
         lines = [f"ln -f {q(remote)} {q(self._blob(digest))}" for remote, digest in files]
-        self._run("\n".join(lines), "remember fetched outputs")
+        self._run("\n".join([*lines, f"rm -rf {q(job_dir)}"]), "remember fetched outputs")
         with self.held.lock:
             self.held.digests.update(digest for _, digest in files)
 

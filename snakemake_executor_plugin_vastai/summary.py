@@ -1,0 +1,105 @@
+"""The cost summary at the end of a run: what each instance did and cost, and what the warm
+pool saved. Printed for the user and written as JSON under ``.snakemake/vastai/`` so that
+benchmarks and scripts can read it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from snakemake_executor_plugin_vastai.instance import Instance
+
+
+@dataclass(frozen=True)
+class InstanceCost:
+    instance_id: int
+    label: str
+    gpu: str
+    image: str
+    jobs_run: int
+    boot_seconds: float
+    busy_seconds: float
+    idle_seconds: float
+    dph_total: float
+    dollars: float
+
+    @classmethod
+    def of(cls, instance: Instance, now: float) -> InstanceCost:
+        end = instance.gone_at if instance.gone_at is not None else now
+        life = max(0.0, end - instance.rented_at)
+        ready = instance.running_at if instance.running_at is not None else end
+        boot = max(0.0, min(ready, end) - instance.rented_at)
+        busy = min(instance.busy_seconds, life - boot)
+        return cls(
+            instance_id=instance.instance_id or 0,
+            label=instance.label,
+            gpu=f"{instance.offer.num_gpus}x {instance.offer.gpu_name}",
+            image=instance.signature.image,
+            jobs_run=instance.jobs_run,
+            boot_seconds=round(boot, 2),
+            busy_seconds=round(busy, 2),
+            idle_seconds=round(max(0.0, life - boot - busy), 2),
+            dph_total=instance.dph_total,
+            dollars=round(instance.cost(now), 6),
+        )
+
+
+@dataclass(frozen=True)
+class RunCost:
+    run_id: str
+    instances: list[InstanceCost]
+
+    @property
+    def dollars(self) -> float:
+        return round(sum(i.dollars for i in self.instances), 6)
+
+    @property
+    def jobs_run(self) -> int:
+        return sum(i.jobs_run for i in self.instances)
+
+    @property
+    def boots_avoided(self) -> int:
+        """Jobs that ran on an instance another job had already booted."""
+        return sum(max(0, i.jobs_run - 1) for i in self.instances)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "run_id": self.run_id,
+            "instances": [asdict(i) for i in self.instances],
+            "totals": {
+                "instances": len(self.instances),
+                "jobs_run": self.jobs_run,
+                "boots_avoided": self.boots_avoided,
+                "dollars": self.dollars,
+                "boot_seconds": round(sum(i.boot_seconds for i in self.instances), 2),
+                "busy_seconds": round(sum(i.busy_seconds for i in self.instances), 2),
+                "idle_seconds": round(sum(i.idle_seconds for i in self.instances), 2),
+            },
+        }
+
+    def write(self, directory: Path) -> Path:
+        path = directory / f"summary-{self.run_id}.json"
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+    def render(self) -> str:
+        lines = [
+            f"Vast.ai cost of run {self.run_id}: ${self.dollars:.4f} for {self.jobs_run} job(s) "
+            f"on {len(self.instances)} instance(s); {self.boots_avoided} boot(s) avoided "
+            "by reuse.",
+            f"  {'instance':>10}  {'gpu':<16} {'jobs':>4} {'boot s':>7} {'busy s':>7} "
+            f"{'idle s':>7} {'$/h':>7} {'$':>8}",
+        ]
+        for i in self.instances:
+            lines.append(
+                f"  {i.instance_id:>10}  {i.gpu:<16} {i.jobs_run:>4} {i.boot_seconds:>7.1f} "
+                f"{i.busy_seconds:>7.1f} {i.idle_seconds:>7.1f} {i.dph_total:>7.3f} "
+                f"{i.dollars:>8.4f}"
+            )
+        return "\n".join(lines)
+
+
+def run_cost(run_id: str, instances: list[Instance], now: float) -> RunCost:
+    rented = [i for i in instances if i.instance_id is not None]
+    return RunCost(run_id, [InstanceCost.of(i, now) for i in rented])
