@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from snakemake_interface_common.exceptions import WorkflowError
 
 from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan, explain_failure
+from snakemake_executor_plugin_vastai.ledger import billed_dollars
 from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Offer
 from snakemake_executor_plugin_vastai.remote import Endpoint, RemoteError, RemoteHost
 from snakemake_executor_plugin_vastai.resources import Signature
@@ -64,9 +65,8 @@ class Instance:
         return f"instance {self.instance_id or '?'} ({self.offer.gpu_name}, {self.label})"
 
     def cost(self, now: float) -> float:
-        """Dollars billed so far: Vast bills from rent to destroy at the instance's $/h."""
         end = self.gone_at if self.gone_at is not None else now
-        return max(0.0, end - self.rented_at) * self.dph_total / 3600.0
+        return billed_dollars(self.rented_at, end, self.dph_total)
 
     def set_state(self, state: State) -> None:
         with self.changed:

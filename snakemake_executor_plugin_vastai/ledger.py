@@ -36,6 +36,11 @@ def run_id_of(label: str) -> str | None:
     return parts[1] if len(parts) >= 3 and parts[0] == LABEL_PREFIX else None
 
 
+def billed_dollars(start: float, end: float, dph_total: float) -> float:
+    """Vast.ai bills an instance from rent to destroy at its $/h."""
+    return max(0.0, end - start) * dph_total / 3600.0
+
+
 @dataclass
 class InstanceRecord:
     """What the ledger knows of one rent, folded from its events."""
@@ -54,10 +59,8 @@ class InstanceRecord:
     def open(self) -> bool:
         return self.destroyed_at is None
 
-    def cost(self, now: float | None = None) -> float:
-        """Dollars billed so far: Vast bills from rent to destroy at the instance's $/h."""
-        end = self.destroyed_at or now or time.time()
-        return max(0.0, end - self.requested_at) * self.dph_total / 3600.0
+    def cost(self, now: float) -> float:
+        return billed_dollars(self.requested_at, self.destroyed_at or now, self.dph_total)
 
 
 class Ledger:

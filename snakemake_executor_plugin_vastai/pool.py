@@ -26,7 +26,12 @@ from snakemake_executor_plugin_vastai.demand import Demand
 from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure, State
 from snakemake_executor_plugin_vastai.ledger import Ledger, make_label
 from snakemake_executor_plugin_vastai.logger import get_logger
-from snakemake_executor_plugin_vastai.marketplace import Marketplace, MarketplaceError, OfferGone
+from snakemake_executor_plugin_vastai.marketplace import (
+    Marketplace,
+    MarketplaceError,
+    Offer,
+    OfferGone,
+)
 from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
 from snakemake_executor_plugin_vastai.sshkey import RunKey
 
@@ -126,6 +131,7 @@ class Pool:
         self._instances: list[Instance] = []
         self._changed = threading.Condition()
         self._reserved = 0  # rents under way that do not have an instance object yet
+        self._offers_in_flight: set[int] = set()  # our own concurrent rents never race
         self._closing = False
         self._last_refresh = 0.0
         self._serial = itertools.count(1)
@@ -146,7 +152,7 @@ class Pool:
                 self._check_open()
                 instance = pick_idle(self._instances, wanted)
                 if instance is not None:
-                    self._lease(instance)
+                    self._lease(instance, tag)
                     self.demand.submitted(counted)
                     log.info("Reusing %s for %s (no rent, no boot)", instance.name, request.rule)
                     return instance
@@ -171,7 +177,7 @@ class Pool:
             self.destroy(instance, "it could not be prepared")
             raise
         with self._changed:
-            self._lease(instance)
+            self._lease(instance, tag)
         return instance
 
     def release(self, instance: Instance, healthy: bool) -> None:
@@ -313,40 +319,54 @@ class Pool:
         if not offers:
             raise NoOfferError(no_offer_message(request, query))
         for offer in offers:
-            self._admit(offer.dph_total)
-            label = make_label(self.config.run_id, f"{tag}-{next(self._serial)}")
-            capacity = request.signature().with_capacity(
-                offer.cpu_cores, offer.cpu_ram_mb / 1000, request.disk_gb
-            )
-            instance = Instance(label, capacity, offer, offer.dph_total)
-            self._register(instance)
-            self.ledger.rent_requested(label, self.config.run_id, offer.id, offer.dph_total)
+            with self._changed:
+                if offer.id in self._offers_in_flight:
+                    continue  # another job of this run is renting it right now
+                self._offers_in_flight.add(offer.id)
             try:
-                instance.instance_id = self.market.rent(
-                    offer.id,
-                    image=request.image,
-                    disk_gb=request.disk_gb,
-                    label=label,
-                    onstart=ONSTART_SCRIPT,
-                )
-            except OfferGone as gone:
-                log.info("%s is gone (%s); trying the next offer", offer.describe(), gone)
-                self._forget(instance)
-                continue
-            except BaseException:
-                self._forget(instance)  # nothing was created under this label
-                raise
-            self.ledger.rented(label, instance.instance_id)
-            instance.set_state(State.BOOTING)
-            log.info("Rented %s: %s", instance.name, offer.describe())
-            if self._is_closing():
-                self.destroy(instance, "the run is shutting down")
-                raise InstanceFailure("the run is shutting down")
-            return instance
+                instance = self._rent_offer(request, tag, offer)
+            finally:
+                with self._changed:
+                    self._offers_in_flight.discard(offer.id)
+            if instance is not None:
+                return instance
         raise NoOfferError(
             f"all {len(offers)} matching offers for {request.rule} were taken before they "
             "could be rented; the job will be retried if --retries allows"
         )
+
+    def _rent_offer(self, request: ResourceRequest, tag: str, offer: Offer) -> Instance | None:
+        """Rent this offer; None when it was taken meanwhile (offers are single-use)."""
+        self._admit(offer.dph_total)
+        label = make_label(self.config.run_id, f"{tag}-{next(self._serial)}")
+        capacity = request.signature().with_capacity(
+            offer.cpu_cores, offer.cpu_ram_mb / 1000, request.disk_gb
+        )
+        instance = Instance(label, capacity, offer, offer.dph_total)
+        self._register(instance)
+        self.ledger.rent_requested(label, self.config.run_id, offer.id, offer.dph_total)
+        try:
+            instance.instance_id = self.market.rent(
+                offer.id,
+                image=request.image,
+                disk_gb=request.disk_gb,
+                label=label,
+                onstart=ONSTART_SCRIPT,
+            )
+        except OfferGone as gone:
+            log.info("%s is gone (%s); trying the next offer", offer.describe(), gone)
+            self._forget(instance)
+            return None
+        except BaseException:
+            self._forget(instance)  # nothing was created under this label
+            raise
+        self.ledger.rented(label, instance.instance_id)
+        instance.set_state(State.BOOTING)
+        log.info("Rented %s: %s", instance.name, offer.describe())
+        if self._is_closing():
+            self.destroy(instance, "the run is shutting down")
+            raise InstanceFailure("the run is shutting down")
+        return instance
 
     def _admit(self, price: float) -> None:
         """Wait until a rent at ``price`` fits the total-price cap and the budget, evicting
@@ -383,9 +403,10 @@ class Pool:
         instance.connect(self.key, deadline)
         instance.bootstrap(self.config.bootstrap)
 
-    def _lease(self, instance: Instance) -> None:
+    def _lease(self, instance: Instance, tag: str) -> None:
         instance.busy_since = time.time()
         instance.set_state(State.BUSY)
+        self.ledger.job_ran(instance.label, tag)
 
     def _register(self, instance: Instance) -> None:
         with self._changed:
