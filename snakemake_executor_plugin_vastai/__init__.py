@@ -13,9 +13,9 @@ import re
 import signal
 import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
@@ -25,6 +25,9 @@ from snakemake_interface_executor_plugins.settings import CommonSettings
 
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
+
+if TYPE_CHECKING:
+    from snakemake_executor_plugin_vastai.jobrun import JobRun
 
 __all__ = ["Executor", "ExecutorSettings", "common_settings"]
 
@@ -66,10 +69,7 @@ class Executor(RemoteExecutor):
             max_jobs=max(1, int(self.workflow.resource_settings.nodes or 1)),
         )
         self._demand_counted = False
-        self.workers = ThreadPoolExecutor(
-            max_workers=max(1, int(self.workflow.resource_settings.nodes or 1)),
-            thread_name_prefix="vastai-job",
-        )
+        self._runs: list[JobRun] = []
         atexit.register(self._teardown)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, self._on_hangup)
@@ -78,19 +78,21 @@ class Executor(RemoteExecutor):
 
     def run_job(self, job: JobExecutorInterface) -> None:
         from snakemake_executor_plugin_vastai.jobrun import JobRun
-        from snakemake_executor_plugin_vastai.resources import ResourceError
 
         if not self._demand_counted:  # the DAG is complete when the first job is submitted
             self.context.count_demand(self.dag.needrun_jobs())
             self._demand_counted = True
         try:
             spec = self.context.job_spec(job, self.format_job_exec(job))
-        except (ResourceError, WorkflowError) as error:
+        except WorkflowError as error:  # bad resources: fail this job, rent nothing
             self.report_job_error(SubmittedJobInfo(job, aux={}), msg=f"{error}. ")
             return
         run = JobRun(spec, self.context.pool, self.context.source_bundle, self.context.digests)
+        self._runs.append(run)
         self.report_job_submission(SubmittedJobInfo(job, external_jobid=spec.tag, aux={"run": run}))
-        self.workers.submit(run.run)
+        # A daemon thread per job (Snakemake caps them at --jobs): interpreter exit must
+        # never wait for a boot in progress, or the atexit teardown would come too late.
+        threading.Thread(target=run.run, name=f"vastai-{spec.tag}", daemon=True).start()
 
     async def check_active_jobs(self, active_jobs: list[SubmittedJobInfo]):
         context = getattr(self, "context", None)  # the status thread starts before __post_init__
@@ -109,9 +111,9 @@ class Executor(RemoteExecutor):
         self.next_seconds_between_status_checks = FAST_STATUS_SECONDS if active_jobs else None
 
     def cancel_jobs(self, active_jobs: list[SubmittedJobInfo]) -> None:
-        for job_info in active_jobs:
-            run = (job_info.aux or {}).get("run")
-            if run is not None:
+        # active_jobs can be partial (it is empty during a status round): cancel all of ours.
+        for run in getattr(self, "_runs", []):
+            if run.outcome is None:
                 run.cancel()
 
     def shutdown(self) -> None:
@@ -126,8 +128,14 @@ class Executor(RemoteExecutor):
             if self._torn_down or not hasattr(self, "context"):
                 return
             self._torn_down = True
-        self.context.close()
-        self.workers.shutdown(wait=False, cancel_futures=True)
+        try:
+            self.context.close()
+        except Exception as error:
+            log.error(
+                "Tearing down the Vast.ai instances failed: %s. Run 'snakemake-vastai "
+                "reap' to destroy what may be left.",
+                error,
+            )
 
     def _on_hangup(self, signum: int, frame: object) -> None:
         log.warning("SIGHUP: destroying every Vast.ai instance of this run")
