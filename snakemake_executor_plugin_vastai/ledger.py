@@ -127,9 +127,16 @@ class Ledger:
     def _append(self, event: dict[str, Any]) -> None:
         event["t"] = time.time()
         line = json.dumps(event, separators=(",", ":")) + "\n"
-        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
+        with self._lock, open(self.path, "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
-            handle.write(line)
+            size = handle.seek(0, os.SEEK_END)
+            if size:
+                handle.seek(size - 1)
+                if handle.read(1) != b"\n":
+                    # A crash tore the last line: end it, or this event would be glued to it
+                    # and lost with it.
+                    line = "\n" + line
+            handle.write(line.encode("utf-8"))  # append mode: always at the end
             handle.flush()
             os.fsync(handle.fileno())
 

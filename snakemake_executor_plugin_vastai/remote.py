@@ -58,6 +58,9 @@ WINDOW_SIZE = 16 * 1024 * 1024
 PREFETCH_REQUESTS = 64
 READ_CHUNK = 1024 * 1024
 KILL_GRACE_S = 5
+# How long DetachedJob.poll() may spend reconnecting to re-arm a waiter before it gives up
+# for this call (RemoteError); the caller polls again and keeps its own unreachable budget.
+POLL_RECONNECT_S = 5.0
 
 # The files of a detached job, all inside its workdir.
 ENV_FILE = "job.env"
@@ -250,25 +253,33 @@ class RemoteHost:
                 f"to {key.fingerprint}; refusing to connect"
             )
 
-    def _live_transport(self) -> paramiko.Transport:
+    def _live_transport(self, reconnect_timeout: float | None = None) -> paramiko.Transport:
+        """The open transport, reconnecting within ``reconnect_timeout`` (default: the host's)."""
+        budget = self.reconnect_timeout if reconnect_timeout is None else reconnect_timeout
         with self._lock:
             if self._closed:
                 raise RemoteError(f"{self.name}: connection was closed")
             if self._transport is None or not self._transport.is_active():
                 log.info("%s: SSH connection lost; reconnecting", self.name)
-                self._connect_locked(time.monotonic() + self.reconnect_timeout)
+                self._connect_locked(time.monotonic() + budget)
             assert self._transport is not None
             return self._transport
 
-    def _call(self, what: str, action: Callable[[paramiko.Transport], T], retry: bool = True) -> T:
+    def _call(
+        self,
+        what: str,
+        action: Callable[[paramiko.Transport], T],
+        retry: bool = True,
+        reconnect_timeout: float | None = None,
+    ) -> T:
         """Run action on a live transport. A dead connection is often only discovered when used,
         so if the transport died, reconnect and run the action once more."""
-        transport = self._live_transport()
+        transport = self._live_transport(reconnect_timeout)
         try:
             return action(transport)
         except _NETWORK_ERRORS as exc:
             if retry and not transport.is_active():
-                return self._call(what, action, retry=False)
+                return self._call(what, action, False, reconnect_timeout)
             raise RemoteError(f"{self.name}: {what} failed: {_describe(exc)}") from exc
 
     def _sftp_call(self, what: str, action: Callable[[paramiko.SFTPClient], T]) -> T:
@@ -354,16 +365,23 @@ class RemoteHost:
         self.watch(job)
         return job
 
-    def watch(self, job: DetachedJob) -> None:
+    def watch(self, job: DetachedJob, reconnect_timeout: float | None = None) -> None:
         """(Re-)arm the job's waiter: a channel running a tiny remote loop that ends, printing
         the exit code, once <workdir>/exit_code exists, so poll() needs no round trip. The loop
-        also ends when its SSH session is gone, so dropped connections leave no waiters behind."""
+        also ends when its SSH session is gone, so dropped connections leave no waiters behind.
+        ``reconnect_timeout`` bounds a reconnect first needed (default: the host's)."""
         command = (
             f"cd {shlex.quote(job.workdir)} || exit 1; "
             f"while [ ! -e {EXIT_CODE_FILE} ] && kill -0 $PPID 2>/dev/null; do sleep 0.2; done; "
             f"cat {EXIT_CODE_FILE}"
         )
-        job._attach(self._call(f"watching {job.workdir}", lambda t: _exec(t, command)))
+        job._attach(
+            self._call(
+                f"watching {job.workdir}",
+                lambda t: _exec(t, command),
+                reconnect_timeout=reconnect_timeout,
+            )
+        )
 
     # -- files --------------------------------------------------------------------------------
 
@@ -491,7 +509,10 @@ class DetachedJob:
         """The job's exit code, or None while it runs.
 
         Costs no round trip: it only looks at the waiter channel's local state. When the
-        connection dropped, the waiter is re-armed through the host (reconnecting if needed).
+        connection dropped, the waiter is re-armed through the host, reconnecting for at most
+        POLL_RECONNECT_S: a host that stays unreachable raises RemoteError soon, so the caller
+        keeps control (it decides how long a job may be unreachable, and may learn meanwhile
+        from the instance list that the host is gone for good).
         """
         with self._lock:
             if self._exit_code is not None:
@@ -503,7 +524,7 @@ class DetachedJob:
                 self._waiter = None
                 if self._exit_code is not None:
                     return self._exit_code
-            self.host.watch(self)
+            self.host.watch(self, reconnect_timeout=POLL_RECONNECT_S)
             return None
 
     def kill(self) -> None:

@@ -35,10 +35,16 @@ class StagingError(WorkflowError):
     """A file could not be shipped or fetched; the message names it."""
 
 
+def _outside(normal: str) -> bool:
+    """Whether a normalised path leaves the working directory: absolute, or up through '..'
+    (a name that merely starts with dots, like '..notes', stays inside)."""
+    return os.path.isabs(normal) or normal == os.pardir or normal.startswith(os.pardir + os.sep)
+
+
 def safe_relative(path: str) -> str:
     """The normalised relative path, or an error for anything that could escape the workdir."""
     normal = os.path.normpath(path)
-    if os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep):
+    if _outside(normal):
         raise StagingError(
             f"'{path}' lies outside the workflow directory; only paths below it can be "
             "shipped to or fetched from an instance"
@@ -60,12 +66,17 @@ def select_sources(
     def wanted(path: str) -> bool:
         return not globs or any(fnmatch.fnmatch(path, g) or path.startswith(g + "/") for g in globs)
 
+    def normal(path: str) -> str:
+        # Absolute paths become relative, so one inside the workdir still goes and one outside
+        # it is recognised as such below.
+        return os.path.normpath(os.path.relpath(path) if os.path.isabs(path) else path)
+
     chosen: set[str] = set()
     for path in essential:
-        chosen.add(os.path.normpath(path))
+        chosen.add(normal(path))
     for path in tracked:
         if wanted(path):
-            chosen.add(os.path.normpath(path))
+            chosen.add(normal(path))
     for pattern in globs:  # globs may also name files git does not track
         chosen.update(str(p) for p in Path().glob(pattern) if p.is_file())
         if Path(pattern).is_dir():
@@ -73,7 +84,7 @@ def select_sources(
 
     shipped = []
     for path in sorted(chosen):
-        if path.startswith(".."):
+        if _outside(path):
             log.warning("Not shipping source %s: it lies outside the working directory", path)
         elif not os.path.isfile(path):
             continue
@@ -202,17 +213,12 @@ class Stager:
         report = TransferReport()
         kinds = self._remote_kinds(job_dir, outputs)
         missing = [p for p in outputs if kinds.get(p) is None and p not in optional]
-        if missing:
-            raise StagingError(
-                "the job finished but did not create "
-                + ", ".join(f"'{p}'" for p in missing)
-                + " on the instance"
-            )
+        # With an output missing the job failed: still bring back what explains it (its logs)
+        # and still clear the job directory, which holds the job's secrets.
+        present = [p for p in outputs if p in kinds and (not missing or p in optional)]
         registered = []
-        for path in outputs:
-            kind = kinds.get(path)
-            if kind is None:
-                continue
+        for path in present:
+            kind = kinds[path]
             local = Path(safe_relative(path))
             remote = f"{job_dir}/{path}"
             if kind == "dir":
@@ -228,6 +234,12 @@ class Stager:
                 remote_file = f"{job_dir}/{PurePosixPath(*file.parts)}"
                 registered.append((remote_file, digest))
         self._remember(registered, job_dir)
+        if missing:
+            raise StagingError(
+                "the job finished but did not create "
+                + ", ".join(f"'{p}'" for p in missing)
+                + " on the instance"
+            )
         return report
 
     # -- the instance's store ------------------------------------------------------------

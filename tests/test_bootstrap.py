@@ -1,0 +1,122 @@
+"""bootstrap.py on real fake instances: an image that already has this Snakemake costs one
+round trip and no pip, the marker makes the next bootstrap free, and a failed install reports
+pip's own words. (An image without any Python cannot be made with the fake: not tested.)"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import paramiko
+import pytest
+import snakemake
+
+from snakemake_executor_plugin_vastai.bootstrap import (
+    INSTALL_FAILED,
+    MESSAGES,
+    NO_PIP,
+    NO_PYTHON,
+    BootstrapPlan,
+    explain_failure,
+)
+from snakemake_executor_plugin_vastai.remote import CommandResult, RemoteHost
+from tests.fakevast.harness import FakeVast
+from tests.instances import logged_in
+
+CALLS_LOG = "/tmp/python-calls.log"
+# A shell function in front of the script that records every `python` it runs, then runs the
+# real one: how we see, on the instance itself, whether pip was ever invoked.
+TRACE_PYTHON = f'python() {{ echo "$*" >> {CALLS_LOG}; command python "$@"; }}\n'
+# Offline and fast: pip decides from the installed packages and /opt/wheels alone.
+NO_INDEX = "export PIP_NO_INDEX=1\n"
+
+
+def bootstrap(host: RemoteHost, plan: BootstrapPlan) -> CommandResult:
+    return host.run(NO_INDEX + TRACE_PYTHON + plan.script(), timeout=120)
+
+
+def python_calls(host: RemoteHost) -> list[str]:
+    return host.run(f"cat {CALLS_LOG} 2>/dev/null").stdout.splitlines()
+
+
+def has(host: RemoteHost, path: str) -> bool:
+    return host.run(f"test -e {path}").exit_code == 0
+
+
+def test_image_with_this_snakemake_needs_no_pip(fakevast: FakeVast, ssh_key: paramiko.PKey) -> None:
+    plan = BootstrapPlan(snakemake.__version__)
+    with logged_in(fakevast, ssh_key) as instance:
+        host = instance.host
+        assert not has(host, plan.marker)
+        first = bootstrap(host, plan)
+        assert first.exit_code == 0, first.stderr
+        calls = python_calls(host)
+        assert any("import snakemake" in call for call in calls), calls
+        assert not any("pip" in call for call in calls), calls
+        assert has(host, plan.marker)
+
+        again = bootstrap(host, plan)
+        assert again.exit_code == 0, again.stderr
+        assert python_calls(host) == calls, "the marker should end the script before any python"
+
+
+def test_failed_install_reports_pips_words(fakevast: FakeVast, ssh_key: paramiko.PKey) -> None:
+    plan = BootstrapPlan("0.0.0.invalid")
+    with logged_in(fakevast, ssh_key, image="bare/python:3.11") as instance:
+        result = bootstrap(instance.host, plan)
+        assert result.exit_code == INSTALL_FAILED
+        assert any("-m pip install" in call for call in python_calls(instance.host))
+        assert not has(instance.host, plan.marker)
+    message = explain_failure(result.exit_code, result.stderr)
+    assert message.startswith(MESSAGES[INSTALL_FAILED])
+    assert "No matching distribution found for snakemake==0.0.0.invalid" in message
+
+
+def test_pinned_packages_decide_whether_pip_runs(
+    fakevast: FakeVast, ssh_key: paramiko.PKey
+) -> None:
+    """A pinned package (e.g. a storage plugin) that the image has at that version costs no
+    pip; the same package at another version is installed."""
+    installed = f"paramiko=={version('paramiko')}"
+    current = BootstrapPlan(snakemake.__version__, storage_plugins=(installed,))
+    stale = BootstrapPlan(snakemake.__version__, storage_plugins=("paramiko==0.0.1",))
+    with logged_in(fakevast, ssh_key) as instance:
+        host = instance.host
+        assert bootstrap(host, current).exit_code == 0
+        assert not any("pip" in call for call in python_calls(host))
+        assert has(host, current.marker)
+
+        result = bootstrap(host, stale)
+        assert result.exit_code == INSTALL_FAILED  # offline, so the install itself fails
+        assert any("-m pip install" in call for call in python_calls(host))
+        assert "paramiko==0.0.1" in explain_failure(result.exit_code, result.stderr)
+
+
+def test_marker_depends_on_version_and_package_set() -> None:
+    base = BootstrapPlan("9.1.0")
+    assert BootstrapPlan("9.1.0", ("a", "b")).marker == BootstrapPlan("9.1.0", ("b", "a")).marker
+    markers = {
+        base.marker,
+        BootstrapPlan("9.2.0").marker,
+        BootstrapPlan("9.1.0", ("a",)).marker,
+        BootstrapPlan("9.1.0", ("a", "b")).marker,
+    }
+    assert len(markers) == 4
+
+
+@pytest.mark.parametrize(
+    ("code", "stderr", "expected"),
+    [
+        (NO_PYTHON, "", MESSAGES[NO_PYTHON]),
+        (NO_PIP, "  \n", MESSAGES[NO_PIP]),
+        (INSTALL_FAILED, "ERROR: boom\n", f"{MESSAGES[INSTALL_FAILED]}:\nERROR: boom"),
+        (1, "", "the bootstrap script failed with exit code 1"),
+    ],
+)
+def test_explain_failure(code: int, stderr: str, expected: str) -> None:
+    assert explain_failure(code, stderr) == expected
+
+
+def test_explain_failure_keeps_the_last_lines() -> None:
+    stderr = "\n".join(f"line {n}" for n in range(100))
+    tail = explain_failure(INSTALL_FAILED, stderr).split(":\n", 1)[1].splitlines()
+    assert tail == [f"line {n}" for n in range(85, 100)]
