@@ -110,6 +110,13 @@ class Executor(RemoteExecutor):
                 self.report_job_error(job_info, msg=outcome.message, aux_logs=outcome.aux_logs)
         self.next_seconds_between_status_checks = FAST_STATUS_SECONDS if active_jobs else None
 
+    def additional_general_args(self) -> str:
+        # Snakemake's default --max-jobs-per-timespan (100/1s) leaves a non-daemon 1 s timer
+        # behind every scheduling round, so each remote job's process lingered up to a second
+        # after its work was done. A zero timespan lets it exit at once (measured: about 1 s
+        # less per job, no busy loop).
+        return "--max-jobs-per-timespan 1000/0s"
+
     def cancel_jobs(self, active_jobs: list[SubmittedJobInfo]) -> None:
         # active_jobs can be partial (it is empty during a status round): cancel all of ours.
         for run in getattr(self, "_runs", []):

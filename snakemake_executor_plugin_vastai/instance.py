@@ -50,7 +50,7 @@ class Instance:
     info: InstanceInfo | None = None
     host: RemoteHost | None = None
     files: InstanceFiles = field(default_factory=InstanceFiles)
-    rented_at: float = field(default_factory=time.time)
+    rented_at: float = field(default_factory=lambda: time.time())  # freezable in tests
     running_at: float | None = None
     gone_at: float | None = None
     last_released_at: float | None = None
@@ -58,6 +58,7 @@ class Instance:
     busy_since: float | None = None
     busy_seconds: float = 0.0
     price_warned: bool = False
+    vanished: bool = False  # listed once, then no longer: destroyed outside this run
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -76,10 +77,21 @@ class Instance:
     def observe(self, info: InstanceInfo | None) -> None:
         """A fresh row from the instance list (None: the marketplace no longer lists it)."""
         with self.changed:
+            if info is None and self.info is not None:
+                self.vanished = True
             self.info = info
             if info is not None:
                 self.dph_total = info.dph_total or self.dph_total
             self.changed.notify_all()
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why this instance can never run a job again, if it cannot."""
+        if self.vanished:
+            return "it is no longer listed by Vast.ai (destroyed outside this run?)"
+        if self.info is not None and self.info.lost:
+            return f"its host is {self.info.actual_status}"
+        return None
 
     def wait_until_running(self, deadline: float) -> InstanceInfo:
         """Block until the list shows the instance running with an SSH endpoint; fail fast on a
@@ -89,14 +101,12 @@ class Instance:
                 info = self.info
                 if self.state in (State.DESTROYING, State.GONE):
                     raise InstanceFailure(f"{self.name} was destroyed while booting")
+                if self.lost_reason:
+                    raise InstanceFailure(f"{self.name} failed while booting: {self.lost_reason}")
                 if info is not None:
                     if info.fatal_boot_message:
                         raise InstanceFailure(
                             f"{self.name} failed to boot: {info.fatal_boot_message}"
-                        )
-                    if info.lost:
-                        raise InstanceFailure(
-                            f"{self.name} stopped while booting (status {info.actual_status})"
                         )
                     if info.actual_status == "running" and self.endpoints():
                         return info

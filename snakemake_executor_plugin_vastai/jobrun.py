@@ -96,8 +96,10 @@ class JobRun:
                 log.debug("could not kill %s: %s", self.spec.name, error)
 
     def run(self) -> None:
-        """The worker thread's body: never raises; always leaves an outcome."""
+        """The worker thread's body: never raises; always leaves an outcome, and only once the
+        instance is back in the pool (or gone), so the next job Snakemake submits finds it."""
         healthy = False
+        outcome = None
         try:
             self.instance = self.pool.acquire(self.spec.request, self.spec.tag, self.spec.counted)
             self._check_cancelled()
@@ -106,22 +108,25 @@ class JobRun:
             if exit_code == 0:
                 self._fetch(required=True)
                 healthy = True
-                self.outcome = Outcome(True)
+                outcome = Outcome(True)
             else:
                 self._fetch(required=False)
-                self.outcome = self._failure(
+                outcome = self._failure(
                     f"{self.spec.name} failed on {self.instance.name} with exit code "
                     f"{exit_code}. {self._log_tail()}"
                 )
         except (WorkflowError, RemoteError, OSError) as error:
             where = f" on {self.instance.name}" if self.instance else ""
-            self.outcome = self._failure(f"{self.spec.name} failed{where}: {error}. ")
+            outcome = self._failure(f"{self.spec.name} failed{where}: {error}. ")
         except Exception as error:  # a bug must fail the job, not hang the run
             log.exception("unexpected error in %s", self.spec.name)
-            self.outcome = self._failure(f"{self.spec.name}: internal error: {error!r}. ")
+            outcome = self._failure(f"{self.spec.name}: internal error: {error!r}. ")
         finally:
-            if self.instance is not None:
-                self.pool.release(self.instance, healthy=healthy)
+            try:
+                if self.instance is not None:
+                    self.pool.release(self.instance, healthy=healthy)
+            finally:
+                self.outcome = outcome or self._failure(f"{self.spec.name}: no outcome. ")
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -138,10 +143,9 @@ class JobRun:
         next_log = started
         while True:
             self._check_cancelled()
-            info = instance.info
-            if info is not None and info.lost:
+            if instance.lost_reason:
                 raise InstanceFailure(
-                    f"{instance.name} went {info.actual_status} while the job was running"
+                    f"{instance.name} was lost while the job was running: {instance.lost_reason}"
                 )
             try:
                 exit_code = self._detached.poll()

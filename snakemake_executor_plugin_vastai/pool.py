@@ -72,7 +72,11 @@ class PoolConfig:
 def pick_idle(instances: Iterable[Instance], wanted: Signature) -> Instance | None:
     """The idle instance to lease: one that can serve the job, cheapest first, then the
     most recently used (its caches are warmest)."""
-    fitting = [i for i in instances if i.state == State.IDLE and i.signature.can_serve(wanted)]
+    fitting = [
+        i
+        for i in instances
+        if i.state == State.IDLE and not i.lost_reason and i.signature.can_serve(wanted)
+    ]
     return min(fitting, key=lambda i: (i.dph_total, -(i.last_released_at or 0.0)), default=None)
 
 
@@ -83,9 +87,8 @@ def least_recently_used(instances: Iterable[Instance]) -> Instance | None:
 
 def retire_reason(instance: Instance, now: float, config: PoolConfig, demand: Demand) -> str | None:
     """Why an idle (or just released) instance should be destroyed now; None keeps it."""
-    info = instance.info
-    if info is not None and info.lost:
-        return f"its host is {info.actual_status}"
+    if instance.lost_reason:
+        return instance.lost_reason
     if config.max_price is not None and instance.dph_total > config.max_price:
         return (
             f"its price rose to ${instance.dph_total:.3f}/h, above --vastai-max-price "

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.fakevast.harness import FakeVast
 
@@ -41,6 +46,7 @@ def write_workflow(target: Path, snakefile: str, files: dict[str, str] | None = 
 class SnakemakeRun:
     returncode: int
     output: str
+    seconds: float = 0.0  # wall time of the whole snakemake process
 
     @property
     def ok(self) -> bool:
@@ -75,19 +81,37 @@ def snakemake_env(fake: FakeVast) -> dict[str, str]:
     return env
 
 
+def with_overrides(env: dict[str, str], overrides: Mapping[str, str | None]) -> dict[str, str]:
+    """``env`` with variables replaced; a None value removes the variable."""
+    changed = dict(env)
+    for name, value in overrides.items():
+        if value is None:
+            changed.pop(name, None)
+        else:
+            changed[name] = value
+    return changed
+
+
 def run_snakemake(
-    workdir: Path, fake: FakeVast, *extra: str, jobs: int = 2, timeout: float = 600
+    workdir: Path,
+    fake: FakeVast,
+    *extra: str,
+    jobs: int = 2,
+    timeout: float = 600,
+    env: Mapping[str, str | None] | None = None,
 ) -> SnakemakeRun:
+    """``env`` overrides snakemake_env's variables (None removes one)."""
+    started = time.monotonic()
     done = subprocess.run(
         snakemake_command(fake, jobs, *extra),
         cwd=workdir,
-        env=snakemake_env(fake),
+        env=with_overrides(snakemake_env(fake), env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         timeout=timeout,
     )
-    return SnakemakeRun(done.returncode, done.stdout)
+    return SnakemakeRun(done.returncode, done.stdout, time.monotonic() - started)
 
 
 def start_snakemake(workdir: Path, fake: FakeVast, *extra: str, jobs: int = 2) -> subprocess.Popen:
@@ -101,6 +125,20 @@ def start_snakemake(workdir: Path, fake: FakeVast, *extra: str, jobs: int = 2) -
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+@contextmanager
+def running_snakemake(
+    workdir: Path, fake: FakeVast, *extra: str, jobs: int = 2
+) -> Iterator[subprocess.Popen]:
+    """start_snakemake that never outlives the test: killed (by its pid) if still running."""
+    process = start_snakemake(workdir, fake, *extra, jobs=jobs)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
 
 
 def run_local(workdir: Path, cores: int = 2) -> None:
@@ -121,3 +159,101 @@ def result_files(workdir: Path, *folders: str) -> dict[str, bytes]:
             if path.is_file() and path.name != ".snakemake_timestamp":
                 found[str(path.relative_to(workdir))] = path.read_bytes()
     return found
+
+
+ONE_RULE_SNAKEFILE = """\
+rule all:
+    input: "out.txt"
+
+
+rule make:
+    output: "out.txt"
+    resources: {resources}
+    shell: {shell!r}
+"""
+JOB_LOGS = Path(".snakemake/auxiliary/vastai-logs")
+
+
+def one_rule_workflow(target: Path, shell: str, resources: str = "gpu=1") -> Path:
+    """A workflow whose only remote job is rule ``make``, which must create out.txt."""
+    return write_workflow(target, ONE_RULE_SNAKEFILE.format(resources=resources, shell=shell))
+
+
+def job_errors(output: str) -> list[str]:
+    """The ``message:`` of every failed job, as the executor reported it to Snakemake."""
+    return re.findall(
+        r"^\s+message: (.*?)For further error details see", output, re.MULTILINE | re.DOTALL
+    )
+
+
+def fatal_error(output: str) -> str:
+    """The message of the exception that stopped Snakemake as a whole (``XError:`` then text)."""
+    found = re.findall(r"^\w+(?:Error|Exception):\n(.*?)(?=^  File |\Z)", output, re.M | re.S)
+    return found[-1].strip() if found else ""
+
+
+def rented(fake: FakeVast) -> list[dict[str, Any]]:
+    """Every instance the fake ever created, in creation order."""
+    return fake.ledger()["instances"]
+
+
+def assert_nothing_rented(fake: FakeVast) -> None:
+    ledger = fake.ledger()
+    assert ledger["instances"] == [], ledger["instances"]
+    assert "PUT /api/v0/asks/{id}/" not in ledger["api_calls"], ledger["api_calls"]
+
+
+def assert_all_destroyed(
+    fake: FakeVast, workdir: Path, plugin_ledger: bool = True
+) -> list[dict[str, Any]]:
+    """Nothing billing in the fake, and (``plugin_ledger``) the run's own crash-safety ledger
+    agrees. Returns every instance the fake ever created."""
+    from snakemake_executor_plugin_vastai.ledger import Ledger
+
+    instances = rented(fake)
+    assert instances, "the run rented nothing"
+    assert [i["status"] for i in instances] == ["destroyed"] * len(instances), instances
+    if plugin_ledger:
+        still_open = Ledger(workdir / ".snakemake" / "vastai").open_records()
+        assert still_open == [], f"the plugin's ledger still has open rents: {still_open}"
+    return instances
+
+
+def job_started(workdir: Path, marker: str) -> bool:
+    """True once a job's streamed log shows ``marker``: its command is really running."""
+    logs = workdir / JOB_LOGS
+    return logs.is_dir() and any(marker in p.read_text(errors="replace") for p in logs.iterdir())
+
+
+def wait_until_running(
+    fake: FakeVast, workdir: Path, process: subprocess.Popen, marker: str, timeout: float = 90
+) -> int:
+    """Wait until the job printed ``marker`` on its instance; returns that instance's id."""
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            output = (workdir / "snakemake.out").read_text()
+            raise AssertionError(f"snakemake ended before the job started:\n{output}")
+        return job_started(workdir, marker)
+
+    fake.wait_for(ready, timeout, interval=0.2)
+    alive = [i for i in fake.alive_instances() if i["status"] == "running"]
+    assert len(alive) == 1, alive
+    return alive[0]["id"]
+
+
+INSTANCE_TOKEN = (
+    'f="$HOME/.instance-token"; [ -s "$f" ] || cat /proc/sys/kernel/random/uuid > "$f"; cat "$f"'
+)
+"""Shell that prints an id of the instance it runs on (made once, kept in the instance's home):
+a job that writes it into its output lets a test tell, from the instance's side, which jobs
+shared an instance."""
+
+
+def run_summary(workdir: Path) -> dict[str, Any]:
+    """The cost summary JSON the plugin wrote at the end of the (only) run in ``workdir``."""
+    import json
+
+    found = sorted((workdir / ".snakemake" / "vastai").glob("summary-*.json"))
+    assert len(found) == 1, f"expected one cost summary, found {found}"
+    return json.loads(found[0].read_text())

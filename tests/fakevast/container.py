@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -500,10 +501,22 @@ def _sshd_setenv_token(name: str, value: str) -> str:
     return '"' + token.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+# sshd binds its port only after we picked it. Ports the kernel hands out for outgoing
+# connections (ip_local_port_range, 32768-60999 by default) could be taken meanwhile by any
+# client on this busy machine, so pick below that range, at random, and check it is free.
+_SSHD_PORTS = range(20000, 32768)
+
+
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    for _ in range(200):
+        port = random.choice(_SSHD_PORTS)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ContainerError("no free port for sshd below the ephemeral range")
 
 
 def _which(tool: str) -> str:
