@@ -50,7 +50,7 @@ common_settings = CommonSettings(
     init_seconds_before_status_checks=0,
 )
 
-FAST_STATUS_SECONDS = 0.5  # status rounds read local state; API calls are paced by the pool
+FAST_STATUS_SECONDS = 0.2  # status rounds read local state; API calls are paced by the pool
 
 
 class Executor(RemoteExecutor):

@@ -30,7 +30,7 @@ from snakemake_executor_plugin_vastai.staging import (
 
 log = get_logger(__name__)
 
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.05  # a local check of the waiter channel: no round trip
 LOG_STREAM_SECONDS = 1.0
 # How long a job may stay unreachable over SSH before the host counts as lost.
 UNREACHABLE_SECONDS = 60.0

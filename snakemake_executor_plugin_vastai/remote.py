@@ -372,7 +372,7 @@ class RemoteHost:
         ``reconnect_timeout`` bounds a reconnect first needed (default: the host's)."""
         command = (
             f"cd {shlex.quote(job.workdir)} || exit 1; "
-            f"while [ ! -e {EXIT_CODE_FILE} ] && kill -0 $PPID 2>/dev/null; do sleep 0.2; done; "
+            f"while [ ! -e {EXIT_CODE_FILE} ] && kill -0 $PPID 2>/dev/null; do sleep 0.1; done; "
             f"cat {EXIT_CODE_FILE}"
         )
         job._attach(
