@@ -77,7 +77,7 @@ class Executor(RemoteExecutor):
     # -- Snakemake's executor interface --------------------------------------------------
 
     def run_job(self, job: JobExecutorInterface) -> None:
-        from snakemake_executor_plugin_vastai.jobrun import JobRun
+        from snakemake_executor_plugin_vastai.jobrun import JobRun, sentence
 
         if not self._demand_counted:  # the DAG is complete when the first job is submitted
             self.context.count_demand(self.dag.needrun_jobs())
@@ -85,7 +85,7 @@ class Executor(RemoteExecutor):
         try:
             spec = self.context.job_spec(job, self.format_job_exec(job))
         except WorkflowError as error:  # bad resources: fail this job, rent nothing
-            self.report_job_error(SubmittedJobInfo(job, aux={}), msg=f"{error}. ")
+            self.report_job_error(SubmittedJobInfo(job, aux={}), msg=sentence(error))
             return
         run = JobRun(spec, self.context.pool, self.context.source_bundle, self.context.digests)
         self._runs.append(run)

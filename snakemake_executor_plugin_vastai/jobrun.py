@@ -64,6 +64,11 @@ class JobFailed(WorkflowError):
     pass
 
 
+def sentence(text: object) -> str:
+    """Text as a sentence that Snakemake can append its own to ("... . For further...")."""
+    return str(text).rstrip().rstrip(".") + ". "
+
+
 class JobRun:
     def __init__(
         self,
@@ -117,7 +122,7 @@ class JobRun:
                 )
         except (WorkflowError, RemoteError, OSError) as error:
             where = f" on {self.instance.name}" if self.instance else ""
-            outcome = self._failure(f"{self.spec.name} failed{where}: {error}. ")
+            outcome = self._failure(sentence(f"{self.spec.name} failed{where}: {error}"))
         except Exception as error:  # a bug must fail the job, not hang the run
             log.exception("unexpected error in %s", self.spec.name)
             outcome = self._failure(f"{self.spec.name}: internal error: {error!r}. ")

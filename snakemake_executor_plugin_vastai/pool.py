@@ -40,6 +40,7 @@ log = get_logger(__name__)
 BOOT_REFRESH_SECONDS = 2.0  # list call interval while anything boots
 WATCH_REFRESH_SECONDS = 30.0  # otherwise: notice lost hosts and price changes
 BUDGET_HORIZON_SECONDS = 900.0  # a new rent must leave room for this long at the full rate
+SHUTDOWN_WAIT_SECONDS = 30.0  # for a destroy another thread has under way
 ALIVE = (State.BOOTING, State.BOOTSTRAPPING, State.IDLE, State.BUSY)
 
 
@@ -271,7 +272,7 @@ class Pool:
         with self._changed:
             self._closing = True
             self._changed.notify_all()
-            doomed = [i for i in self._instances if i.state not in (State.DESTROYING, State.GONE)]
+            doomed = [i for i in self._instances if i.state != State.GONE]
         if self.config.keep_instances:
             kept = [i for i in doomed if i.instance_id]
             if kept:
@@ -284,7 +285,25 @@ class Pool:
             return
         if doomed:
             with ThreadPoolExecutor(max_workers=min(8, len(doomed))) as workers:
-                list(workers.map(lambda i: self.destroy(i, "the run is over"), doomed))
+                list(workers.map(self._make_sure_gone, doomed))
+
+    def _make_sure_gone(self, instance: Instance) -> None:
+        """Destroy it, or, when another thread is destroying it already (a cancelled job),
+        wait for that; if it has not finished in time, finish it here. Job threads are
+        daemons: the process may exit right after shutdown, so shutdown must not leave a
+        destroy half done."""
+        with self._changed:
+            claimed_elsewhere = instance.state == State.DESTROYING
+            if not claimed_elsewhere:
+                self._claim(instance)
+        if claimed_elsewhere:
+            with instance.changed:
+                instance.changed.wait_for(
+                    lambda: instance.state == State.GONE, timeout=SHUTDOWN_WAIT_SECONDS
+                )
+            if instance.state == State.GONE:
+                return
+        self._destroy_claimed(instance, "the run is over")
 
     def _claim(self, instance: Instance) -> None:
         """Mark for destruction under the pool lock, so nobody leases it meanwhile."""

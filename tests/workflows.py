@@ -172,6 +172,10 @@ rule make:
     shell: {shell!r}
 """
 JOB_LOGS = Path(".snakemake/auxiliary/vastai-logs")
+JOB_STARTED = "JOB-STARTED"
+# Shell that prints JOB_STARTED; the quotes keep the marker itself out of the command's text,
+# which a log may echo before the command runs.
+ANNOUNCE_START = "echo JOB-''STARTED"
 
 
 def one_rule_workflow(target: Path, shell: str, resources: str = "gpu=1") -> Path:
@@ -203,19 +207,16 @@ def assert_nothing_rented(fake: FakeVast) -> None:
     assert "PUT /api/v0/asks/{id}/" not in ledger["api_calls"], ledger["api_calls"]
 
 
-def assert_all_destroyed(
-    fake: FakeVast, workdir: Path, plugin_ledger: bool = True
-) -> list[dict[str, Any]]:
-    """Nothing billing in the fake, and (``plugin_ledger``) the run's own crash-safety ledger
-    agrees. Returns every instance the fake ever created."""
+def assert_all_destroyed(fake: FakeVast, workdir: Path) -> list[dict[str, Any]]:
+    """Nothing billing in the fake, and the run's own crash-safety ledger agrees. Returns
+    every instance the fake ever created."""
     from snakemake_executor_plugin_vastai.ledger import Ledger
 
     instances = rented(fake)
     assert instances, "the run rented nothing"
     assert [i["status"] for i in instances] == ["destroyed"] * len(instances), instances
-    if plugin_ledger:
-        still_open = Ledger(workdir / ".snakemake" / "vastai").open_records()
-        assert still_open == [], f"the plugin's ledger still has open rents: {still_open}"
+    still_open = Ledger(workdir / ".snakemake" / "vastai").open_records()
+    assert still_open == [], f"the plugin's ledger still has open rents: {still_open}"
     return instances
 
 
@@ -226,7 +227,11 @@ def job_started(workdir: Path, marker: str) -> bool:
 
 
 def wait_until_running(
-    fake: FakeVast, workdir: Path, process: subprocess.Popen, marker: str, timeout: float = 90
+    fake: FakeVast,
+    workdir: Path,
+    process: subprocess.Popen,
+    marker: str = JOB_STARTED,
+    timeout: float = 90,
 ) -> int:
     """Wait until the job printed ``marker`` on its instance; returns that instance's id."""
 
