@@ -332,9 +332,13 @@ def test_sdk_follows_vast_url_env_var(fakevast: FakeVast) -> None:
 
 
 @pytest.fixture(scope="session")
-def oldest_sdk_python(request: pytest.FixtureRequest) -> str:
-    """A virtualenv with vastai 1.5.6 (pyproject's lower bound), built once and cached."""
-    venv = Path(request.config.cache.mkdir("vastai-1.5.6-venv"))
+def oldest_sdk_python(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """A virtualenv with vastai 1.5.6 (pyproject's lower bound), built once and kept in
+    pytest's cache (in a temporary folder when the cache is switched off)."""
+    cache = getattr(request.config, "cache", None)
+    venv = Path(cache.mkdir("vastai-1.5.6-venv")) if cache else tmp_path_factory.mktemp("sdk")
     python = venv / "bin" / "python"
     if not (venv / "ready").exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
