@@ -50,7 +50,7 @@ common_settings = CommonSettings(
     init_seconds_before_status_checks=0,
 )
 
-FAST_STATUS_SECONDS = 0.2  # status rounds read local state; API calls are paced by the pool
+FAST_STATUS_SECONDS = 0.2  # status rounds read local state only: no API call
 
 
 class Executor(RemoteExecutor):
@@ -95,10 +95,8 @@ class Executor(RemoteExecutor):
         threading.Thread(target=run.run, name=f"vastai-{spec.tag}", daemon=True).start()
 
     async def check_active_jobs(self, active_jobs: list[SubmittedJobInfo]):
+        # Only local state is read here: the reaper's thread makes the instance list call.
         context = getattr(self, "context", None)  # the status thread starts before __post_init__
-        if context is not None and context.pool.refresh_due():
-            async with self.status_rate_limiter:
-                context.refresh_quietly()
         for job_info in active_jobs:
             outcome = job_info.aux["run"].outcome
             if outcome is None:
@@ -108,7 +106,7 @@ class Executor(RemoteExecutor):
             else:
                 context.pool.demand.returned(job_info.aux["run"].spec.counted)  # may be retried
                 self.report_job_error(job_info, msg=outcome.message, aux_logs=outcome.aux_logs)
-        self.next_seconds_between_status_checks = FAST_STATUS_SECONDS if active_jobs else None
+        self.next_seconds_between_status_checks = FAST_STATUS_SECONDS
 
     def additional_general_args(self) -> str:
         # Snakemake's default --max-jobs-per-timespan (100/1s) leaves a non-daemon 1 s timer

@@ -37,7 +37,7 @@ from snakemake_executor_plugin_vastai.sshkey import RunKey
 
 log = get_logger(__name__)
 
-BOOT_REFRESH_SECONDS = 2.0  # list call interval while anything boots
+BOOT_REFRESH_SECONDS = 1.0  # list call interval while anything boots
 WATCH_REFRESH_SECONDS = 30.0  # otherwise: notice lost hosts and price changes
 BUDGET_HORIZON_SECONDS = 900.0  # a new rent must leave room for this long at the full rate
 SHUTDOWN_WAIT_SECONDS = 30.0  # for a destroy another thread has under way
@@ -147,34 +147,30 @@ class Pool:
     ) -> Instance:
         """A ready instance for this request, marked busy: an idle one when one fits (no API
         call at all), a new one otherwise. ``counted`` are the job's signatures in the
-        workflow's demand, counted off as soon as the job holds (or rents) an instance."""
+        workflow's demand, counted off as soon as the job holds (or rents) an instance.
+        When no offer is left but one of the run's own busy instances could serve the job,
+        wait for it instead of failing."""
         wanted = request.signature()
         counted = list(counted)
         while True:
-            victim = None
-            with self._changed:
-                self._check_open()
-                instance = pick_idle(self._instances, wanted)
-                if instance is not None:
-                    self._lease(instance, tag)
-                    self.demand.submitted(counted)
-                    log.info("Reusing %s for %s (no rent, no boot)", instance.name, request.rule)
-                    return instance
-                if self._alive() + self._reserved < self.config.max_instances:
-                    self._reserved += 1
-                    self.demand.submitted(counted)
-                    break
-                victim = least_recently_used(self._instances)
-                if victim is None:
-                    self._changed.wait(timeout=5.0)  # all busy or booting: wait for one
-                    continue
-                self._claim(victim)
-            self._destroy_claimed(victim, "the pool is full and a job needs another signature")
-        try:
-            instance = self._rent(request, tag)
-        finally:
+            instance = self._lease_or_reserve(request, tag, counted)
+            if instance is not None:
+                return instance
+            try:
+                instance = self._rent(request, tag)
+            except NoOfferError:
+                with self._changed:
+                    self._reserved -= 1
+                    if not self._will_free_up(wanted):
+                        raise
+                    log.info(
+                        "No offer left for %s: waiting for one of the run's instances", request.rule
+                    )
+                    self._changed.wait(timeout=5.0)
+                continue
             with self._changed:
                 self._reserved -= 1
+            break
         try:
             self._prepare(instance)
         except BaseException:
@@ -183,6 +179,42 @@ class Pool:
         with self._changed:
             self._lease(instance, tag)
         return instance
+
+    def _lease_or_reserve(
+        self, request: ResourceRequest, tag: str, counted: list[Signature]
+    ) -> Instance | None:
+        """Lease a fitting idle instance (returned), or reserve a slot to rent one (None),
+        evicting the least recently used idle instance or waiting while the pool is full."""
+        wanted = request.signature()
+        while True:
+            victim = None
+            with self._changed:
+                self._check_open()
+                instance = pick_idle(self._instances, wanted)
+                if instance is not None:
+                    self._lease(instance, tag)
+                    self.demand.submitted(counted)
+                    counted.clear()  # counted off once, however often this job waits
+                    log.info("Reusing %s for %s (no rent, no boot)", instance.name, request.rule)
+                    return instance
+                if self._alive() + self._reserved < self.config.max_instances:
+                    self._reserved += 1
+                    self.demand.submitted(counted)
+                    counted.clear()
+                    return None
+                victim = least_recently_used(self._instances)
+                if victim is None:
+                    self._changed.wait(timeout=5.0)  # all busy or booting: wait for one
+                    continue
+                self._claim(victim)
+            self._destroy_claimed(victim, "the pool is full and a job needs another signature")
+
+    def _will_free_up(self, wanted: Signature) -> bool:
+        """Whether a busy or booting instance of this run could take the job later."""
+        return any(
+            i.state in ALIVE and i.state != State.IDLE and i.signature.can_serve(wanted)
+            for i in self._instances
+        )
 
     def release(self, instance: Instance, healthy: bool) -> None:
         """The job on ``instance`` is over: keep it idle for the next job, or destroy it."""

@@ -2,8 +2,9 @@
 
 Why a scheduler of its own: the TTL of an idle instance must expire even while Snakemake's
 status loop has nothing to report, and orphan reaping at start must not delay the first
-job. APScheduler's background thread runs the pool's sweep (no API call unless something
-goes) every second; the decisions themselves live in ``pool`` as pure functions.
+job. APScheduler's background thread runs the pool's sweep every second (no API call unless
+something goes, or the instance list is due); the decisions live in ``pool`` as pure
+functions.
 """
 
 from __future__ import annotations
@@ -96,8 +97,15 @@ class Reaper:
             self._scheduler.shutdown(wait=True)
 
     def _sweep(self) -> None:
+        """One round: the instance list when due (one call for all instances), then the
+        pool's decisions. Driven from here, not from Snakemake's status loop, so a finished
+        boot is noticed within a second whatever --seconds-between-status-checks says."""
         try:
+            if self.pool.refresh_due():
+                self.pool.refresh()
             self.pool.sweep()
+        except MarketplaceError as error:
+            log.warning("Could not list Vast.ai instances this round: %s", error)
         except Exception:  # the reaper must keep running whatever one round met
             log.exception("the pool sweep failed")
 

@@ -21,7 +21,6 @@ from snakemake_executor_plugin_vastai.ledger import Ledger, RunLock, new_run_id
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.marketplace import (
     Marketplace,
-    MarketplaceError,
     resolve_api_key,
     resolve_api_url,
 )
@@ -158,12 +157,6 @@ class RunContext:
                 files = select_sources(essential, tracked, globs)
                 self._bundle = SourceBundle.build(files, self.state_dir / "sources")
             return self._bundle
-
-    def refresh_quietly(self) -> None:
-        try:
-            self.pool.refresh()
-        except MarketplaceError as error:
-            log.warning("Could not list Vast.ai instances this round: %s", error)
 
     def close(self) -> None:
         try:
