@@ -121,16 +121,7 @@ class Instance:
                 self.changed.wait(timeout=min(remaining, 5.0))
 
     def endpoints(self) -> list[Endpoint]:
-        """Direct port first (faster, no proxy hop), Vast's SSH proxy second."""
-        info = self.info
-        if info is None:
-            return []
-        found = []
-        if info.public_ipaddr and info.direct_ssh_port:
-            found.append(Endpoint(info.public_ipaddr, info.direct_ssh_port))
-        if info.ssh_host and info.ssh_port:
-            found.append(Endpoint(info.ssh_host, info.ssh_port))
-        return found
+        return ssh_endpoints(self.info) if self.info is not None else []
 
     def connect(self, key: RunKey, deadline: float) -> None:
         host = RemoteHost(self.name, self.endpoints(), key.pkey)
@@ -152,3 +143,13 @@ class Instance:
     def close(self) -> None:
         if self.host is not None:
             self.host.close()
+
+
+def ssh_endpoints(info: InstanceInfo) -> list[Endpoint]:
+    """Direct port first (faster, no proxy hop), Vast's SSH proxy second."""
+    found = []
+    if info.public_ipaddr and info.direct_ssh_port:
+        found.append(Endpoint(info.public_ipaddr, info.direct_ssh_port))
+    if info.ssh_host and info.ssh_port:
+        found.append(Endpoint(info.ssh_host, info.ssh_port))
+    return found

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import paramiko
 
 from snakemake_executor_plugin_vastai.bootstrap import ONSTART_SCRIPT
+from snakemake_executor_plugin_vastai.instance import ssh_endpoints
 from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Marketplace, RetryPolicy
-from snakemake_executor_plugin_vastai.remote import Endpoint, RemoteHost
+from snakemake_executor_plugin_vastai.remote import RemoteHost
 from tests.fakevast.clients import DEFAULT_IMAGE, public_key
 from tests.fakevast.harness import FakeVast
 
@@ -58,16 +59,6 @@ def is_running(info: InstanceInfo) -> bool:
     return info.actual_status == "running"
 
 
-def endpoints(info: InstanceInfo) -> list[Endpoint]:
-    """Direct port first, proxy second, as the executor orders them."""
-    found = []
-    if info.public_ipaddr and info.direct_ssh_port:
-        found.append(Endpoint(info.public_ipaddr, info.direct_ssh_port))
-    if info.ssh_host and info.ssh_port:
-        found.append(Endpoint(info.ssh_host, info.ssh_port))
-    return found
-
-
 @dataclass(frozen=True)
 class LoggedIn:
     market: Marketplace
@@ -85,7 +76,7 @@ def logged_in(
     try:
         market.attach_key(instance_id, public_key(key))
         info = wait_for(market, instance_id, is_running)
-        host = RemoteHost(f"instance {instance_id}", endpoints(info), key)
+        host = RemoteHost(f"instance {instance_id}", ssh_endpoints(info), key)
         host.connect(time.monotonic() + 30)
         try:
             yield LoggedIn(market, info, host)
