@@ -294,9 +294,12 @@ class Container:
         layout = self._layout
         layout.make_dir("/workspace")
         layout.make_dir("/run/sshd")  # sshd's privilege-separation dir
-        # Opaque upper dirs hide the host's: an empty /tmp (where state dirs usually live), as a
-        # fresh container has, and a /root/.ssh holding no key of the host's.
-        for inner, mode in (("/tmp", 0o1777), ("/root/.ssh", 0o700)):
+        # Opaque upper dirs hide the host's: the folder holding every instance's state (so no
+        # instance sees another's files) and /root/.ssh (no key of the host's). The rest of
+        # the host stays visible, as an image would be: the project's venv may well live in
+        # /tmp (a CI clone), and the default image's python is that venv's.
+        state_root = str(self.state_dir.resolve().parent)
+        for inner, mode in ((state_root, 0o700), ("/root/.ssh", 0o700)):
             os.setxattr(layout.make_dir(inner, mode), "trusted.overlay.opaque", b"y")
         # The host's own dotfiles (pyenv shims first on PATH) would decide what `python` is.
         for dotfile in Path("/etc/skel").glob(".*"):
