@@ -56,6 +56,7 @@ class RunContext:
     envvars: dict[str, str]
     source_lists: SourceLists
     digests: DigestCache = field(default_factory=DigestCache)
+    rule_deploy: set[str] = field(default_factory=set)  # every remote job's `deploy` globs
     _bundle: SourceBundle | None = None
     _bundle_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -136,14 +137,21 @@ class RunContext:
         )
 
     def count_demand(self, jobs: Any) -> None:
-        """Tell the pool what the workflow still wants: every remote job yet to run."""
-        self.pool.demand.reset(self._signatures(j for j in jobs if not j.is_local))
+        """Tell the pool what the workflow still wants (every remote job yet to run), and
+        note their ``deploy`` globs before the source bundle is packed."""
+        requests = self._requests(j for j in jobs if not j.is_local)
+        for request in requests:
+            self.rule_deploy.update(request.deploy)
+        self.pool.demand.reset(r.signature() for r in requests)
 
     def _signatures(self, jobs: Any) -> list[Signature]:
+        return [request.signature() for request in self._requests(jobs)]
+
+    def _requests(self, jobs: Any) -> list[ResourceRequest]:
         found = []
         for job in jobs:
             try:
-                found.append(ResourceRequest.from_job(job, self.settings).signature())
+                found.append(ResourceRequest.from_job(job, self.settings))
             except ResourceError:
                 continue  # reported when that job is submitted
         return found
@@ -154,7 +162,7 @@ class RunContext:
             if self._bundle is None:
                 essential, tracked = self.source_lists()
                 globs = [g.strip() for g in (self.settings.deploy_paths or "").split(",")]
-                files = select_sources(essential, tracked, globs)
+                files = select_sources(essential, tracked, globs, sorted(self.rule_deploy))
                 self._bundle = SourceBundle.build(files, self.state_dir / "sources")
             return self._bundle
 

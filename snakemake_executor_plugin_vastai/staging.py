@@ -53,15 +53,20 @@ def safe_relative(path: str) -> str:
 
 
 def select_sources(
-    essential: Iterable[str], tracked: Iterable[str], deploy_globs: Iterable[str]
+    essential: Iterable[str],
+    tracked: Iterable[str],
+    deploy_globs: Iterable[str],
+    rule_globs: Iterable[str] = (),
 ) -> list[str]:
     """The source files to ship: the essential ones always, the others filtered by the globs.
 
     Essential: Snakefile and includes, config files, scripts/notebooks and their folders,
-    conda env files. The others (git-tracked files) go only when no glob is given, or when
-    they match one; a glob naming a folder takes everything below it.
+    conda env files. The others (git-tracked files) go only when no ``deploy_globs`` is given
+    (--vastai-deploy-paths), or when they match one; a glob naming a folder takes everything
+    below it. ``rule_globs`` (rules' ``deploy`` resources) only add files, never narrow.
     """
     globs = [g.rstrip("/") for g in deploy_globs if g.strip()]
+    extra = [g.rstrip("/") for g in rule_globs if g.strip()]
 
     def wanted(path: str) -> bool:
         return not globs or any(fnmatch.fnmatch(path, g) or path.startswith(g + "/") for g in globs)
@@ -77,7 +82,10 @@ def select_sources(
     for path in tracked:
         if wanted(path):
             chosen.add(normal(path))
-    for pattern in globs:  # globs may also name files git does not track
+    for path in tracked:
+        if any(fnmatch.fnmatch(path, g) or path.startswith(g + "/") for g in extra):
+            chosen.add(normal(path))
+    for pattern in globs + extra:  # globs may also name files git does not track
         chosen.update(str(p) for p in Path().glob(pattern) if p.is_file())
         if Path(pattern).is_dir():
             chosen.update(str(p) for p in Path(pattern).rglob("*") if p.is_file())

@@ -132,6 +132,27 @@ def test_select_sources_without_globs_takes_every_tracked_file(workdir: Path) ->
     ]
 
 
+def test_rule_deploy_globs_add_files_but_never_narrow(workdir: Path) -> None:
+    """A rule's `deploy` resource ships its globs on top of --vastai-deploy-paths (or of all
+    tracked files when that is unset), including files git does not track."""
+    files = {"Snakefile": b"", "a.txt": b"a", "models/m.bin": b"m", "untracked/u.txt": b"u"}
+    make_files(workdir, files)
+    tracked = ["a.txt", "models/m.bin"]
+    assert select_sources(["Snakefile"], tracked, ["a.txt"], ["models", "untracked/*"]) == [
+        "Snakefile",
+        "a.txt",
+        "models/m.bin",
+        "untracked/u.txt",
+    ]
+    assert select_sources(["Snakefile"], tracked, [], ["untracked/*"]) == [
+        "Snakefile",
+        "a.txt",
+        "models/m.bin",
+        "untracked/u.txt",
+    ]
+    assert select_sources(["Snakefile"], tracked, ["a.txt"]) == ["Snakefile", "a.txt"]
+
+
 def test_expand_local_walks_folders_and_names_missing_inputs(workdir: Path) -> None:
     make_files(workdir, {"in/a": b"a", "in/sub/b": b"b", "c": b"c"})
     assert expand_local(["in", "c", "./c"]) == ["c", "in/a", "in/sub/b"]
