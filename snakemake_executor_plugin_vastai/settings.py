@@ -144,3 +144,11 @@ class ExecutorSettings(ExecutorSettingsBase):
             "minutes at the running rate would pass it; running jobs finish."
         },
     )
+    no_pack: bool = field(
+        default=False,
+        metadata={
+            "help": "Run one job at a time per instance. By default several jobs share an "
+            "instance while its GPUs, cores, RAM and disk suffice (each job gets its own GPUs "
+            "through CUDA_VISIBLE_DEVICES)."
+        },
+    )
