@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,7 +65,7 @@ def test_429_burst_is_retried_by_the_sdk(fakevast: FakeVast, vast: VastAI) -> No
     )
     offers, elapsed = timed(lambda: vast.search_offers(query="num_gpus=1"))
     assert offers and calls(fakevast, "POST /api/v0/bundles/") == 3
-    assert 0.3 < elapsed < 2  # SDK backoff 0.15 s, then 0.225 s
+    assert elapsed > 0.3  # SDK backoff 0.15 s, then 0.225 s
 
     fakevast.set_faults({"http": [{"status": 429, "count": 3}]})  # any endpoint
     with pytest.raises(requests.HTTPError) as exhausted:
@@ -345,3 +348,163 @@ def test_fault_document_merge_validation_and_clear(fakevast: FakeVast, vast: Vas
     assert cleared["http"] == [] and cleared["offers"] == {} and cleared["bandwidth"] is None
     assert vast.show_user()["id"]
     assert "GET /_fake/faults/" not in fakevast.ledger()["api_calls"]
+
+
+# -- answers lost after the effect, random faults, the request log ----------------------------
+
+
+def test_create_and_destroy_answers_lost_after_the_effect(fakevast: FakeVast, vast: VastAI) -> None:
+    once = sdk(fakevast, retry=1)  # no SDK retry: the 503 reaches the caller
+    lost = {"status": 503, "after_effect": True, "endpoint": "PUT /api/v0/asks/{id}/"}
+    fakevast.set_faults({"http": [lost]})
+    with pytest.raises(requests.HTTPError) as create:
+        rent(once, label="answer-lost")
+    assert create.value.response.status_code == 503
+    assert create.value.response.json()["error"] == "server_error"
+    [row] = vast.show_instances()  # yet the create went through
+    assert row["label"] == "answer-lost"
+
+    fakevast.set_faults({"http": [lost]})  # the SDK's own retry then finds its offer taken
+    with pytest.raises(requests.HTTPError) as retried:
+        rent(vast, label="retried")
+    assert retried.value.response.status_code == 410
+    assert sorted(r["label"] for r in vast.show_instances()) == ["answer-lost", "retried"]
+
+    rule = {"status": 503, "after_effect": True, "endpoint": "DELETE /api/v0/instances/{id}/"}
+    fakevast.set_faults({"http": [rule, rule]})
+    for instance in vast.show_instances():
+        with pytest.raises(requests.HTTPError) as destroy:
+            once.destroy_instance(instance["id"])
+        assert destroy.value.response.status_code == 503
+    assert fakevast.alive_instances() == [] and vast.show_instances() == []
+    statuses = [r["status"] for r in fakevast.requests() if r["method"] in ("PUT", "DELETE")]
+    assert statuses == [503, 503, 410, 503, 503]
+
+
+def raw_statuses(fake: FakeVast, n: int, path: str = "/api/v0/users/current/") -> list[int]:
+    """The status of each of `n` plain requests, without any client retry."""
+    statuses = []
+    for _ in range(n):
+        request = urllib.request.Request(
+            fake.url + path, headers={"Authorization": f"Bearer {fake.api_key}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                statuses.append(response.status)
+        except urllib.error.HTTPError as error:
+            statuses.append(error.code)
+            error.close()
+    return statuses
+
+
+def test_random_faults_are_random_and_reproducible(fakevast: FakeVast) -> None:
+    half = {"seed": 7, "http": [{"status": 503, "probability": 0.5, "count": None}]}
+    fakevast.set_faults(half)
+    first = raw_statuses(fakevast, 200)
+    assert set(first) == {200, 503} and 0.35 < first.count(503) / 200 < 0.65
+
+    fakevast.clear_faults()
+    fakevast.set_faults(half)  # the same seed: the same sequence
+    assert raw_statuses(fakevast, 200) == first
+    fakevast.clear_faults()
+    fakevast.set_faults({**half, "seed": 8})
+    assert raw_statuses(fakevast, 200) != first
+
+
+def test_random_faults_count_and_order(fakevast: FakeVast) -> None:
+    fakevast.set_faults({"seed": 3, "http": [{"status": 429, "probability": 0.5, "count": 5}]})
+    statuses = raw_statuses(fakevast, 60)
+    assert statuses.count(429) == 5 and statuses.count(200) == 55  # count caps fired faults
+    assert fakevast.faults()["http"] == []
+
+    # A rule that matched but did not fire lets the next one be considered.
+    random_then_always = [
+        {"status": 429, "probability": 0.5, "count": None},
+        {"status": 503, "count": None},
+    ]
+    fakevast.set_faults({"seed": 3, "http": random_then_always})
+    statuses = raw_statuses(fakevast, 60)
+    assert set(statuses) == {429, 503} and 15 < statuses.count(429) < 45
+
+    fakevast.clear_faults()  # the use case: 10% of all calls answered 429, 2% 503
+    fakevast.set_faults(
+        {
+            "seed": 1,
+            "http": [
+                {"status": 429, "probability": 0.1, "count": None},
+                {"status": 503, "probability": 0.02, "count": None},
+            ],
+        }
+    )
+    statuses = raw_statuses(fakevast, 400)
+    assert 0.05 < statuses.count(429) / 400 < 0.15 and statuses.count(503) < 0.05 * 400
+    assert statuses.count(200) + statuses.count(429) + statuses.count(503) == 400
+
+
+def test_new_rule_keys_are_validated(fakevast: FakeVast) -> None:
+    for bad in (
+        {"http": [{"latency": 0.1, "after_effect": True}]},  # after_effect needs a status
+        {"http": [{"status": 503, "after_effect": 1}]},
+        {"http": [{"status": 503, "probability": 0}]},
+        {"http": [{"status": 503, "probability": 1.5}]},
+        {"http": [{"status": 503, "probability": "0.5"}]},
+        {"seed": "1"},
+        {"seed": True},
+        {"seed": 1.5},
+    ):
+        with pytest.raises(urllib.error.HTTPError) as rejected:
+            fakevast.set_faults(bad)
+        assert rejected.value.code == 400
+        assert json.loads(rejected.value.read())["error"] == "invalid_faults"
+    assert fakevast.faults()["http"] == []
+
+
+def test_request_log(fakevast: FakeVast, vast: VastAI) -> None:
+    old = [rent(vast), rent(vast)]
+    for instance_id in old:
+        vast.destroy_instance(instance_id)
+    fakevast.set_faults({"http": [{"status": 429, "endpoint": "PUT /api/v0/asks/{id}/"}]})
+    new = rent(vast)  # answered 429 first; the SDK retries
+    assert raw_statuses(fakevast, 1, "/api/v0/nowhere/") == [404]
+    fakevast.ledger()  # the control plane is not logged
+    with pytest.raises(urllib.error.HTTPError) as unauthorized:
+        urllib.request.urlopen(fakevast.url + "/api/v0/users/current/")
+    assert unauthorized.value.code == 401
+    fakevast.clear_faults()  # does not clear the log
+    vast.destroy_instance(new)
+
+    log = fakevast.requests()
+    assert Counter(r["endpoint"] for r in log) == fakevast.ledger()["api_calls"]
+    assert [r["t"] for r in log] == sorted(r["t"] for r in log)
+    assert not [r for r in log if r["path"].startswith("/_fake/")]
+    assert fakevast.requests() == log  # reading it is not logged either
+    creates = [r for r in log if r["endpoint"] == "PUT /api/v0/asks/{id}/"]
+    assert [r["status"] for r in creates] == [200, 200, 429, 200]
+    assert creates[0]["method"] == "PUT" and creates[0]["path"].startswith("/api/v0/asks/")
+    nowhere, unauthorized_call = log[-3:-1]  # before the last destroy
+    assert (nowhere["endpoint"], nowhere["status"]) == ("GET /api/v0/nowhere/", 404)
+    assert (unauthorized_call["endpoint"], unauthorized_call["status"]) == (
+        "GET /api/v0/users/current/",
+        401,
+    )
+
+    # The use case: the run's first create came after every destroy of the old instances.
+    old_paths = {f"/api/v0/instances/{i}/" for i in old}
+    destroys = [r["t"] for r in log if r["method"] == "DELETE" and r["path"] in old_paths]
+    assert len(destroys) == 2 and max(destroys) < creates[2]["t"]
+
+
+def test_request_log_is_in_arrival_order(fakevast: FakeVast, vast: VastAI) -> None:
+    slow = {"latency": 1.0, "endpoint": "GET /api/v0/users/current/"}
+    fakevast.set_faults({"http": [slow]})
+    waiter = threading.Thread(target=vast.show_user)
+    waiter.start()
+    fakevast.wait_for(lambda: len(fakevast.requests()) == 1, timeout=5)
+    vast.show_instances()
+    in_flight = fakevast.requests()
+    waiter.join()
+    assert [(r["endpoint"], r["status"]) for r in in_flight] == [
+        ("GET /api/v0/users/current/", None),  # still being answered
+        ("GET /api/v1/instances/", 200),
+    ]
+    assert fakevast.requests()[0]["status"] == 200

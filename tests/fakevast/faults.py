@@ -6,6 +6,7 @@ The JSON schema is documented in README.md ("Faults").
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -65,6 +66,19 @@ def _count(value: Any, where: str) -> int | None:
     """A use count: a positive integer, or null for "until cleared"."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise FaultError(f"{where}: expected a positive integer or null, got {value!r}")
+    return value
+
+
+def _probability(value: Any, where: str) -> float:
+    """A chance in (0, 1]; 1 means every matching request."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise FaultError(f"{where}: expected a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _seed(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FaultError(f"{where}: expected an integer, got {value!r}")
     return value
 
 
@@ -179,7 +193,10 @@ def to_json(faults: InstanceFaults) -> dict[str, Any]:
 
 @dataclass
 class HttpRule:
-    """Answers matching /api/ requests late and/or with an error status, `count` times."""
+    """Answers matching /api/ requests late and/or with an error status, `count` times.
+
+    `probability` makes the fault random (count then counts only the faults that fired);
+    `after_effect` lets the request take effect first and only loses its answer."""
 
     endpoint: str | None = None  # "METHOD /path/" or "/path/": a template or a concrete path
     count: int | None = 1
@@ -187,6 +204,8 @@ class HttpRule:
     retry_after: float | None = None
     latency: float = 0.0
     body: dict[str, Any] | None = None
+    probability: float = 1.0
+    after_effect: bool = False
 
     @classmethod
     def parse(cls, value: Any, where: str) -> HttpRule:
@@ -200,6 +219,9 @@ class HttpRule:
             raise FaultError(f"{where}.retry_after needs a status")
         if data.get("body") is not None and not isinstance(data["body"], dict):
             raise FaultError(f"{where}.body: expected an object")
+        after_effect = _flag(data.get("after_effect", False), f"{where}.after_effect")
+        if after_effect and status is None:
+            raise FaultError(f"{where}.after_effect needs a status")
         retry_after = data.get("retry_after")
         return cls(
             endpoint=_endpoint(data.get("endpoint"), f"{where}.endpoint"),
@@ -208,6 +230,8 @@ class HttpRule:
             retry_after=None if retry_after is None else _number(retry_after, where),
             latency=_number(data.get("latency", 0.0), f"{where}.latency"),
             body=data.get("body"),
+            probability=_probability(data.get("probability", 1.0), f"{where}.probability"),
+            after_effect=after_effect,
         )
 
     def matches(self, method: str, template: str, path: str) -> bool:
@@ -215,6 +239,14 @@ class HttpRule:
             return True
         want_method, _, want_path = self.endpoint.rpartition(" ")
         return want_method in ("", method) and want_path in (template, path)
+
+    def fires(self, draw: Callable[[], float]) -> bool:
+        """Whether this match is faulted; draws only for random rules, so that fixed rules
+        leave a seeded sequence alone."""
+        return self.probability >= 1.0 or draw() < self.probability
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": f"{self.retry_after:g}"}
 
     def error_body(self, method: str, template: str) -> dict[str, Any]:
         """The body the real API sends with this status on this endpoint (vast-api.md §3)."""
@@ -250,6 +282,7 @@ class FaultUpdate:
     offers: dict[int, dict[str, Any] | None]
     instances: dict[int, dict[str, Any]]
     cut_connections: bool
+    seed: int | None
 
 
 _TOP_KEYS = {
@@ -261,6 +294,7 @@ _TOP_KEYS = {
     "bandwidth",
     "cut_connections",
     "logs_not_ready",
+    "seed",
 }
 
 
@@ -295,6 +329,7 @@ def parse_update(doc: Any) -> FaultUpdate:
         offers=offers,
         instances=instances,
         cut_connections=_flag(data.get("cut_connections", False), "cut_connections"),
+        seed=None if data.get("seed") is None else _seed(data["seed"], "seed"),
     )
 
 
@@ -309,14 +344,18 @@ class FaultBook:
     next_creates: CreateFaults | None = None
     bandwidth: float | None = None
     logs_not_ready: int = 0
+    _random: random.Random = field(default_factory=random.Random, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.boot_seconds = self.default_boot_seconds
 
     def apply(self, update: FaultUpdate) -> None:
-        """Merge: settings replace, `http` rules append, offers merge key by key."""
+        """Merge: settings replace, `http` rules append, offers merge key by key. A seed
+        reseeds the draws of random rules before the document's rules can use them."""
         with self._lock:
+            if update.seed is not None:
+                self._random.seed(update.seed)
             for key, value in update.settings.items():
                 if key == "boot_seconds" and value is None:
                     value = self.default_boot_seconds
@@ -339,10 +378,11 @@ class FaultBook:
             self.logs_not_ready = 0
 
     def take_http(self, method: str, template: str, path: str) -> HttpRule | None:
-        """The first rule matching this request, with one of its uses consumed."""
+        """The first rule that matches this request and fires, with one of its uses consumed;
+        a random rule that did not fire lets the later rules have their turn."""
         with self._lock:
             for rule in self.http:
-                if rule.matches(method, template, path):
+                if rule.matches(method, template, path) and rule.fires(self._random.random):
                     if rule.count is not None:
                         rule.count -= 1
                         if rule.count == 0:

@@ -104,6 +104,10 @@ class FakeVast:
     def clear_faults(self) -> None:
         self._call("DELETE", "/_fake/faults")
 
+    def requests(self) -> list[dict[str, Any]]:
+        """Every /api/ request so far, in arrival order (GET /_fake/requests)."""
+        return self._call("GET", "/_fake/requests")["requests"]
+
     def alive_instances(self) -> list[dict[str, Any]]:
         return [row for row in self.ledger()["instances"] if row["ended_at"] is None]
 

@@ -45,6 +45,17 @@ class AccountKey:
 
 
 @dataclass
+class ApiCall:
+    """One /api/ request in the request log; `status` stays None until it is answered."""
+
+    t: float  # epoch seconds at arrival
+    method: str
+    endpoint: str  # "METHOD /template/", the api_calls key
+    path: str
+    status: int | None = None
+
+
+@dataclass
 class LogUpload:
     """A result_url's content; `not_ready` 404s come first, like an S3 upload still running."""
 
@@ -83,6 +94,7 @@ class Market:
         self._keys: list[AccountKey] = []
         self._logs: dict[str, LogUpload] = {}
         self._api_calls: Counter[str] = Counter()
+        self._requests: list[ApiCall] = []
         self._next_id = FIRST_INSTANCE_ID
         self._next_key_id = 1
         self._stop = threading.Event()
@@ -207,9 +219,23 @@ class Market:
 
     # -- counters and the ledger ----------------------------------------------------------------
 
-    def count_call(self, key: str) -> None:
+    def log_call(self, method: str, template: str, path: str) -> ApiCall:
+        """Count an arriving /api/ request and log it; the caller fills in its status."""
+        endpoint = f"{method} {template}"
         with self._lock:
-            self._api_calls[key] += 1
+            self._api_calls[endpoint] += 1
+            call = ApiCall(time.time(), method, endpoint, path)
+            self._requests.append(call)
+            return call
+
+    def log_answer(self, call: ApiCall, status: int) -> None:
+        with self._lock:
+            call.status = status
+
+    def requests(self) -> dict[str, Any]:
+        """The request log in arrival order; faults come and go, the log stays."""
+        with self._lock:
+            return {"requests": [asdict(call) for call in self._requests]}
 
     def ledger(self) -> dict[str, Any]:
         with self._lock:

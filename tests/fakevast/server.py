@@ -1,8 +1,8 @@
-"""The HTTP front: routing, authentication, JSON envelopes, call counting and HTTP faults.
+"""The HTTP front: routing, authentication, JSON envelopes, the request log and HTTP faults.
 
 Paths are served with or without a trailing slash and with repeated slashes collapsed (the SDK
 sends ``//api/...`` when its server_url ends in a slash). ``/_fake/*`` is the control plane for
-tests: no auth, not counted, not subject to faults.
+tests: no auth, not counted or logged, not subject to faults.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .market import Market
 
 JSON = "application/json"
 _UNAUTHORIZED = {"success": False, "error": "auth_error", "msg": "Invalid user key"}
+_FAKE_BUG = {"success": False, "error": "server_error", "msg": "fake bug"}
 _PLACEHOLDER = re.compile(r"\{\w+\}")
 
 
@@ -108,6 +109,7 @@ def _fake_routes(market: Market) -> list[Route]:
 
     return [
         Route("GET", "/_fake/ledger/", lambda r: market.ledger()),
+        Route("GET", "/_fake/requests/", lambda r: market.requests()),
         Route("GET", "/_fake/faults/", lambda r: market.faults_json()),
         Route("POST", "/_fake/faults/", lambda r: market.set_faults(r.body)),
         Route("DELETE", "/_fake/faults/", lambda r: market.clear_faults()),
@@ -136,6 +138,42 @@ def _method_not_allowed(request: Request) -> Reply:
     return Reply.of(error.status, error.body)
 
 
+@dataclass(frozen=True)
+class _Incoming:
+    """A received request and its route; the body is parsed only if a handler runs, so a
+    401 or a fault answers before a malformed body would."""
+
+    method: str
+    path: str
+    query: Mapping[str, str]
+    raw_body: bytes
+    base_url: str
+    route: Route | None
+    params: tuple[str, ...]
+
+    @property
+    def control(self) -> bool:
+        return self.path.startswith("/_fake/")
+
+    @property
+    def template(self) -> str:
+        """The api_calls key's path: the route's template, else numeric segments as {id}."""
+        return self.route.template if self.route else path_template(self.path)
+
+    def handle(self) -> Reply:
+        if self.route is None:
+            return Reply.of(
+                404, {"success": False, "error": "not_found", "msg": f"{self.path} not found"}
+            )
+        try:
+            body = _json_body(self.raw_body)
+            request = Request(self.method, self.path, self.params, self.query, body, self.base_url)
+            result = self.route.handler(request)
+        except ApiError as error:
+            return Reply.of(error.status, error.body)
+        return result if isinstance(result, Reply) else Reply.of(200, result)
+
+
 class FakeVastServer(ThreadingHTTPServer):
     """Serves one Market on 127.0.0.1; each request runs on its own daemon thread."""
 
@@ -154,36 +192,40 @@ class FakeVastServer(ThreadingHTTPServer):
         return int(self.server_address[1])
 
     def answer(self, handler: _RequestHandler, method: str) -> Reply:
+        incoming = self._receive(handler, method)
+        if incoming.control:
+            return incoming.handle()
+        call = self.market.log_call(method, incoming.template, incoming.path)
+        reply = Reply.of(500, _FAKE_BUG)  # what _serve answers if the next line raises
+        try:
+            reply = self._api_answer(handler, incoming)
+        finally:
+            self.market.log_answer(call, reply.status)
+        return reply
+
+    def _receive(self, handler: _RequestHandler, method: str) -> _Incoming:
         split = urlsplit(handler.path)
         path = normalise_path(split.path)
         query = {k: v[-1] for k, v in parse_qs(split.query, keep_blank_values=True).items()}
-        raw_body = handler.read_body()
-        control = path.startswith("/_fake/")
-        route, params = _find(self.fake_routes if control else self.api_routes, method, path)
-        if not control:
-            template = route.template if route else path_template(path)
-            self.market.count_call(f"{method} {template}")
-            if not self._authorized(handler, query):
-                return Reply.of(401, _UNAUTHORIZED)
-            rule = self.market.faults.take_http(method, template, path)
-            if rule is not None:
-                time.sleep(rule.latency)
-                if rule.status is not None:
-                    retry = (
-                        {} if rule.retry_after is None else {"Retry-After": f"{rule.retry_after:g}"}
-                    )
-                    return Reply(rule.status, rule.error_body(method, template), retry)
-        if route is None:
-            return Reply.of(
-                404, {"success": False, "error": "not_found", "msg": f"{path} not found"}
-            )
+        routes = self.fake_routes if path.startswith("/_fake/") else self.api_routes
+        route, params = _find(routes, method, path)
         host = handler.headers.get("Host") or f"127.0.0.1:{self.port}"
-        try:
-            request = Request(method, path, params, query, _json_body(raw_body), f"http://{host}")
-            result = route.handler(request)
-        except ApiError as error:
-            return Reply.of(error.status, error.body)
-        return result if isinstance(result, Reply) else Reply.of(200, result)
+        return _Incoming(method, path, query, handler.read_body(), f"http://{host}", route, params)
+
+    def _api_answer(self, handler: _RequestHandler, incoming: _Incoming) -> Reply:
+        """Authentication, then the first HTTP fault rule that fires, then the handler."""
+        if not self._authorized(handler, incoming.query):
+            return Reply.of(401, _UNAUTHORIZED)
+        method, template = incoming.method, incoming.template
+        rule = self.market.faults.take_http(method, template, incoming.path)
+        if rule is None:
+            return incoming.handle()
+        time.sleep(rule.latency)
+        if rule.status is None:
+            return incoming.handle()
+        if rule.after_effect:
+            incoming.handle()  # the request takes effect; only its answer is lost
+        return Reply(rule.status, rule.error_body(method, template), rule.headers())
 
     def _authorized(self, handler: _RequestHandler, query: Mapping[str, str]) -> bool:
         """``Authorization: Bearer <key>`` (all SDKs) or ``?api_key=`` (SDK <= 1.5.0)."""
@@ -228,7 +270,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             reply = self.server.answer(self, method)
         except Exception:
             traceback.print_exc(file=sys.stderr)
-            reply = Reply.of(500, {"success": False, "error": "server_error", "msg": "fake bug"})
+            reply = Reply.of(500, _FAKE_BUG)
         if isinstance(reply.payload, str):
             data, content_type = reply.payload.encode(), "text/plain; charset=utf-8"
         else:
