@@ -23,6 +23,7 @@ from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import CommonSettings
 
+from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 
@@ -60,15 +61,19 @@ class Executor(RemoteExecutor):
         settings: ExecutorSettings = self.workflow.executor_settings
         self._teardown_lock = threading.Lock()
         self._torn_down = False
-        self.context = RunContext.start(
-            settings=settings,
-            state_dir=Path(self.workflow.persistence.path) / "vastai",
-            envvars={} if settings.no_forward_credentials else dict(self.envvars()),
-            bootstrap_packages=self._storage_plugin_packages(),
-            sources=self._source_lists,
-            max_jobs=max(1, int(self.workflow.resource_settings.nodes or 1)),
-        )
+        try:
+            self.context = RunContext.start(
+                settings=settings,
+                state_dir=Path(self.workflow.persistence.path) / "vastai",
+                envvars={} if settings.no_forward_credentials else dict(self.envvars()),
+                bootstrap_packages=self._storage_plugin_packages(),
+                sources=self._source_lists,
+                max_jobs=max(1, int(self.workflow.resource_settings.nodes or 1)),
+            )
+        except VastaiError as error:  # a bad option or key: stop before anything is rented
+            raise WorkflowError(str(error)) from None
         self._demand_counted = False
+        self._cancelling = False
         self._runs: list[JobRun] = []
         atexit.register(self._teardown)
         if threading.current_thread() is threading.main_thread():
@@ -82,9 +87,10 @@ class Executor(RemoteExecutor):
         if not self._demand_counted:  # the DAG is complete when the first job is submitted
             self.context.count_demand(self.dag.needrun_jobs())
             self._demand_counted = True
+            self._take_over_sigterm()
         try:
             spec = self.context.job_spec(job, self.format_job_exec(job))
-        except WorkflowError as error:  # bad resources: fail this job, rent nothing
+        except VastaiError as error:  # bad resources: fail this job, rent nothing
             self.report_job_error(SubmittedJobInfo(job, aux={}), msg=sentence(error))
             return
         run = JobRun(spec, self.context.pool, self.context.source_bundle, self.context.digests)
@@ -103,6 +109,8 @@ class Executor(RemoteExecutor):
                 yield job_info
             elif outcome.success:
                 self.report_job_success(job_info)
+            elif outcome.cancelled and self._cancelling:
+                log.info("%s", outcome.message.strip())  # not a failure: the user stopped it
             else:
                 context.pool.demand.returned(job_info.aux["run"].spec.counted)  # may be retried
                 self.report_job_error(job_info, msg=outcome.message, aux_logs=outcome.aux_logs)
@@ -116,10 +124,18 @@ class Executor(RemoteExecutor):
         return "--max-jobs-per-timespan 1000/0s"
 
     def cancel_jobs(self, active_jobs: list[SubmittedJobInfo]) -> None:
-        # active_jobs can be partial (it is empty during a status round): cancel all of ours.
-        for run in getattr(self, "_runs", []):
-            if run.outcome is None:
-                run.cancel()
+        """Teardown first: every destroy goes out at once; the remote jobs are killed
+        alongside, best effort, and never hold the destroys up. ``active_jobs`` can be
+        partial (it is empty during a status round), so all of ours are cancelled."""
+        self._cancelling = True
+        running = [run for run in getattr(self, "_runs", []) if run.outcome is None]
+        for run in running:
+            run.cancel()
+        for run in running:
+            threading.Thread(target=run.kill_remote, name="vastai-kill", daemon=True).start()
+        if running:
+            log.info("Cancelled %d job(s); destroying the run's instances", len(running))
+        self._teardown()
 
     def shutdown(self) -> None:
         super().shutdown()
@@ -141,6 +157,19 @@ class Executor(RemoteExecutor):
                 "reap' to destroy what may be left.",
                 error,
             )
+
+    def _take_over_sigterm(self) -> None:
+        """SIGTERM stops the run at once, like Ctrl-C, instead of Snakemake's graceful wait
+        for running jobs while their instances bill. Snakemake installs its own handler
+        after the executor is built, so this runs at the first submission (main thread)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_terminate)
+
+    def _on_terminate(self, signum: int, frame: object) -> None:
+        if self._cancelling or self._torn_down:
+            return  # already on the way out: never interrupt the teardown itself
+        log.warning("SIGTERM: cancelling the run and destroying its Vast.ai instances")
+        raise KeyboardInterrupt  # Snakemake's own cancel path: cancel_jobs, then shutdown
 
     def _on_hangup(self, signum: int, frame: object) -> None:
         log.warning("SIGHUP: destroying every Vast.ai instance of this run")

@@ -86,15 +86,24 @@ def reap_instances(args: argparse.Namespace, state_dir: Path) -> int:
     else:
         targets = [(i.id, i.label) for i in api.list_instances() if run_id_of(i.label)]
         if not args.dry_run:
-            for instance_id, label in targets:
-                api.destroy(instance_id)
-                ledger.destroyed(label)
+            targets = [t for t in targets if destroy_one(api, ledger, *t)]
     verb = "Would destroy" if args.dry_run else "Destroyed"
     for instance_id, label in targets:
         print(f"{verb} instance {instance_id} ({label})")
     if not targets:
         print("Nothing to reap.")
     return 0
+
+
+def destroy_one(api: Marketplace, ledger: Ledger, instance_id: int, label: str) -> bool:
+    """One destroy of ``reap --all``; a failure is reported and the others still go."""
+    try:
+        api.destroy(instance_id)
+    except MarketplaceError as error:
+        print(f"Could not destroy instance {instance_id} ({label}): {error}", file=sys.stderr)
+        return False
+    ledger.destroyed(label)
+    return True
 
 
 def show_cost(args: argparse.Namespace, state_dir: Path) -> int:

@@ -22,11 +22,6 @@ class Demand:
         self._known = False
         self._lock = threading.Lock()
 
-    @property
-    def known(self) -> bool:
-        with self._lock:
-            return self._known
-
     def reset(self, signatures: Iterable[Signature]) -> None:
         with self._lock:
             self._counts = Counter(signatures)

@@ -1,51 +1,42 @@
-"""One rented instance: its life as a state machine, and the steps that concern it alone
-(waiting for boot, first SSH login, bootstrap).
-
-renting -> booting -> bootstrapping -> idle <-> busy -> destroying -> gone
-
-Why the boot wait reads a shared snapshot instead of asking the API: with many instances
-booting at once, one list call per status round serves them all (see ``pool.Pool.refresh``).
+"""One rented instance: what the run knows of it, and the steps that concern it alone (reading
+its boot progress, first SSH login, bootstrap). Its state changes only through the
+:class:`~snakemake_executor_plugin_vastai.table.InstanceTable`, under the table's lock.
 """
 
 from __future__ import annotations
 
-import enum
-import threading
 import time
 from dataclasses import dataclass, field
 
-from snakemake_interface_common.exceptions import WorkflowError
-
 from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan, explain_failure
+from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.ledger import billed_dollars
 from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Offer
-from snakemake_executor_plugin_vastai.remote import Endpoint, RemoteError, RemoteHost
+from snakemake_executor_plugin_vastai.remote import (
+    Endpoint,
+    RemoteError,
+    RemoteHost,
+    load_private_key,
+)
 from snakemake_executor_plugin_vastai.resources import Signature
+from snakemake_executor_plugin_vastai.slots import Capacity, SlotBook
 from snakemake_executor_plugin_vastai.sshkey import RunKey
 from snakemake_executor_plugin_vastai.staging import InstanceFiles
+from snakemake_executor_plugin_vastai.table import State
 
 
-class State(enum.Enum):
-    RENTING = "renting"
-    BOOTING = "booting"
-    BOOTSTRAPPING = "bootstrapping"
-    IDLE = "idle"
-    BUSY = "busy"
-    DESTROYING = "destroying"
-    GONE = "gone"
-
-
-class InstanceFailure(WorkflowError):
+class InstanceFailure(VastaiError):
     """The instance cannot run jobs (boot failed, host lost, bootstrap failed)."""
 
 
 @dataclass(eq=False)
 class Instance:
     label: str
-    signature: Signature
-    offer: Offer
-    dph_total: float
+    signature: Signature  # what was asked for; what the machine has once the offer is known
     state: State = State.RENTING
+    offer: Offer | None = None
+    dph_total: float = 0.0  # counted toward the price caps from the moment it is reserved
+    slots: SlotBook | None = None
     instance_id: int | None = None
     info: InstanceInfo | None = None
     host: RemoteHost | None = None
@@ -59,30 +50,47 @@ class Instance:
     busy_seconds: float = 0.0
     price_warned: bool = False
     vanished: bool = False  # listed once, then no longer: destroyed outside this run
-    changed: threading.Condition = field(default_factory=threading.Condition)
+    failure: str | None = None  # why it could not be prepared: told to the jobs waiting on it
+    retiring: str | None = None  # why it takes no new job and goes once its jobs are done
+    unknown_since: float | None = None  # when its create's answer was lost
+    list_misses: int = 0  # list rounds that did not show it (while unknown)
+    presumed_absent: bool = False  # unknown, and list rounds have missed it long enough
+    destroy_error: str | None = None  # the last failed destroy; retried until confirmed
 
     @property
     def name(self) -> str:
-        return f"instance {self.instance_id or '?'} ({self.offer.gpu_name}, {self.label})"
+        gpu = self.offer.gpu_name if self.offer else "?"
+        return f"instance {self.instance_id or '?'} ({gpu}, {self.label})"
+
+    def priced(self, offer: Offer, capacity_signature: Signature, exclusive: bool) -> None:
+        """The offer this reservation will rent: its price counts from now on."""
+        self.offer = offer
+        self.dph_total = offer.dph_total
+        self.signature = capacity_signature
+        self.slots = SlotBook(
+            Capacity(
+                gpus=offer.num_gpus,
+                cores=offer.cpu_cores,
+                mem_gb=offer.cpu_ram_mb / 1000,
+                disk_gb=float(capacity_signature.disk_gb),
+            ),
+            exclusive=exclusive,
+        )
 
     def cost(self, now: float) -> float:
+        if self.instance_id is None and self.state is not State.UNKNOWN:
+            return 0.0
         end = self.gone_at if self.gone_at is not None else now
         return billed_dollars(self.rented_at, end, self.dph_total)
 
-    def set_state(self, state: State) -> None:
-        with self.changed:
-            self.state = state
-            self.changed.notify_all()
-
     def observe(self, info: InstanceInfo | None) -> None:
-        """A fresh row from the instance list (None: the marketplace no longer lists it)."""
-        with self.changed:
-            if info is None and self.info is not None:
-                self.vanished = True
-            self.info = info
-            if info is not None:
-                self.dph_total = info.dph_total or self.dph_total
-            self.changed.notify_all()
+        """A fresh row from the instance list (None: the marketplace no longer lists it).
+        Call with the table's lock held."""
+        if info is None and self.info is not None:
+            self.vanished = True
+        self.info = info
+        if info is not None:
+            self.dph_total = info.dph_total or self.dph_total
 
     @property
     def lost_reason(self) -> str | None:
@@ -93,38 +101,35 @@ class Instance:
             return f"its host is {self.info.actual_status}"
         return None
 
-    def wait_until_running(self, deadline: float) -> InstanceInfo:
-        """Block until the list shows the instance running with an SSH endpoint; fail fast on a
-        Docker error that waiting will not heal, a lost host, or the boot timeout."""
-        with self.changed:
-            while True:
-                info = self.info
-                if self.state in (State.DESTROYING, State.GONE):
-                    raise InstanceFailure(f"{self.name} was destroyed while booting")
-                if self.lost_reason:
-                    raise InstanceFailure(f"{self.name} failed while booting: {self.lost_reason}")
-                if info is not None:
-                    if info.fatal_boot_message:
-                        raise InstanceFailure(
-                            f"{self.name} failed to boot: {info.fatal_boot_message}"
-                        )
-                    if info.actual_status == "running" and self.endpoints():
-                        return info
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    status = info.actual_status if info else "not listed yet"
-                    message = f" ({info.status_msg})" if info and info.status_msg else ""
-                    raise InstanceFailure(
-                        f"{self.name} did not boot within the boot timeout: still {status}"
-                        f"{message}. Raise --vastai-boot-timeout or choose another image/offer"
-                    )
-                self.changed.wait(timeout=min(remaining, 5.0))
+    def boot_failure(self) -> str | None:
+        """Why the boot will never succeed, from the latest list row; None while hopeful."""
+        if self.lost_reason:
+            return f"{self.name} failed while booting: {self.lost_reason}"
+        if self.info is not None and self.info.fatal_boot_message:
+            return f"{self.name} failed to boot: {self.info.fatal_boot_message}"
+        return None
+
+    def booted(self) -> bool:
+        return (
+            self.info is not None
+            and self.info.actual_status == "running"
+            and bool(self.endpoints())
+        )
+
+    def boot_timeout_message(self) -> str:
+        info = self.info
+        status = info.actual_status if info else "not listed yet"
+        message = f" ({info.status_msg})" if info and info.status_msg else ""
+        return (
+            f"{self.name} did not boot within the boot timeout: still {status}{message}. "
+            "Raise --vastai-boot-timeout or choose another image/offer"
+        )
 
     def endpoints(self) -> list[Endpoint]:
         return ssh_endpoints(self.info) if self.info is not None else []
 
     def connect(self, key: RunKey, deadline: float) -> None:
-        host = RemoteHost(self.name, self.endpoints(), key.pkey)
+        host = RemoteHost(self.name, self.endpoints(), load_private_key(key.private_pem))
         try:
             host.connect(deadline)
         except RemoteError as error:
@@ -133,7 +138,6 @@ class Instance:
 
     def bootstrap(self, plan: BootstrapPlan) -> None:
         assert self.host is not None
-        self.set_state(State.BOOTSTRAPPING)
         result = self.host.run(plan.script(), timeout=1800)
         if result.exit_code != 0:
             raise InstanceFailure(

@@ -14,11 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snakemake_interface_common.exceptions import WorkflowError
-
+from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure
 from snakemake_executor_plugin_vastai.logger import get_logger
-from snakemake_executor_plugin_vastai.pool import Pool
+from snakemake_executor_plugin_vastai.pool import Cancelled, Placement, Pool
 from snakemake_executor_plugin_vastai.remote import DetachedJob, RemoteError
 from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
 from snakemake_executor_plugin_vastai.staging import (
@@ -57,11 +56,16 @@ class JobSpec:
 class Outcome:
     success: bool
     message: str = ""
+    cancelled: bool = False  # the run was stopped: not the job's failure
     aux_logs: list[str] = field(default_factory=list)
 
 
-class JobFailed(WorkflowError):
+class JobFailed(VastaiError):
     pass
+
+
+class JobCancelled(VastaiError):
+    """The run was cancelled while this job waited or ran."""
 
 
 def sentence(text: object) -> str:
@@ -82,7 +86,7 @@ class JobRun:
         self.sources = sources
         self.digests = digests
         self.outcome: Outcome | None = None
-        self.instance: Instance | None = None
+        self.placement: Placement | None = None
         self._detached: DetachedJob | None = None
         self._cancelled = threading.Event()
         self._log_offset = 0
@@ -91,13 +95,21 @@ class JobRun:
     def job_dir(self) -> str:
         return f"{REMOTE_BASE}/jobs/{self.spec.tag}"
 
+    @property
+    def instance(self) -> Instance | None:
+        return self.placement.instance if self.placement else None
+
     def cancel(self) -> None:
-        """Stop the remote job; the pool's teardown destroys the instance."""
+        """Mark the job cancelled: it stops at its next step (no SSH here, so a teardown is
+        never held up by an unreachable host)."""
         self._cancelled.set()
+
+    def kill_remote(self) -> None:
+        """Best effort, alongside teardown: end the job's processes on the instance."""
         if self._detached is not None:
             try:
                 self._detached.kill()
-            except RemoteError as error:
+            except (RemoteError, OSError) as error:
                 log.debug("could not kill %s: %s", self.spec.name, error)
 
     def run(self) -> None:
@@ -106,9 +118,9 @@ class JobRun:
         healthy = False
         outcome = None
         try:
-            self.instance = self.pool.acquire(self.spec.request, self.spec.tag, self.spec.counted)
+            self.placement = self.pool.acquire(self.spec.request, self.spec.tag, self.spec.counted)
             self._check_cancelled()
-            exit_code = self._execute(self.instance)
+            exit_code = self._execute(self.placement)
             self._stream_log()
             if exit_code == 0:
                 self._fetch(required=True)
@@ -117,31 +129,35 @@ class JobRun:
             else:
                 self._fetch(required=False)
                 outcome = self._failure(
-                    f"{self.spec.name} failed on {self.instance.name} with exit code "
-                    f"{exit_code}. {self._log_tail()}"
+                    f"{self.spec.name} failed on {self.placement.instance.name} with exit "
+                    f"code {exit_code}. {self._log_tail()}"
                 )
-        except (WorkflowError, RemoteError, OSError) as error:
-            where = f" on {self.instance.name}" if self.instance else ""
-            outcome = self._failure(sentence(f"{self.spec.name} failed{where}: {error}"))
+        except (VastaiError, RemoteError, OSError) as error:
+            if self._cancelled.is_set() or isinstance(error, Cancelled | JobCancelled):
+                outcome = Outcome(False, sentence(f"{self.spec.name} was cancelled"), True)
+            else:
+                where = f" on {self.instance.name}" if self.instance else ""
+                outcome = self._failure(sentence(f"{self.spec.name} failed{where}: {error}"))
         except Exception as error:  # a bug must fail the job, not hang the run
             log.exception("unexpected error in %s", self.spec.name)
             outcome = self._failure(f"{self.spec.name}: internal error: {error!r}. ")
         finally:
             try:
-                if self.instance is not None:
-                    self.pool.release(self.instance, healthy=healthy)
+                if self.placement is not None:
+                    self.pool.release(self.placement, healthy=healthy)
             finally:
                 self.outcome = outcome or self._failure(f"{self.spec.name}: no outcome. ")
 
     # -- steps ---------------------------------------------------------------------------
 
-    def _execute(self, instance: Instance) -> int:
+    def _execute(self, placement: Placement) -> int:
+        instance = placement.instance
         assert instance.host is not None
         stager = Stager(instance.host, instance.files, self.digests)
         stager.prepare(self.job_dir, self.sources(), self.spec.inputs)
         self._check_cancelled()
         self._detached = instance.host.start_detached(
-            self.spec.command, self.job_dir, self.spec.env
+            self.spec.command, self.job_dir, {**self.spec.env, **placement.lease.environment()}
         )
         started = time.monotonic()
         unreachable_since: float | None = None
@@ -185,10 +201,10 @@ class JobRun:
 
     def _stream_log(self) -> None:
         """Append what the job printed since last time to the local log file."""
-        if self.instance is None or self.instance.host is None:
+        if self.instance is None or self.instance.host is None or self._detached is None:
             return
         try:
-            chunk = self.instance.host.read_from(f"{self.job_dir}/job.log", self._log_offset)
+            chunk = self.instance.host.read_from(self._detached.log_path, self._log_offset)
         except (RemoteError, OSError):
             return
         if chunk:
@@ -205,8 +221,8 @@ class JobRun:
 
     def _failure(self, message: str) -> Outcome:
         logs = [str(self.spec.local_log)] if self.spec.local_log.exists() else []
-        return Outcome(False, message, logs)
+        return Outcome(False, message, aux_logs=logs)
 
     def _check_cancelled(self) -> None:
         if self._cancelled.is_set():
-            raise JobFailed("cancelled")
+            raise JobCancelled("cancelled")

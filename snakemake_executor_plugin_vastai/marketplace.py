@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from snakemake_interface_common.exceptions import WorkflowError
-
+from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.settings import DEFAULT_API_URL
 
@@ -36,8 +35,13 @@ FATAL_BOOT_MESSAGES = (
 SSH_RUNTYPE = "ssh_direc ssh_proxy"
 
 
-class MarketplaceError(WorkflowError):
-    """A Vast.ai API call failed for good; the message is safe to print."""
+class MarketplaceError(VastaiError):
+    """A Vast.ai API call failed for good; the message is safe to print. ``status`` is the
+    last HTTP status, 0 when the API could not be reached at all."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class AuthError(MarketplaceError):
@@ -46,6 +50,11 @@ class AuthError(MarketplaceError):
 
 class OfferGone(MarketplaceError):
     """The offer was taken or withdrawn between search and create; try the next one."""
+
+
+class CreateOutcomeUnknown(MarketplaceError):
+    """The create request may have taken effect but its answer was lost (a server error or
+    a broken connection): only the instance list, by label, can tell."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,23 @@ def resolve_api_url(explicit: str | None) -> str:
     return url.rstrip("/")
 
 
+def parse_offer_query(query: str) -> dict[str, dict[str, Any]]:
+    """Parse ``query`` exactly as the SDK's search_offers does (without its default
+    filters), so what fails here would fail there. Fields the SDK does not know raise too:
+    the SDK only warns about them on stderr and sends them anyway, so a misspelt filter
+    would go unnoticed. Raises ValueError."""
+    from vastai.api.query import offers_alias, offers_fields, offers_mult, parse_query
+
+    try:
+        parsed = parse_query(query, {}, offers_fields, offers_alias, offers_mult)
+    except TypeError as e:  # e.g. a list for a field the SDK multiplies (cpu_ram in [...])
+        raise ValueError(str(e)) from None
+    unknown = sorted(set(parsed) - offers_fields)
+    if unknown:
+        raise ValueError(f"unknown offer field(s) {', '.join(unknown)}")
+    return parsed
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 6
@@ -220,7 +246,9 @@ class Marketplace:
         """Create an instance; returns its id. ``OfferGone`` means: try the next offer.
 
         A create is not idempotent, so it is never blindly retried: after a transport or
-        server error the unique label tells whether the instance exists after all.
+        server error it raises ``CreateOutcomeUnknown`` and the unique label tells, later,
+        whether the instance exists after all. A rate limit (429) is refused before any
+        effect, so that one is retried here.
         """
 
         def create() -> dict[str, Any]:
@@ -238,11 +266,12 @@ class Marketplace:
             answer = self._call("rent", create, retry_server_errors=False)
         except OfferGone:
             raise
-        except MarketplaceError:
-            found = [row for row in self.list_instances() if row.label == label]
-            if found:
-                return found[0].id
+        except MarketplaceError as error:
+            if error.status == 0 or error.status >= 500:
+                raise CreateOutcomeUnknown(str(error), error.status) from None
             raise
+        if not isinstance(answer, dict):
+            raise CreateOutcomeUnknown(f"rent offer {offer_id}: unreadable answer")
         if not answer.get("success") or not answer.get("new_contract"):
             raise OfferGone(self.redact(f"offer {offer_id} refused: {answer.get('msg', answer)}"))
         return int(answer["new_contract"])
@@ -252,6 +281,12 @@ class Marketplace:
             f"attach the SSH key to instance {instance_id}",
             lambda: self._sdk.attach_ssh(instance_id, public_key),
         )
+
+    def find_by_label(self, label: str) -> InstanceInfo | None:
+        for row in self.list_instances():
+            if row.label == label:
+                return row
+        return None
 
     def list_instances(self) -> list[InstanceInfo]:
         """Every instance of the account: one paged list call, used once per status round."""
@@ -265,21 +300,29 @@ class Marketplace:
         )
         return InstanceInfo.from_api(row) if row else None
 
+    def request_destroy(self, instance_id: int) -> None:
+        """Send the destroy (retried on rate limits and server errors); gone is fine."""
+        self._call(
+            f"destroy instance {instance_id}",
+            lambda: self._sdk.destroy_instance(instance_id),
+            gone_is_ok=True,
+        )
+
     def destroy(self, instance_id: int, confirm_timeout: float = 60.0) -> None:
         """Destroy and confirm the instance is gone; an already-gone instance is fine."""
         deadline = time.monotonic() + confirm_timeout
         while True:
             try:
-                self._call(
-                    f"destroy instance {instance_id}",
-                    lambda: self._sdk.destroy_instance(instance_id),
-                    gone_is_ok=True,
-                )
+                self.request_destroy(instance_id)
             except MarketplaceError:
                 if time.monotonic() > deadline:
                     raise
-            if self.show(instance_id) is None:
-                return
+            try:
+                if self.show(instance_id) is None:
+                    return
+            except MarketplaceError:
+                if time.monotonic() > deadline:
+                    raise
             if time.monotonic() > deadline:
                 raise MarketplaceError(
                     f"instance {instance_id} is still listed {confirm_timeout:.0f} s after "
@@ -310,12 +353,15 @@ class Marketplace:
                 if status == 401 or body.get("error") == "auth_error":
                     raise AuthError(
                         f"Vast.ai rejected the API key ({what}: HTTP {status}). Check "
-                        "--vastai-api-key / VAST_API_KEY. Nothing was rented by this call."
+                        "--vastai-api-key / VAST_API_KEY. Nothing was rented by this call.",
+                        status,
                     ) from None
                 if gone_is_ok and status == 404:
                     return None  # type: ignore[return-value]
                 if status in (404, 410) and body.get("error") in ("no_such_ask", "invalid_args"):
-                    raise OfferGone(self.redact(f"{what}: {body.get('msg', status)}")) from None
+                    raise OfferGone(
+                        self.redact(f"{what}: {body.get('msg', status)}"), status
+                    ) from None
                 retryable = status == 429 or (retry_server_errors and status in RETRYABLE_STATUS)
                 if body.get("error") == "search_quota_exceeded":
                     retryable = False
@@ -323,7 +369,8 @@ class Marketplace:
                 if wait is None:
                     detail = body.get("msg") or body.get("error") or body.get("detail") or ""
                     raise MarketplaceError(
-                        self.redact(f"Vast.ai API: could not {what}: HTTP {status} {detail}")
+                        self.redact(f"Vast.ai API: could not {what}: HTTP {status} {detail}"),
+                        status,
                     ) from None
                 wait = max(wait, _retry_after(response))
                 log.debug("Vast.ai API %s: HTTP %s, retrying in %.1f s", what, status, wait)
@@ -333,6 +380,15 @@ class Marketplace:
                 if wait is None:
                     raise MarketplaceError(
                         self.redact(f"Vast.ai API unreachable at {self.api_url} ({what}): {error}")
+                    ) from None
+                time.sleep(wait)
+            except (ValueError, KeyError, TypeError) as error:
+                # A garbled answer (not JSON, or not the shape the SDK indexes): treated
+                # like a lost one, since a proxy or a server fault usually sends it.
+                wait = next(delays, None) if retry_server_errors else None
+                if wait is None:
+                    raise MarketplaceError(
+                        self.redact(f"Vast.ai API: unreadable answer ({what}): {error!r}")
                     ) from None
                 time.sleep(wait)
 

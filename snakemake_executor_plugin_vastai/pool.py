@@ -1,13 +1,14 @@
-"""Every instance of the run: renting, booting, leasing, taking back, and destroying.
+"""The warm pool: where each job runs. It hands a job a share (slots) of a live instance of
+its signature, or reserves and rents a new one, prepares it, takes shares back, retires
+instances, and tears everything down.
 
-Why one owner for all instances: a finished instance waits in the pool for the next job it
-can serve (same image, GPU model and count, location and host filters; at least as many
-cores, as much RAM and disk), which skips rent, image pull, boot and bootstrap. Teardown
-(Ctrl-C, SIGTERM, SIGHUP, a crash in the status thread, interpreter exit) must find every
-instance ever rented, including one whose create request is still in flight, and the status
-loop watches them all with a single list call per round instead of one call per instance.
-
-Lock order: the pool's lock, then an instance's own condition; never the other way round.
+The parts it leans on each have one job: the :class:`InstanceTable` owns the lock and the
+legal moves, the :class:`Renter` turns a reservation into an instance under the caps, the
+:class:`Destroyer` never forgets an instance the marketplace has not confirmed gone. What is
+left here is the order of things: a job first takes a free share of a live (or booting)
+instance, then waits for a rent of its kind already under way, then reserves a rent of its
+own (evicting an idle instance of another kind when the pool is full), and waits, rather
+than fails, whenever one of the run's own instances will free what it needs.
 """
 
 from __future__ import annotations
@@ -15,41 +16,56 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
-from snakemake_interface_common.exceptions import WorkflowError
-
-from snakemake_executor_plugin_vastai.bootstrap import ONSTART_SCRIPT, BootstrapPlan
+from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan
+from snakemake_executor_plugin_vastai.caps import Caps
 from snakemake_executor_plugin_vastai.demand import Demand
-from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure, State
+from snakemake_executor_plugin_vastai.destroyer import UNKNOWN_GRACE_SECONDS, Destroyer
+from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure
 from snakemake_executor_plugin_vastai.ledger import Ledger, make_label
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.marketplace import (
+    CreateOutcomeUnknown,
     Marketplace,
     MarketplaceError,
-    Offer,
-    OfferGone,
+)
+from snakemake_executor_plugin_vastai.renter import (
+    CapRefusal,
+    NoOfferError,
+    OfferSearch,
+    Renter,
+    RentPlan,
 )
 from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
+from snakemake_executor_plugin_vastai.slots import Lease, Needs
 from snakemake_executor_plugin_vastai.sshkey import RunKey
+from snakemake_executor_plugin_vastai.table import (
+    READY,
+    STARTING,
+    USABLE,
+    InstanceTable,
+    State,
+)
 
 log = get_logger(__name__)
 
-BOOT_REFRESH_SECONDS = 1.0  # list call interval while anything boots
+BOOT_REFRESH_SECONDS = 1.0  # list call interval while anything boots or is unknown
 WATCH_REFRESH_SECONDS = 30.0  # otherwise: notice lost hosts and price changes
-BUDGET_HORIZON_SECONDS = 900.0  # a new rent must leave room for this long at the full rate
-SHUTDOWN_WAIT_SECONDS = 30.0  # for a destroy another thread has under way
-ALIVE = (State.BOOTING, State.BOOTSTRAPPING, State.IDLE, State.BUSY)
+REFRESH_SLACK_SECONDS = 0.2  # the reaper's 0.5 s rounds must not skip a due refresh
+WAIT_SECONDS = 1.0  # a waiting job re-checks at least this often
+RENT_ATTEMPTS = 3  # creates whose answer was lost, per job, before it fails
+RENT_BACKOFF_SECONDS = 1.0
+ORPHAN_WAIT_SECONDS = 60.0  # the first rent waits this long at most for the orphan reap
+SHUTDOWN_WAIT_SECONDS = 30.0  # for creates still in flight at teardown
+PREPARE_GRACE_SECONDS = 1800.0  # bootstrap (pip installs) on top of the boot timeout
 
 
-class NoOfferError(WorkflowError):
-    """No offer matches a job's request; the message says which filters to relax."""
-
-
-class BudgetExceeded(WorkflowError):
-    """A new rent would take the run past --vastai-budget."""
+class Cancelled(InstanceFailure):
+    """The run is shutting down: the job was cancelled, it did not fail."""
 
 
 @dataclass(frozen=True)
@@ -60,34 +76,54 @@ class PoolConfig:
     keep_instances: bool
     bootstrap: BootstrapPlan
     ttl: float = 0.0
-    max_instances: int = 1
     max_lifetime: float = 0.0
     max_price: float | None = None
-    max_total_price: float | None = None
-    budget: float | None = None
+    caps: Caps = field(default_factory=Caps)
+    pack: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """Where one job runs: an instance and the job's share of it."""
+
+    instance: Instance
+    lease: Lease
 
 
 # -- decisions (pure, so they can be tested with a frozen clock) ---------------------------
 
 
-def pick_idle(instances: Iterable[Instance], wanted: Signature) -> Instance | None:
-    """The idle instance to lease: one that can serve the job, cheapest first, then the
-    most recently used (its caches are warmest)."""
+def pick_instance(
+    instances: Iterable[Instance], wanted: Signature, needs: Needs
+) -> Instance | None:
+    """The instance to place a job on: one of its kind with room for it now. Ready ones
+    before booting ones, then the cheapest, then the most recently used (warmest caches)."""
     fitting = [
         i
         for i in instances
-        if i.state == State.IDLE and not i.lost_reason and i.signature.can_serve(wanted)
+        if i.state in USABLE
+        and i.retiring is None
+        and not i.lost_reason
+        and i.slots is not None
+        and i.signature.can_serve(wanted)
+        and i.slots.fits(needs)
     ]
-    return min(fitting, key=lambda i: (i.dph_total, -(i.last_released_at or 0.0)), default=None)
+    return min(
+        fitting,
+        key=lambda i: (i.state in STARTING, i.dph_total, -(i.last_released_at or 0.0)),
+        default=None,
+    )
 
 
 def least_recently_used(instances: Iterable[Instance]) -> Instance | None:
-    idle = [i for i in instances if i.state == State.IDLE]
+    idle = [i for i in instances if i.state is State.IDLE]
     return min(idle, key=lambda i: i.last_released_at or 0.0, default=None)
 
 
 def retire_reason(instance: Instance, now: float, config: PoolConfig, demand: Demand) -> str | None:
-    """Why an idle (or just released) instance should be destroyed now; None keeps it."""
+    """Why an idle (or just emptied) instance should be destroyed now; None keeps it."""
+    if instance.retiring:
+        return instance.retiring
     if instance.lost_reason:
         return instance.lost_reason
     if config.max_price is not None and instance.dph_total > config.max_price:
@@ -104,23 +140,29 @@ def retire_reason(instance: Instance, now: float, config: PoolConfig, demand: De
     return None
 
 
-def rent_refusal(rate: float, price: float, spend: float, config: PoolConfig) -> str | None:
-    """Why renting one more instance at ``price`` $/h is not allowed now; None allows it.
+def pending_rent_for(instances: Iterable[Instance], wanted: Signature) -> bool:
+    """Is a rent of this job's kind under way? Its machine may have room for the job too."""
+    return any(
+        i.state is State.RENTING
+        and i.signature.exact_key() == wanted.exact_key()
+        and wanted.gpu_name in (None, i.signature.gpu_name)
+        for i in instances
+    )
 
-    ``rate`` is what the run's live instances cost per hour, ``spend`` what it has cost.
-    """
-    if config.max_total_price is not None and rate + price > config.max_total_price + 1e-9:
-        return (
-            f"renting at ${price:.3f}/h would take the run to ${rate + price:.3f}/h, above "
-            f"--vastai-max-total-price ${config.max_total_price:.3f}/h"
+
+def will_free_up(instances: Iterable[Instance], wanted: Signature, needs: Needs) -> bool:
+    """Could one of the run's own instances (or a rent under way) take the job later?"""
+    return any(
+        (
+            i.state in USABLE
+            and i.slots is not None
+            and i.slots.could_ever_fit(needs)
+            and i.signature.can_serve(wanted)
+            and not i.lost_reason
         )
-    projected = spend + (rate + price) * BUDGET_HORIZON_SECONDS / 3600.0
-    if config.budget is not None and projected > config.budget:
-        return (
-            f"the run has spent ${spend:.4f}; renting at ${price:.3f}/h could take it past "
-            f"--vastai-budget ${config.budget:.2f} within {BUDGET_HORIZON_SECONDS / 60:.0f} min"
-        )
-    return None
+        or i.state is State.RENTING
+        for i in instances
+    )
 
 
 class Pool:
@@ -132,350 +174,348 @@ class Pool:
         self.key = key
         self.config = config
         self.demand = Demand()
-        self._instances: list[Instance] = []
-        self._changed = threading.Condition()
-        self._reserved = 0  # rents under way that do not have an instance object yet
-        self._offers_in_flight: set[int] = set()  # our own concurrent rents never race
+        self.table = InstanceTable()
+        self.destroyer = Destroyer(market, ledger, self.table)
+        self.renter = Renter(
+            market,
+            ledger,
+            self.table,
+            OfferSearch(market, config.order),
+            RentPlan(config.run_id, config.caps, exclusive=not config.pack),
+            self.spend,
+        )
+        self.orphans_reaped = threading.Event()  # set by the reaper once orphans are sent off
         self._closing = False
-        self._last_refresh = 0.0
         self._serial = itertools.count(1)
+        self._last_refresh = 0.0
 
-    # -- handing out and taking back -----------------------------------------------------
+    # -- placing a job ---------------------------------------------------------------------
 
     def acquire(
         self, request: ResourceRequest, tag: str, counted: Iterable[Signature] = ()
-    ) -> Instance:
-        """A ready instance for this request, marked busy: an idle one when one fits (no API
-        call at all), a new one otherwise. ``counted`` are the job's signatures in the
-        workflow's demand, counted off as soon as the job holds (or rents) an instance.
-        When no offer is left but one of the run's own busy instances could serve the job,
-        wait for it instead of failing."""
-        wanted = request.signature()
+    ) -> Placement:
+        """A share of a ready instance for this job: of a live one when one has room (no API
+        call at all), of a new one otherwise. ``counted`` are the job's signatures in the
+        workflow's demand, counted off once the job is placed: while it waits, it still
+        wants instances of its kind, so none is retired under it."""
+        wanted, needs = request.signature(), request.needs()
         counted = list(counted)
+        lost_creates = 0
         while True:
-            instance = self._lease_or_reserve(request, tag, counted)
-            if instance is not None:
-                return instance
-            try:
-                instance = self._rent(request, tag)
-            except NoOfferError:
-                with self._changed:
-                    self._reserved -= 1
-                    if not self._will_free_up(wanted):
-                        raise
-                    log.info(
-                        "No offer left for %s: waiting for one of the run's instances", request.rule
-                    )
-                    self._changed.wait(timeout=5.0)
+            step = self._next_step(wanted, needs, tag, counted)
+            if isinstance(step, Placement):
+                self._wait_ready(step)
+                return step
+            if step is None:
+                self.table.wait(WAIT_SECONDS)
                 continue
-            with self._changed:
-                self._reserved -= 1
-            break
+            if step.state is State.DESTROYING:  # an idle instance evicted to make room
+                self.destroyer.finish(step, "the pool is full and a job needs another kind")
+                continue
+            try:
+                with self._reservation(step):
+                    return self._rent_and_prepare(step, request, tag, counted)
+            except (NoOfferError, CapRefusal) as refusal:
+                with self.table.locked():
+                    if not will_free_up(self.table.all(), wanted, needs):
+                        raise
+                log.info("%s Waiting for one of the run's instances.", refusal)
+                self.table.wait(WAIT_SECONDS)
+            except CreateOutcomeUnknown as error:
+                lost_creates += 1
+                if lost_creates >= RENT_ATTEMPTS:
+                    raise InstanceFailure(
+                        f"could not rent an instance for {request.rule}: {error}"
+                    ) from None
+                self.table.wait(RENT_BACKOFF_SECONDS * lost_creates)
+
+    def _next_step(
+        self, wanted: Signature, needs: Needs, tag: str, counted: list[Signature]
+    ) -> Placement | Instance | None:
+        """Under the lock: a placement, a reservation (renting), an eviction (destroying),
+        or None to wait for the table to change."""
+        with self.table.locked():
+            self._check_open()
+            instances = self.table.all()
+            chosen = pick_instance(instances, wanted, needs)
+            if chosen is not None:
+                self.demand.submitted(counted)
+                counted.clear()  # counted off once, however often this job waits
+                return self._place(chosen, needs, tag)
+            if self.config.pack and pending_rent_for(instances, wanted):
+                return None
+            if len(self.table.counted()) < self.config.caps.max_instances:
+                reserved = Instance(
+                    make_label(self.config.run_id, f"{tag}-{next(self._serial)}"), wanted
+                )
+                self.table.add(reserved)
+                return reserved
+            victim = least_recently_used(instances)
+            if victim is not None and self.destroyer.claim(victim):
+                return victim
+            return None
+
+    def _place(self, instance: Instance, needs: Needs, tag: str) -> Placement:
+        assert instance.slots is not None
+        if instance.slots.empty:
+            instance.busy_since = time.time()
+        lease = instance.slots.take(needs)
+        if instance.state is State.IDLE:
+            self.table.move(instance, State.BUSY)
+            log.info("Reusing %s for %s (no rent, no boot)", instance.name, tag)
+        self.ledger.job_ran(instance.label, tag)
+        return Placement(instance, lease)
+
+    @contextmanager
+    def _reservation(self, reserved: Instance) -> Iterator[Instance]:
+        """A rent's reservation counts toward every cap from the start; released on every
+        path that rents nothing. A create with a lost answer stays (as unknown)."""
         try:
-            self._prepare(instance)
-        except BaseException:
-            self.destroy(instance, "it could not be prepared")
+            yield reserved
+        finally:
+            with self.table.locked():
+                if reserved.state is State.RENTING:
+                    self.table.drop_reservation(reserved)
+
+    def _rent_and_prepare(
+        self, reserved: Instance, request: ResourceRequest, tag: str, counted: list[Signature]
+    ) -> Placement:
+        if not self.orphans_reaped.wait(ORPHAN_WAIT_SECONDS):
+            log.warning("The search for instances of dead earlier runs is slow; renting anyway")
+        with self.table.locked():
+            self._check_open()
+        placement = Placement(reserved, self.renter.rent(reserved, request))
+        self.demand.submitted(counted)  # placed: no longer a job still to come
+        counted.clear()
+        self.ledger.job_ran(reserved.label, tag)
+        self._prepare(reserved)
+        return placement
+
+    def _prepare(self, instance: Instance) -> None:
+        """Boot, log in, bootstrap; on any failure (a teardown meanwhile included) the
+        instance is destroyed and the jobs placed on it while it booted hear why."""
+        try:
+            self._check_open()
+            self._boot_and_bootstrap(instance)
+        except BaseException as error:
+            instance.failure = str(error)
+            self.destroyer.destroy(instance, "it could not be prepared")
             raise
-        with self._changed:
-            self._lease(instance, tag)
-        return instance
 
-    def _lease_or_reserve(
-        self, request: ResourceRequest, tag: str, counted: list[Signature]
-    ) -> Instance | None:
-        """Lease a fitting idle instance (returned), or reserve a slot to rent one (None),
-        evicting the least recently used idle instance or waiting while the pool is full."""
-        wanted = request.signature()
-        while True:
-            victim = None
-            with self._changed:
-                self._check_open()
-                instance = pick_idle(self._instances, wanted)
-                if instance is not None:
-                    self._lease(instance, tag)
-                    self.demand.submitted(counted)
-                    counted.clear()  # counted off once, however often this job waits
-                    log.info("Reusing %s for %s (no rent, no boot)", instance.name, request.rule)
-                    return instance
-                if self._alive() + self._reserved < self.config.max_instances:
-                    self._reserved += 1
-                    self.demand.submitted(counted)
-                    counted.clear()
-                    return None
-                victim = least_recently_used(self._instances)
-                if victim is None:
-                    self._changed.wait(timeout=5.0)  # all busy or booting: wait for one
-                    continue
-                self._claim(victim)
-            self._destroy_claimed(victim, "the pool is full and a job needs another signature")
+    def _boot_and_bootstrap(self, instance: Instance) -> None:
+        deadline = time.monotonic() + self.config.boot_timeout
+        assert instance.instance_id is not None
+        self.market.attach_key(instance.instance_id, self.key.public_line)
+        self._wait_booted(instance, deadline)
+        instance.running_at = time.time()
+        self.ledger.running(instance.label)
+        instance.connect(self.key, deadline)
+        self._advance(instance, State.BOOTING, State.BOOTSTRAPPING)
+        instance.bootstrap(self.config.bootstrap)
+        with self.table.locked():
+            assert instance.slots is not None
+            ready = State.IDLE if instance.slots.empty else State.BUSY
+            self._advance(instance, State.BOOTSTRAPPING, ready)
 
-    def _will_free_up(self, wanted: Signature) -> bool:
-        """Whether a busy or booting instance of this run could take the job later."""
-        return any(
-            i.state in ALIVE and i.state != State.IDLE and i.signature.can_serve(wanted)
-            for i in self._instances
+    def _wait_booted(self, instance: Instance, deadline: float) -> None:
+        """Until the reaper's list rounds show it running with an SSH endpoint; fail fast on
+        a Docker error that waiting cannot heal, a lost host, or the boot timeout."""
+        self._last_refresh = 0.0  # a new instance is booting: look soon
+        self.table.wait_for(
+            lambda: (
+                self._closing
+                or instance.state is not State.BOOTING
+                or instance.booted()
+                or instance.boot_failure() is not None
+            ),
+            timeout=max(0.0, deadline - time.monotonic()),
         )
+        with self.table.locked():
+            self._check_open()
+            if instance.state is not State.BOOTING:
+                raise InstanceFailure(f"{instance.name} was destroyed while booting")
+            failure = instance.boot_failure()
+            if failure:
+                raise InstanceFailure(failure)
+            if not instance.booted():
+                raise InstanceFailure(instance.boot_timeout_message())
 
-    def release(self, instance: Instance, healthy: bool) -> None:
-        """The job on ``instance`` is over: keep it idle for the next job, or destroy it."""
+    def _advance(self, instance: Instance, expected: State, to: State) -> None:
+        """A job thread's move: only from the state it expects. Teardown or the reaper may
+        have claimed the instance meanwhile, and their move wins."""
+        with self.table.locked():
+            if instance.state is not expected:
+                raise InstanceFailure(f"{instance.name} was destroyed while being prepared")
+            self.table.move(instance, to)
+
+    def _wait_ready(self, placement: Placement) -> None:
+        """For a job placed on an instance still booting: wait until it is ready, or give
+        the share back and fail with the reason it never became ready."""
+        instance = placement.instance
+        # The preparing thread always ends a boot (ready, or destroyed); the bound is a guard.
+        limit = self.config.boot_timeout + PREPARE_GRACE_SECONDS
+        if not self.table.wait_for(lambda: instance.state not in STARTING, timeout=limit):
+            instance.failure = f"{instance.name} was not ready after {limit:.0f} s"
+            self.destroyer.destroy(instance, instance.failure)
+        with self.table.locked():
+            if instance.state in READY:
+                return
+            if instance.slots is not None and placement.lease in instance.slots.leases:
+                instance.slots.give_back(placement.lease)
+            reason = instance.failure or f"{instance.name} was destroyed before it was ready"
+        if self._closing:
+            raise Cancelled("the run is shutting down")
+        raise InstanceFailure(reason)
+
+    # -- taking back -----------------------------------------------------------------------
+
+    def release(self, placement: Placement, healthy: bool) -> None:
+        """The job is over: give its share back; keep the instance for the next job, or
+        retire it (after its other jobs, when it runs any)."""
+        instance = placement.instance
         now = time.time()
-        with self._changed:
+        with self.table.locked():
+            assert instance.slots is not None
+            if placement.lease in instance.slots.leases:
+                instance.slots.give_back(placement.lease)
             instance.jobs_run += 1
-            instance.busy_seconds += now - (instance.busy_since or now)
-            instance.busy_since = None
-            instance.last_released_at = now
-            if instance.state != State.BUSY:
-                return  # destroyed under the job (teardown, lost host)
+            if not healthy and instance.retiring is None:
+                instance.retiring = "a job on it failed"
+            if instance.slots.empty:
+                instance.busy_seconds += now - (instance.busy_since or now)
+                instance.busy_since = None
+                instance.last_released_at = now
+            self.table.notify()
+            if instance.state is not State.BUSY or not instance.slots.empty:
+                return  # destroyed or lost under the job, or other jobs still run on it
             if self.config.keep_instances:
-                instance.set_state(State.IDLE)
+                self.table.move(instance, State.IDLE)
                 return
-            reason = "its job failed" if not healthy else None
-            reason = reason or retire_reason(instance, now, self.config, self.demand)
+            reason = retire_reason(instance, now, self.config, self.demand)
             if reason is None:
-                instance.set_state(State.IDLE)
-                self._changed.notify_all()
+                self.table.move(instance, State.IDLE)
                 return
-            self._claim(instance)
-        self._destroy_claimed(instance, reason)
+            self.destroyer.claim(instance)
+        self.destroyer.finish(instance, reason)
+
+    # -- the reaper's rounds ---------------------------------------------------------------
 
     def sweep(self, now: float | None = None) -> None:
-        """The reaper's round: destroy idle instances past TTL or lifetime, over the price
-        cap, on a lost host or wanted by no remaining job. No API call unless one goes."""
+        """Destroy idle instances past TTL or lifetime, over the price cap or wanted by no
+        remaining job, and lost ones; retry failed destroys. No API call unless one goes."""
         now = time.time() if now is None else now
         doomed = []
-        with self._changed:
+        with self.table.locked():
             if self.config.keep_instances:
                 return
-            for instance in self._instances:
-                if instance.state == State.IDLE:
+            for instance in self.table.all():
+                if instance.state is State.IDLE:
                     reason = retire_reason(instance, now, self.config, self.demand)
-                    if reason is not None:
-                        self._claim(instance)
-                        doomed.append((instance, reason))
-                elif instance.state == State.BUSY:
-                    self._warn_price(instance)
+                elif instance.state is State.LOST:
+                    reason = instance.lost_reason or "its host was lost"
+                else:
+                    if instance.state is State.BUSY:
+                        self._warn_price(instance)
+                    continue
+                if reason is not None and self.destroyer.claim(instance):
+                    doomed.append((instance, reason))
         for instance, reason in doomed:
-            self._destroy_claimed(instance, reason)
-
-    # -- watching ------------------------------------------------------------------------
+            self.destroyer.finish(instance, reason)
+        self.destroyer.retry_failed()
 
     def refresh_due(self) -> bool:
-        with self._changed:
-            alive = [i for i in self._instances if i.instance_id and i.state in ALIVE]
-        if not alive:
+        with self.table.locked():
+            watched = [i for i in self.table.all() if i.state not in (State.GONE, State.RENTING)]
+            urgent = any(i.state in (State.BOOTING, State.UNKNOWN) for i in watched)
+        if not watched:
             return False
-        booting = any(i.state == State.BOOTING for i in alive)
-        interval = BOOT_REFRESH_SECONDS if booting else WATCH_REFRESH_SECONDS
-        return time.monotonic() - self._last_refresh >= interval
+        interval = BOOT_REFRESH_SECONDS if urgent else WATCH_REFRESH_SECONDS
+        return time.monotonic() - self._last_refresh >= interval - REFRESH_SLACK_SECONDS
 
     def refresh(self) -> None:
-        """One list call; every instance sees its own row (or its absence)."""
+        """One list call: every instance sees its own row (or its absence); lost hosts are
+        marked lost, and creates whose answer was lost are settled by label."""
         self._last_refresh = time.monotonic()
-        rows = {row.id: row for row in self.market.list_instances()}
-        with self._changed:
-            watched = [i for i in self._instances if i.instance_id and i.state != State.GONE]
-        for instance in watched:
-            row = rows.get(instance.instance_id)
-            if row is not None and row.dph_total and row.dph_total != instance.dph_total:
-                self.ledger.price_changed(instance.label, row.dph_total)
-            instance.observe(row)
+        rows = self.market.list_instances()
+        by_id = {row.id: row for row in rows}
+        with self.table.locked():
+            for instance in self.table.all():
+                if instance.instance_id is None or instance.state in (State.GONE, State.UNKNOWN):
+                    continue
+                row = by_id.get(instance.instance_id)
+                if row is not None and row.dph_total and row.dph_total != instance.dph_total:
+                    self.ledger.price_changed(instance.label, row.dph_total)
+                instance.observe(row)
+                if instance.lost_reason and instance.state in USABLE:
+                    self.table.move(instance, State.LOST)
+            self.table.notify()
+        self.destroyer.settle_unknown(rows)
 
     def instances(self) -> list[Instance]:
-        with self._changed:
-            return list(self._instances)
+        return self.table.all()
 
     def spend(self, now: float | None = None) -> float:
         """Dollars this run's instances have cost so far (rent to destroy, at their price)."""
         now = time.time() if now is None else now
-        with self._changed:
-            return sum(i.cost(now) for i in self._instances if i.instance_id is not None)
+        return sum(i.cost(now) for i in self.table.all())
 
-    # -- destroying ----------------------------------------------------------------------
-
-    def destroy(self, instance: Instance, reason: str) -> None:
-        with self._changed:
-            if instance.state in (State.DESTROYING, State.GONE):
-                return
-            self._claim(instance)
-        self._destroy_claimed(instance, reason)
+    # -- teardown --------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Destroy everything (in parallel), now and for any rent still in flight. Idempotent."""
-        with self._changed:
+        """Destroy everything, all destroys sent at once, then settle creates still in
+        flight and creates whose answer was lost. Idempotent."""
+        with self.table.locked():
             self._closing = True
-            self._changed.notify_all()
-            doomed = [i for i in self._instances if i.state != State.GONE]
+            self.table.notify()
         if self.config.keep_instances:
-            kept = [i for i in doomed if i.instance_id]
-            if kept:
-                log.warning(
-                    "--vastai-keep-instances: leaving %d instance(s) running and BILLING: %s. "
-                    "Destroy them with 'snakemake-vastai reap --all' when done.",
-                    len(kept),
-                    ", ".join(str(i.instance_id) for i in kept),
-                )
+            self._warn_kept()
             return
+        self._destroy_all()
+        if not self.table.wait_for(
+            lambda: not self.table.in_states(frozenset({State.RENTING})),
+            timeout=SHUTDOWN_WAIT_SECONDS,
+        ):
+            log.error("A create was still in flight at teardown; 'snakemake-vastai reap' finds it")
+        self._destroy_all()  # whatever a create still in flight made meanwhile
+        self._settle_unknown_at_teardown()
+        self._destroy_all()  # failed destroys: one more try each
+
+    def _destroy_all(self) -> None:
+        with self.table.locked():
+            for instance in self.table.all():
+                self.destroyer.claim(instance)
+            doomed = self.table.in_states(frozenset({State.DESTROYING}))
         if doomed:
-            with ThreadPoolExecutor(max_workers=min(8, len(doomed))) as workers:
-                list(workers.map(self._make_sure_gone, doomed))
+            with ThreadPoolExecutor(max_workers=min(64, len(doomed))) as workers:
+                list(workers.map(lambda i: self.destroyer.finish(i, "the run is over"), doomed))
 
-    def _make_sure_gone(self, instance: Instance) -> None:
-        """Destroy it, or, when another thread is destroying it already (a cancelled job),
-        wait for that; if it has not finished in time, finish it here. Job threads are
-        daemons: the process may exit right after shutdown, so shutdown must not leave a
-        destroy half done."""
-        with self._changed:
-            claimed_elsewhere = instance.state == State.DESTROYING
-            if not claimed_elsewhere:
-                self._claim(instance)
-        if claimed_elsewhere:
-            with instance.changed:
-                instance.changed.wait_for(
-                    lambda: instance.state == State.GONE, timeout=SHUTDOWN_WAIT_SECONDS
-                )
-            if instance.state == State.GONE:
-                return
-        self._destroy_claimed(instance, "the run is over")
-
-    def _claim(self, instance: Instance) -> None:
-        """Mark for destruction under the pool lock, so nobody leases it meanwhile."""
-        instance.set_state(State.DESTROYING)
-        self._changed.notify_all()
-
-    def _destroy_claimed(self, instance: Instance, reason: str) -> None:
-        """Destroy and confirm; on failure the ledger keeps it open for the next reap."""
-        if instance.instance_id is not None:
-            log.info("Destroying %s: %s", instance.name, reason)
-        instance.close()
-        if instance.instance_id is not None:
-            try:
-                self.market.destroy(instance.instance_id)
-            except MarketplaceError as error:
-                log.error(
-                    "Could not destroy %s: %s. It may still be billing: run "
-                    "'snakemake-vastai reap' or destroy it in the Vast.ai console.",
-                    instance.name,
-                    error,
-                )
-                return
-        self.ledger.destroyed(instance.label)
-        with self._changed:
-            instance.gone_at = time.time()
-            instance.set_state(State.GONE)
-            self._changed.notify_all()
-
-    # -- renting -------------------------------------------------------------------------
-
-    def _rent(self, request: ResourceRequest, tag: str) -> Instance:
-        query = request.offer_query()
-        log.debug("Offer query for %s: %s (order %s)", request.rule, query, self.config.order)
-        offers = self.market.search(query, self.config.order, request.disk_gb)
-        if not offers:
-            raise NoOfferError(no_offer_message(request, query))
-        for offer in offers:
-            with self._changed:
-                if offer.id in self._offers_in_flight:
-                    continue  # another job of this run is renting it right now
-                self._offers_in_flight.add(offer.id)
-            try:
-                instance = self._rent_offer(request, tag, offer)
-            finally:
-                with self._changed:
-                    self._offers_in_flight.discard(offer.id)
-            if instance is not None:
-                return instance
-        raise NoOfferError(
-            f"all {len(offers)} matching offers for {request.rule} were taken before they "
-            "could be rented; the job will be retried if --retries allows"
-        )
-
-    def _rent_offer(self, request: ResourceRequest, tag: str, offer: Offer) -> Instance | None:
-        """Rent this offer; None when it was taken meanwhile (offers are single-use)."""
-        self._admit(offer.dph_total)
-        label = make_label(self.config.run_id, f"{tag}-{next(self._serial)}")
-        capacity = request.signature().with_capacity(
-            offer.cpu_cores, offer.cpu_ram_mb / 1000, request.disk_gb
-        )
-        instance = Instance(label, capacity, offer, offer.dph_total)
-        self._register(instance)
-        self.ledger.rent_requested(label, self.config.run_id, offer.id, offer.dph_total)
+    def _settle_unknown_at_teardown(self) -> None:
+        unknown = self.table.in_states(frozenset({State.UNKNOWN}))
+        if not unknown:
+            return
+        newest = max(i.unknown_since or 0.0 for i in unknown)
+        time.sleep(max(0.0, newest + UNKNOWN_GRACE_SECONDS - time.monotonic()))
         try:
-            instance.instance_id = self.market.rent(
-                offer.id,
-                image=request.image,
-                disk_gb=request.disk_gb,
-                label=label,
-                onstart=ONSTART_SCRIPT,
+            rows = self.market.list_instances()
+        except MarketplaceError as error:
+            log.error(
+                "Could not check whether %d create(s) with lost answers happened: %s. Run "
+                "'snakemake-vastai reap' to be sure.",
+                len(unknown),
+                error,
             )
-        except OfferGone as gone:
-            log.info("%s is gone (%s); trying the next offer", offer.describe(), gone)
-            self._forget(instance)
-            return None
-        except BaseException:
-            self._forget(instance)  # nothing was created under this label
-            raise
-        self.ledger.rented(label, instance.instance_id)
-        instance.set_state(State.BOOTING)
-        log.info("Rented %s: %s", instance.name, offer.describe())
-        if self._is_closing():
-            self.destroy(instance, "the run is shutting down")
-            raise InstanceFailure("the run is shutting down")
-        return instance
+            return
+        self.destroyer.close_unknown(rows)
 
-    def _admit(self, price: float) -> None:
-        """Wait until a rent at ``price`` fits the total-price cap and the budget, evicting
-        idle instances first; fail when waiting cannot help."""
-        while True:
-            victim = None
-            with self._changed:
-                self._check_open()
-                live = [i for i in self._instances if i.state in ALIVE]
-                refusal = rent_refusal(
-                    sum(i.dph_total for i in live), price, self.spend(), self.config
-                )
-                if refusal is None:
-                    return
-                victim = least_recently_used(self._instances)
-                if victim is None:
-                    if self.config.budget is not None and "budget" in refusal:
-                        raise BudgetExceeded(f"No new instance: {refusal}")
-                    if not live:
-                        raise NoOfferError(f"No new instance: {refusal}")
-                    self._changed.wait(timeout=5.0)  # busy instances will free their share
-                    continue
-                self._claim(victim)
-            self._destroy_claimed(victim, f"making room under the price caps ({refusal})")
-
-    def _prepare(self, instance: Instance) -> None:
-        deadline = time.monotonic() + self.config.boot_timeout
-        assert instance.instance_id is not None
-        self.market.attach_key(instance.instance_id, self.key.public_line)
-        self._last_refresh = 0.0  # a new instance is booting: look soon
-        instance.wait_until_running(deadline)
-        instance.running_at = time.time()
-        self.ledger.running(instance.label)
-        instance.connect(self.key, deadline)
-        instance.bootstrap(self.config.bootstrap)
-
-    def _lease(self, instance: Instance, tag: str) -> None:
-        instance.busy_since = time.time()
-        instance.set_state(State.BUSY)
-        self.ledger.job_ran(instance.label, tag)
-
-    def _register(self, instance: Instance) -> None:
-        with self._changed:
-            self._check_open()
-            self._instances.append(instance)
-
-    def _forget(self, instance: Instance) -> None:
-        """A create that did not happen: close its ledger entry and drop it."""
-        self.ledger.destroyed(instance.label)
-        with self._changed:
-            instance.set_state(State.GONE)
-            self._instances.remove(instance)
-
-    def _alive(self) -> int:
-        return sum(1 for i in self._instances if i.state in ALIVE)
+    def _warn_kept(self) -> None:
+        kept = [i for i in self.table.all() if i.instance_id and i.state is not State.GONE]
+        if kept:
+            log.warning(
+                "--vastai-keep-instances: leaving %d instance(s) running and BILLING: %s. "
+                "Destroy them with 'snakemake-vastai reap --all' when done.",
+                len(kept),
+                ", ".join(str(i.instance_id) for i in kept),
+            )
 
     def _warn_price(self, instance: Instance) -> None:
         cap = self.config.max_price
@@ -483,7 +523,7 @@ class Pool:
             instance.price_warned = True
             log.warning(
                 "%s now costs $%.3f/h, above --vastai-max-price $%.3f/h: it is destroyed as "
-                "soon as its current job ends.",
+                "soon as its current jobs end.",
                 instance.name,
                 instance.dph_total,
                 cap,
@@ -491,30 +531,4 @@ class Pool:
 
     def _check_open(self) -> None:
         if self._closing:
-            raise InstanceFailure("the run is shutting down")
-
-    def _is_closing(self) -> bool:
-        with self._changed:
-            return self._closing
-
-
-def no_offer_message(request: ResourceRequest, query: str) -> str:
-    relax = [
-        hint
-        for present, hint in (
-            (request.gpu_name, "another gpu_model (or none)"),
-            (request.num_gpus > 1, "fewer GPUs"),
-            (request.max_price, "a higher --vastai-max-price"),
-            (request.geolocation, "a wider --vastai-geolocation"),
-            (request.reliability, "a lower --vastai-reliability"),
-            (request.datacenter_only, "--vastai-no-datacenter"),
-            (request.mem_gb, "less mem_mb"),
-            (request.cpu_cores, "fewer threads"),
-            (request.extra_query, "fewer extra filters (--vastai-search-query / vastai_query)"),
-        )
-        if present
-    ]
-    return (
-        f"No Vast.ai offer matches {request.rule} (query: {query}). "
-        f"Try relaxing: {', '.join(relax) or 'the request'}."
-    )
+            raise Cancelled("the run is shutting down")

@@ -9,7 +9,8 @@ functions.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from snakemake_executor_plugin_vastai.pool import Pool
 
 log = get_logger(__name__)
 
-SWEEP_SECONDS = 1.0
+SWEEP_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,19 @@ def find_orphans(
 
 
 def reap_orphans(
-    market: Marketplace, ledger: Ledger, state_dir: Path, own_run: str | None
+    market: Marketplace,
+    ledger: Ledger,
+    state_dir: Path,
+    own_run: str | None,
+    on_sent: Callable[[], None] = lambda: None,
 ) -> list[Orphan]:
-    """Destroy the orphans and close the ledger entries of instances that are gone."""
+    """Destroy the orphans and close the ledger entries of instances that are gone.
+
+    Every destroy is sent at once, and ``on_sent`` is called as soon as they all are, before
+    the (slower) confirmations: a new run's first rent waits for exactly that. One orphan
+    that cannot be destroyed does not stop the others; it is reported and left to the next
+    reap, its ledger entry open.
+    """
     listed = market.list_instances()
     orphans = find_orphans(listed, state_dir, own_run)
     for orphan in orphans:
@@ -62,14 +73,37 @@ def reap_orphans(
             orphan.run_id,
             orphan.label,
         )
-        market.destroy(orphan.instance_id)
+    workers = max(1, min(32, len(orphans)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        sent = list(pool.map(lambda o: _try(market.request_destroy, o), orphans))
+        on_sent()
+        confirmed = list(pool.map(lambda o: _try(market.destroy, o), orphans))
+    destroyed = [o for o, ok in zip(orphans, confirmed, strict=True) if ok]
+    for orphan in destroyed:
         ledger.destroyed(orphan.label)
-    live_labels = {info.label for info in listed} - {o.label for o in orphans}
+    for orphan, ok_sent, ok in zip(orphans, sent, confirmed, strict=True):
+        if not (ok_sent or ok):
+            log.error(
+                "Could not destroy instance %d of the dead run %s; run 'snakemake-vastai "
+                "reap' or destroy it in the Vast.ai console.",
+                orphan.instance_id,
+                orphan.run_id,
+            )
+    live_labels = {info.label for info in listed} - {o.label for o in destroyed}
     for record in ledger.open_records():
         gone = record.run_id != own_run and record.label not in live_labels
         if gone and not run_is_alive(state_dir, record.run_id):
             ledger.destroyed(record.label)  # destroyed elsewhere, or never created
-    return orphans
+    return destroyed
+
+
+def _try(call: Callable[[int], None], orphan: Orphan) -> bool:
+    try:
+        call(orphan.instance_id)
+    except MarketplaceError as error:
+        log.warning("Instance %d: %s", orphan.instance_id, error)
+        return False
+    return True
 
 
 class Reaper:
@@ -103,14 +137,26 @@ class Reaper:
         try:
             if self.pool.refresh_due():
                 self.pool.refresh()
-            self.pool.sweep()
         except MarketplaceError as error:
             log.warning("Could not list Vast.ai instances this round: %s", error)
         except Exception:  # the reaper must keep running whatever one round met
+            log.exception("the instance list round failed")
+        try:  # the TTL and lifetime sweep needs no list call: it runs whatever happened above
+            self.pool.sweep()
+        except Exception:
             log.exception("the pool sweep failed")
 
     def _reap_orphans(self) -> None:
+        """Runs once at start; the pool's first rent waits until its destroys are sent."""
         try:
-            reap_orphans(self.market, self.ledger, self.state_dir, self.run_id)
+            reap_orphans(
+                self.market,
+                self.ledger,
+                self.state_dir,
+                self.run_id,
+                on_sent=self.pool.orphans_reaped.set,
+            )
         except MarketplaceError as error:
             log.warning("Could not look for instances left by earlier runs: %s", error)
+        finally:
+            self.pool.orphans_reaped.set()

@@ -8,6 +8,7 @@ connections; a cheap remote waiter per job reports completion over an open chann
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import posixpath
@@ -105,6 +106,11 @@ while alive; do
 done
 [ -e {exit_file} ] || {{ echo $code > {exit_file}.tmp && mv -f {exit_file}.tmp {exit_file}; }}
 """
+
+
+def load_private_key(pem: str) -> paramiko.PKey:
+    """The run's ed25519 key (OpenSSH PEM) as paramiko wants it; only this module knows SSH."""
+    return paramiko.Ed25519Key.from_private_key(io.StringIO(pem))
 
 
 @dataclass(frozen=True)
@@ -393,19 +399,6 @@ class RemoteHost:
         """Download one file atomically: a crash never leaves a truncated file at ``local``."""
         self._sftp_call(f"downloading {remote}", lambda s: self._get(s, remote, local))
 
-    def put_tree(self, local: Path, remote: str) -> None:
-        """Upload a directory recursively (empty directories included, symlinks followed)."""
-
-        def put_all(sftp: paramiko.SFTPClient) -> None:
-            for root, _dirs, files in os.walk(local, onerror=_raise):
-                relative = Path(root).relative_to(local)
-                remote_root = posixpath.join(remote, *relative.parts)
-                _mkdirs(sftp, remote_root)
-                for name in files:
-                    self._put(sftp, Path(root, name), posixpath.join(remote_root, name))
-
-        self._sftp_call(f"uploading {local} to {remote}", put_all)
-
     def get_tree(self, remote: str, local: Path) -> None:
         """Download a directory recursively. Symlinks to files are followed; symlinks to
         directories are skipped (with a warning) so a link cycle cannot recurse forever."""
@@ -446,19 +439,6 @@ class RemoteHost:
             return data
 
         return self._sftp_call(f"reading {remote}", read)
-
-    def exists(self, remote: str) -> bool:
-        def check(sftp: paramiko.SFTPClient) -> bool:
-            try:
-                sftp.stat(remote)
-            except FileNotFoundError:
-                return False
-            return True
-
-        return self._sftp_call(f"checking {remote}", check)
-
-    def makedirs(self, remote: str) -> None:
-        self._sftp_call(f"creating {remote}", lambda s: _mkdirs(s, remote))
 
     def _put(self, sftp: paramiko.SFTPClient, local: Path, remote: str) -> None:
         with open(local, "rb") as f:
@@ -608,12 +588,6 @@ def _mkdirs(sftp: paramiko.SFTPClient, path: str) -> None:
     except OSError:
         if not stat.S_ISDIR(sftp.stat(path).st_mode or 0):
             raise
-
-
-def _raise(error: OSError) -> None:
-    """os.walk's onerror: an unreadable or missing local directory must fail the upload, not
-    be skipped silently."""
-    raise error
 
 
 def _describe(exc: BaseException) -> str:

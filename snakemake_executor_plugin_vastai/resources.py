@@ -6,9 +6,11 @@ Mapping (one row per Snakefile resource or option; every query term is "at least
 it says otherwise, and the cheapest-first offer order then prefers the smallest machine):
 
 ============================  =============================================================
-``gpu`` / ``nvidia_gpu`` = N  ``num_gpus>=N``. Default 1: Vast.ai only rents GPU machines.
-                              0, negative or fractional counts are errors, and so are both
-                              names with different values.
+``gpu`` / ``nvidia_gpu`` = N  ``num_gpus>=N``, and the job gets N GPUs of its own. Unset
+                              or 0: a CPU job; it still searches ``num_gpus>=1`` (Vast.ai
+                              only rents GPU machines) but takes no GPU, so it can share an
+                              instance with GPU jobs. Negative or fractional counts are
+                              errors, and so are both names with different values.
 ``gpu_model`` (job), else     ``gpu_name=RTX_4090``. Spaces or underscores are both fine;
 ``--vastai-gpu-name``         the query spells spaces as ``_``.
 ``threads``                   ``cpu_cores_effective>=threads`` if above 1 (every offer has
@@ -45,16 +47,16 @@ from decimal import Decimal
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from snakemake_interface_common.exceptions import WorkflowError
-
+from .errors import VastaiError
+from .marketplace import parse_offer_query
 from .regions import expand_geolocation
+from .slots import Needs
 
 if TYPE_CHECKING:
     from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 
     from .settings import ExecutorSettings
 
-DEFAULT_NUM_GPUS = 1
 MIN_DISK_GB = 8
 """Vast.ai's create call refuses a smaller disk."""
 
@@ -69,7 +71,7 @@ _QUERY_FIX = (
 )
 
 
-class ResourceError(WorkflowError):
+class ResourceError(VastaiError):
     """A job resource Vast.ai cannot serve. The message names the job, the resource, the
     bad value, why it is bad and how to fix it, because the user only sees this text."""
 
@@ -77,7 +79,7 @@ class ResourceError(WorkflowError):
         super().__init__(f"{job}: resource {resource}={value!r} is invalid: {why}. {fix}")
 
 
-class SettingsError(WorkflowError):
+class SettingsError(VastaiError):
     """A ``--vastai-*`` option with a bad value, worded like :class:`ResourceError`."""
 
     def __init__(self, option: str, value: object, why: str, fix: str) -> None:
@@ -85,16 +87,19 @@ class SettingsError(WorkflowError):
         super().__init__(f"Option {flag}={value!r} is invalid: {why}. {fix}")
 
 
-_AT_LEAST = ("cpu_cores", "mem_gb", "disk_gb")
+_AT_LEAST = ("num_gpus", "cpu_cores", "mem_gb", "disk_gb")
+_ANY_MODEL = "gpu_name"
+"""None on the wanted side means "any GPU model"."""
 
 
 @dataclass(frozen=True)
 class Signature:
     """What an instance was rented for, so the warm pool can hand it to a later job.
 
-    ``cpu_cores``, ``mem_gb`` and ``disk_gb`` are *at least*: a bigger instance serves a
-    smaller job. Everything else must be *equal*: the image and extra query decide what
-    runs and where; the GPU count too, since a job may use every GPU it sees.
+    ``num_gpus``, ``cpu_cores``, ``mem_gb`` and ``disk_gb`` are *at least*: a bigger
+    instance serves a smaller job (which sees only its own GPUs). ``gpu_name`` must be equal
+    unless the job accepts any model. Everything else must be *equal*: the image and extra
+    query decide what runs and where.
     """
 
     image: str
@@ -112,14 +117,19 @@ class Signature:
 
     def exact_key(self) -> tuple[Any, ...]:
         """The pool bucket: the fields that must be equal, in declaration order."""
-        return tuple(getattr(self, f.name) for f in fields(self) if f.name not in _AT_LEAST)
+        skipped = (*_AT_LEAST, _ANY_MODEL)
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name not in skipped)
 
-    def with_capacity(self, cpu_cores: float, mem_gb: float, disk_gb: int) -> Signature:
-        """The signature of a rented machine: what the job asked for, with the at-least
-        fields raised to what the offer really has, so a 16-core machine rented for a
-        1-core job can later serve a 4-core one."""
+    def with_capacity(
+        self, gpu_name: str, num_gpus: int, cpu_cores: float, mem_gb: float, disk_gb: int
+    ) -> Signature:
+        """The signature of a rented machine: what the job asked for, with the GPU model
+        and the at-least fields set to what the offer really has, so a 16-core machine
+        rented for a 1-core job can later serve a 4-core one."""
         return replace(
             self,
+            gpu_name=gpu_name or self.gpu_name,
+            num_gpus=max(self.num_gpus, num_gpus),
             cpu_cores=max(self.cpu_cores, math.floor(cpu_cores)),
             mem_gb=max(self.mem_gb, mem_gb),
             disk_gb=max(self.disk_gb, disk_gb),
@@ -127,8 +137,10 @@ class Signature:
 
     def can_serve(self, wanted: Signature) -> bool:
         """True if an instance rented for ``self`` may run a job that wants ``wanted``."""
-        return self.exact_key() == wanted.exact_key() and all(
-            getattr(self, name) >= getattr(wanted, name) for name in _AT_LEAST
+        return (
+            self.exact_key() == wanted.exact_key()
+            and wanted.gpu_name in (None, self.gpu_name)
+            and all(getattr(self, name) >= getattr(wanted, name) for name in _AT_LEAST)
         )
 
 
@@ -141,6 +153,7 @@ class ResourceRequest:
     rule: str
     """For messages and labels: the rule name, or "group <id> (rules a, b)"."""
     num_gpus: int
+    """GPUs the machine must have: at least 1, since Vast.ai rents only GPU machines."""
     gpu_name: str | None
     """With spaces, e.g. "RTX 4090"; None = any model."""
     cpu_cores: int | None
@@ -162,6 +175,10 @@ class ResourceRequest:
     """Rent as a bid (search type "bid", create price=): for --preemptible-rules."""
     deploy: tuple[str, ...] = ()
     """The job's ``deploy`` globs; the union with --vastai-deploy-paths is made elsewhere."""
+    gpus: int = 1
+    """GPUs the job takes for itself; 0 for a CPU job."""
+    job_disk_gb: float = 0.0
+    """The job's own disk_mb in GB: its share of the instance's disk."""
 
     @classmethod
     def from_job(
@@ -197,9 +214,10 @@ class ResourceRequest:
         threads = _thread_count(job.threads, where)
         mem_mb = _size_mb(resources, "mem_mb", where)
         disk_mb = _size_mb(resources, "disk_mb", where)
+        gpus = _gpu_count(resources, where)
         request = cls(
             rule=rule,
-            num_gpus=_gpu_count(resources, where),
+            num_gpus=max(1, gpus),
             gpu_name=_job_gpu_name(resources, where) or options.gpu_name,
             cpu_cores=threads if threads > 1 else None,
             mem_gb=math.ceil(mem_mb / 100) / 10 if mem_mb else None,
@@ -212,6 +230,8 @@ class ResourceRequest:
             extra_query=" ".join(text for text in (options.search_query, job_query) if text),
             interruptible=is_preemptible is not None and all(map(is_preemptible, job.rules)),
             deploy=_deploy_globs(_job_text(resources, "deploy", where), where),
+            gpus=gpus,
+            job_disk_gb=disk_mb / 1000,
         )
         try:
             parse_offer_query(request.offer_query())
@@ -238,6 +258,15 @@ class ResourceRequest:
         )
         return " ".join(term for term in terms if term)
 
+    def needs(self) -> Needs:
+        """What the job takes from an instance while it runs (see ``slots``)."""
+        return Needs(
+            gpus=self.gpus,
+            cores=float(self.cpu_cores or 1),
+            mem_gb=self.mem_gb or 0.0,
+            disk_gb=self.job_disk_gb,
+        )
+
     def signature(self) -> Signature:
         """The warm-pool key of an instance rented for this request."""
         return Signature(
@@ -254,23 +283,6 @@ class ResourceRequest:
             mem_gb=self.mem_gb or 0.0,
             disk_gb=self.disk_gb,
         )
-
-
-def parse_offer_query(query: str) -> dict[str, dict[str, Any]]:
-    """Parse ``query`` exactly as the SDK's search_offers does (without its default
-    filters), so what fails here would fail there. Fields the SDK does not know raise too:
-    the SDK only warns about them on stderr and sends them anyway, so a misspelt filter
-    would go unnoticed. Raises ValueError."""
-    from vastai.api.query import offers_alias, offers_fields, offers_mult, parse_query
-
-    try:
-        parsed = parse_query(query, {}, offers_fields, offers_alias, offers_mult)
-    except TypeError as e:  # e.g. a list for a field the SDK multiplies (cpu_ram in [...])
-        raise ValueError(str(e)) from None
-    unknown = sorted(set(parsed) - offers_fields)
-    if unknown:
-        raise ValueError(f"unknown offer field(s) {', '.join(unknown)}")
-    return parsed
 
 
 # Numeric options outside the request: (name, lowest allowed, whether the bound is allowed).
@@ -431,14 +443,13 @@ def _gpu_count(resources: Mapping[str, Any], where: str) -> int:
     given = {name: resources[name] for name in ("gpu", "nvidia_gpu") if name in resources}
     for name, value in given.items():
         count = _whole(value)
-        if count is None or count < 1:
-            why = (
-                f"Vast.ai only rents GPU machines, so a job needs {name} >= 1"
-                if _is_number(value) and value < 1
-                else "a GPU count must be a whole number"
-            )
+        if count is None or count < 0:
             raise ResourceError(
-                where, name, value, why, f"Remove the {name} resource or set it to 1 or more."
+                where,
+                name,
+                value,
+                "a GPU count must be a whole number, 0 or more",
+                f"Set {name} to the number of GPUs the job uses (0 or unset: a CPU job).",
             )
     counts = {_whole(value) for value in given.values()}
     if len(counts) > 1:
@@ -449,7 +460,7 @@ def _gpu_count(resources: Mapping[str, Any], where: str) -> int:
             f"it differs from gpu={given['gpu']!r}",
             "Set only gpu (Snakemake's standard name), or both to the same value.",
         )
-    return counts.pop() if counts else DEFAULT_NUM_GPUS
+    return counts.pop() if counts else 0
 
 
 def _thread_count(threads: object, where: str) -> int:

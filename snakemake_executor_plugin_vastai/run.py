@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan
+from snakemake_executor_plugin_vastai.caps import Caps
 from snakemake_executor_plugin_vastai.jobrun import JobSpec
 from snakemake_executor_plugin_vastai.ledger import Ledger, RunLock, new_run_id
 from snakemake_executor_plugin_vastai.logger import get_logger
@@ -86,11 +87,14 @@ class RunContext:
             keep_instances=settings.keep_instances,
             bootstrap=plan,
             ttl=float(settings.pool_ttl),
-            max_instances=settings.pool_max_instances or max_jobs,
             max_lifetime=float(settings.pool_max_lifetime),
             max_price=settings.max_price,
-            max_total_price=settings.max_total_price,
-            budget=settings.budget,
+            caps=Caps(
+                max_instances=settings.pool_max_instances or max_jobs,
+                max_total_price=settings.max_total_price,
+                budget=settings.budget,
+            ),
+            pack=not settings.no_pack,
         )
         pool = Pool(market, ledger, key, config)
         reaper = Reaper(pool, market, ledger, state_dir, run_id)
@@ -168,8 +172,8 @@ class RunContext:
 
     def close(self) -> None:
         try:
+            self.pool.shutdown()  # first: every destroy goes out before anything else waits
             self.reaper.stop()
-            self.pool.shutdown()
             self._report_cost()
         finally:
             self.lock.release()

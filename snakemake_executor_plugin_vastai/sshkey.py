@@ -4,12 +4,10 @@ user can log in to an instance while debugging a run."""
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -18,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 class RunKey:
     private_path: Path
     public_line: str
-    pkey: paramiko.PKey
+    private_pem: str  # OpenSSH format; remote.py turns it into a paramiko key
 
     @classmethod
     def create(cls, directory: Path, name: str) -> RunKey:
@@ -39,5 +37,4 @@ class RunKey:
             handle.write(private)
         public_line = f"{public.decode()} {name}"
         (directory / f"{name}.pub").write_text(public_line + "\n")
-        pkey = paramiko.Ed25519Key.from_private_key(io.StringIO(private.decode()))
-        return cls(private_path=path, public_line=public_line, pkey=pkey)
+        return cls(private_path=path, public_line=public_line, private_pem=private.decode())

@@ -16,12 +16,12 @@ import os
 import shlex
 import tarfile
 import threading
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from snakemake_interface_common.exceptions import WorkflowError
-
+from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.remote import RemoteHost
 
@@ -31,7 +31,7 @@ REMOTE_BASE = "snakemake-vastai"  # relative to the login user's home, for SFTP 
 MAX_SOURCE_BYTES = 10_000_000
 
 
-class StagingError(WorkflowError):
+class StagingError(VastaiError):
     """A file could not be shipped or fetched; the message names it."""
 
 
@@ -159,6 +159,13 @@ class InstanceFiles:
     digests: set[str] = field(default_factory=set)
     unpacked_sources: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _busy: dict[str, threading.Lock] = field(default_factory=dict)
+
+    def one_at_a_time(self, key: str) -> threading.Lock:
+        """A lock per stored item: jobs packed on one instance that need the same file (the
+        workflow sources, a shared input) wait for one upload instead of racing it."""
+        with self.lock:
+            return self._busy.setdefault(key, threading.Lock())
 
 
 @dataclass
@@ -253,6 +260,10 @@ class Stager:
     # -- the instance's store ------------------------------------------------------------
 
     def _ensure_sources(self, sources: SourceBundle, report: TransferReport) -> None:
+        with self.held.one_at_a_time(f"sources:{sources.digest}"):
+            self._unpack_sources(sources, report)
+
+    def _unpack_sources(self, sources: SourceBundle, report: TransferReport) -> None:
         with self.held.lock:
             if sources.digest in self.held.unpacked_sources:
                 return
@@ -268,6 +279,10 @@ class Stager:
             self.held.unpacked_sources.add(sources.digest)
 
     def _ensure_blob(self, local: Path, digest: str, report: TransferReport) -> None:
+        with self.held.one_at_a_time(digest):
+            self._store_blob(local, digest, report)
+
+    def _store_blob(self, local: Path, digest: str, report: TransferReport) -> None:
         with self.held.lock:
             if digest in self.held.digests:
                 report.reused_files += 1
@@ -282,7 +297,14 @@ class Stager:
     def _remember(self, files: list[tuple[str, str]], job_dir: str) -> None:
         """Keep fetched outputs in the store (hard links survive the job directory), then
         remove the job directory: its env file holds the job's secrets."""
-        lines = [f"ln -f {q(remote)} {q(self._blob(digest))}" for remote, digest in files]
+        # Linked beside the store, then renamed into it: a rename is atomic, so packed jobs
+        # that fetched equal files never trip over each other.
+        tmp = f".{uuid.uuid4().hex}"
+        lines = [
+            f"ln -f {q(remote)} {q(self._blob(digest) + tmp)} && "
+            f"mv -f {q(self._blob(digest) + tmp)} {q(self._blob(digest))}"
+            for remote, digest in files
+        ]
         self._run("\n".join([*lines, f"rm -rf {q(job_dir)}"]), "remember fetched outputs")
         with self.held.lock:
             self.held.digests.update(digest for _, digest in files)

@@ -34,7 +34,7 @@ class InstanceCost:
         return cls(
             instance_id=instance.instance_id or 0,
             label=instance.label,
-            gpu=f"{instance.offer.num_gpus}x {instance.offer.gpu_name}",
+            gpu=f"{instance.offer.num_gpus}x {instance.offer.gpu_name}" if instance.offer else "?",
             image=instance.signature.image,
             jobs_run=instance.jobs_run,
             boot_seconds=round(boot, 2),

@@ -29,7 +29,6 @@ def test_chain_in_the_pool_is_measured(tmp_path: Path) -> None:
     assert result.plugin_summary is not None and result.plugin_summary["jobs_run"] == 2
     assert result.phases is not None
     assert result.phases["cold"]["jobs"] == 1 and result.phases["warm"]["jobs"] == 1
-    assert result.phases["warm"]["mean"]["acquire"] < 1.0  # reused: no rent, no boot
     assert "schedule" in result.phases["cold"]["mean"]
     assert "chain/pool" in render(document({}, [result], 0.0))
 

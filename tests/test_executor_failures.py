@@ -60,8 +60,8 @@ def test_fatal_boot_error_fails_fast(fakevast: FakeVast, tmp_path: Path, status_
     run = run_snakemake(workdir, fakevast, jobs=1)
 
     assert_failed(run.output, run.returncode)
-    assert status_msg in only_job_error(run.output)
-    assert run.seconds < 40, f"took {run.seconds:.0f} s: waited for the boot timeout?"
+    message = only_job_error(run.output)
+    assert status_msg in message and "boot timeout" not in message, message
     assert_all_destroyed(fakevast, workdir)
     assert not (workdir / "out.txt").exists()
 
@@ -77,7 +77,6 @@ def test_stuck_boot_hits_the_boot_timeout(fakevast: FakeVast, tmp_path: Path) ->
     assert_failed(run.output, run.returncode)
     message = only_job_error(run.output)
     assert "boot timeout" in message and "--vastai-boot-timeout" in message, message
-    assert run.seconds < 60
     assert_all_destroyed(fakevast, workdir)
 
 
@@ -145,7 +144,7 @@ def test_max_runtime_kills_the_job(fakevast: FakeVast, tmp_path: Path) -> None:
 
     assert_failed(run.output, run.returncode)
     assert "--vastai-max-runtime" in only_job_error(run.output)
-    assert run.seconds < 40, f"took {run.seconds:.0f} s: the 60 s job was not cut short"
+    assert not (workdir / "out.txt").exists()
     assert_all_destroyed(fakevast, workdir)
 
 
@@ -178,9 +177,9 @@ class BadInput:
 
 NO_KEY = {"VAST_API_KEY": None, "SNAKEMAKE_VASTAI_API_KEY": None, "XDG_CONFIG_HOME": None}
 BAD_INPUTS = {
-    "gpu=0": BadInput(
-        resources="gpu=0",
-        fragments=("Rule 'make'", "gpu=0", "set it to 1 or more"),
+    "gpu=-1": BadInput(
+        resources="gpu=-1",
+        fragments=("Rule 'make'", "gpu=-1", "0 or more"),
     ),
     "unknown region": BadInput(
         options=("--vastai-geolocation", "Atlantis"),

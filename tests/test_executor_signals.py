@@ -1,16 +1,16 @@
 """Stopping a real ``snakemake --executor vastai`` run from outside, mid-job: whatever the
 signal, the run must end soon, say so with a non-zero exit, and leave nothing rented.
 
-Snakemake handles the three differently (see the executor notes, section 2): SIGINT cancels
-the running jobs, SIGTERM lets them finish first, and SIGHUP reaches only the plugin's own
-handler. The process is started without a shell, so SIGINT is delivered as to a terminal's
-foreground job.
+SIGINT and SIGTERM both cancel the running jobs at once (Snakemake's own SIGTERM handler
+would let them finish while their instances bill; the plugin takes SIGTERM over at the first
+submission), and SIGHUP reaches only the plugin's own handler. The process is started
+without a shell, so SIGINT is delivered as to a terminal's foreground job. A hang fails
+through the wait's timeout; no assertion is made on the time itself.
 """
 
 from __future__ import annotations
 
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,18 +31,13 @@ from tests.workflows import (
 @dataclass(frozen=True)
 class Stop:
     signal: signal.Signals
-    job_seconds: int  # how long the job sleeps after it started
-    job_finishes: bool  # whether the running job is let finish (out.txt fetched)
     says: str  # what Snakemake or the plugin prints about the stop
-    within: float  # seconds from the signal to the exit
 
 
 STOPS = {
-    "SIGINT": Stop(signal.SIGINT, 60, False, "Terminating processes on user request", 30),
-    "SIGTERM": Stop(
-        signal.SIGTERM, 5, True, "Will exit after finishing currently running jobs", 30
-    ),
-    "SIGHUP": Stop(signal.SIGHUP, 60, False, "SIGHUP: destroying every Vast.ai instance", 30),
+    "SIGINT": Stop(signal.SIGINT, "Terminating processes on user request"),
+    "SIGTERM": Stop(signal.SIGTERM, "SIGTERM: cancelling the run"),
+    "SIGHUP": Stop(signal.SIGHUP, "SIGHUP: destroying every Vast.ai instance"),
 }
 
 
@@ -50,21 +45,18 @@ STOPS = {
 def test_signal_mid_job_destroys_everything(fakevast: FakeVast, tmp_path: Path, stop: Stop) -> None:
     """However the run is stopped, nothing may keep billing after the process is gone."""
     workdir = one_rule_workflow(
-        tmp_path / "wf", f"{ANNOUNCE_START}; sleep {stop.job_seconds}; echo ok > {{output}}"
+        tmp_path / "wf", f"{ANNOUNCE_START}; sleep 60; echo ok > {{output}}"
     )
 
     with running_snakemake(workdir, fakevast, jobs=1) as process:
         wait_until_running(fakevast, workdir, process)
-        signalled = time.monotonic()
         process.send_signal(stop.signal)
-        returncode = process.wait(timeout=stop.within + stop.job_seconds + 30)
-        seconds = time.monotonic() - signalled
+        returncode = process.wait(timeout=50)  # well before the 60 s job could end
     output = (workdir / "snakemake.out").read_text()
 
     assert returncode != 0, output
     assert stop.says in output, output
-    assert seconds < stop.within + (stop.job_seconds if stop.job_finishes else 0), seconds
-    assert (workdir / "out.txt").exists() == stop.job_finishes, output
+    assert not (workdir / "out.txt").exists(), output
     assert_all_destroyed(fakevast, workdir)
 
 

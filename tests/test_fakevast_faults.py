@@ -256,11 +256,11 @@ def _upload_seconds(client: paramiko.SSHClient, size: int) -> float:
 
 def test_bandwidth_cap_slows_transfers(fakevast: FakeVast, session: Any) -> None:
     instance_id, _, client = session
-    assert _upload_seconds(client, 200_000) < 0.5
     fakevast.set_faults({"instances": {str(instance_id): {"bandwidth": 100_000}}})
-    assert _upload_seconds(client, 200_000) >= 1.5  # the live session is slowed too
+    capped = _upload_seconds(client, 200_000)
+    assert capped >= 1.5  # the live session is slowed too
     fakevast.clear_faults()
-    assert _upload_seconds(client, 200_000) < 0.5
+    assert _upload_seconds(client, 200_000) < capped / 2  # compared within the run: no limit
     fakevast.set_faults({"bandwidth": 100_000})  # every instance
     assert _upload_seconds(client, 100_000) >= 0.8
     fakevast.clear_faults()

@@ -13,6 +13,7 @@ import pytest
 from snakemake_executor_plugin_vastai.marketplace import (
     FATAL_BOOT_MESSAGES,
     AuthError,
+    CreateOutcomeUnknown,
     InstanceInfo,
     Marketplace,
     MarketplaceError,
@@ -76,48 +77,46 @@ def test_retry_after_is_honoured(fakevast: FakeVast) -> None:
     started = time.monotonic()
     assert search(market)
     elapsed = time.monotonic() - started
-    assert 1.0 <= elapsed < 3.0, f"retried after {elapsed:.2f} s, Retry-After said 1 s"
+    assert elapsed >= 1.0, f"retried after {elapsed:.2f} s, Retry-After said 1 s"
 
 
 # -- create -----------------------------------------------------------------------------------
 
 
-def test_failing_create_is_not_retried_and_rents_nothing(fakevast: FakeVast) -> None:
+def test_failing_create_is_not_retried_and_its_outcome_is_unknown(fakevast: FakeVast) -> None:
+    """A 5xx on create may hide a create that happened: not retried (a second create could
+    rent twice), reported as unknown for the pool to settle by label."""
     fakevast.set_faults({"http": [{"status": 503, "count": None, "endpoint": CREATE}]})
     market = market_for(fakevast)
-    with pytest.raises(MarketplaceError, match="HTTP 503") as caught:
+    with pytest.raises(CreateOutcomeUnknown, match="HTTP 503"):
         rent(market, "snakemake-vastai:run1:create-503")
-    assert not isinstance(caught.value, OfferGone)  # not "try the next offer" either
     assert calls(fakevast, CREATE) == 1
-    assert calls(fakevast, LIST) >= 1, "the label lookup should have asked the list"
     assert fakevast.ledger()["instances"] == []
 
 
-def test_create_whose_answer_is_lost_is_found_by_label(fakevast: FakeVast) -> None:
-    """The create is processed but the client times out waiting: no second create is sent,
+@pytest.mark.parametrize("how", ["answer lost after the effect", "client timed out"])
+def test_create_whose_answer_is_lost_is_found_by_label(fakevast: FakeVast, how: str) -> None:
+    """The create is processed but its answer never arrives: no second create is sent, and
     the unique label finds the instance that was made after all."""
-    # The client gives up on the create after 2.5 s; the fake makes the instance at 3 s. The
-    # label lookup, sent at ~2.5 s, is answered 1.5 s later: it sees the new instance (1 s
-    # margin) and arrives within the client's timeout (1 s margin).
-    fakevast.set_faults(
-        {
-            "http": [
-                {"latency": 3.0, "endpoint": CREATE},
-                {"latency": 1.5, "endpoint": LIST},
-            ]
-        }
-    )
     market = market_for(fakevast)
-    market._sdk.client.timeout = 2.5  # the real SDK's own per-request timeout, made short
+    if how == "client timed out":
+        # The client gives up after 1 s; the fake makes the instance at 2 s.
+        fakevast.set_faults({"http": [{"latency": 2.0, "endpoint": CREATE}]})
+        market._sdk.client.timeout = 1.0  # the real SDK's own per-request timeout, made short
+    else:
+        fakevast.set_faults({"http": [{"status": 503, "after_effect": True, "endpoint": CREATE}]})
     label = "snakemake-vastai:run1:lost-answer"
-    instance_id = rent(market, label)
+    with pytest.raises(CreateOutcomeUnknown):
+        rent(market, label)
+    fakevast.wait_for(lambda: market.find_by_label(label), timeout=10)
+    found = market.find_by_label(label)
+    assert found is not None
     try:
         [row] = fakevast.ledger()["instances"]
-        assert row["id"] == instance_id and row["label"] == label
+        assert row["id"] == found.id and row["label"] == label
         assert calls(fakevast, CREATE) == 1
-        assert calls(fakevast, LIST) == 1, "the id must come from the label lookup"
     finally:
-        market.destroy(instance_id)
+        market.destroy(found.id)
 
 
 @pytest.mark.parametrize("how", ["rented by us", "taken by someone else", "withdrawn"])

@@ -27,22 +27,24 @@ from freezegun import freeze_time
 from freezegun.api import FrozenDateTimeFactory
 
 from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan
+from snakemake_executor_plugin_vastai.caps import BUDGET_HORIZON_SECONDS, Caps, rent_refusal
 from snakemake_executor_plugin_vastai.demand import Demand
-from snakemake_executor_plugin_vastai.instance import Instance, State
+from snakemake_executor_plugin_vastai.instance import Instance
 from snakemake_executor_plugin_vastai.ledger import Ledger, RunLock, make_label
 from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Marketplace, Offer
 from snakemake_executor_plugin_vastai.pool import (
-    BUDGET_HORIZON_SECONDS,
+    Placement,
     Pool,
     PoolConfig,
     least_recently_used,
-    pick_idle,
-    rent_refusal,
+    pick_instance,
     retire_reason,
 )
 from snakemake_executor_plugin_vastai.reaper import find_orphans, reap_orphans
 from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
+from snakemake_executor_plugin_vastai.slots import Lease, Needs
 from snakemake_executor_plugin_vastai.sshkey import RunKey
+from snakemake_executor_plugin_vastai.table import USABLE, State
 from tests.fakevast.harness import FakeVast
 
 T0 = "2030-01-01 00:00:00"
@@ -62,6 +64,7 @@ SIG = Signature(
     mem_gb=16.0,
     disk_gb=40,
 )
+NEEDS = Needs(gpus=1, cores=4, mem_gb=16.0)
 
 
 def config(**overrides: Any) -> PoolConfig:
@@ -72,7 +75,7 @@ def config(**overrides: Any) -> PoolConfig:
         keep_instances=False,
         bootstrap=BootstrapPlan(version("snakemake")),  # installed here: no pip on boot
         ttl=TTL,
-        max_instances=8,
+        caps=Caps(max_instances=8),
     )
     return dataclasses.replace(base, **overrides)
 
@@ -91,15 +94,12 @@ def make_instance(
 ) -> Instance:
     """An instance rented now. ``rented_at`` is passed explicitly: the dataclass default
     holds the real ``time.time`` and would escape freezegun."""
-    return Instance(
-        label,
-        signature,
-        offer(offer_id, price, signature.gpu_name or ""),
-        price,
-        state=state,
-        rented_at=time.time(),
-        last_released_at=released_at,
-    )
+    instance = Instance(label, signature, rented_at=time.time(), last_released_at=released_at)
+    instance.priced(offer(offer_id, price, signature.gpu_name or ""), signature, exclusive=False)
+    instance.state = state
+    if state is not State.RENTING:
+        instance.instance_id = offer_id
+    return instance
 
 
 def row(
@@ -121,7 +121,7 @@ def frozen_clock() -> AbstractContextManager[FrozenDateTimeFactory]:
     return freeze_time(T0, ignore=["tests.fakevast"])
 
 
-# -- pick_idle: which idle instance a job is handed ---------------------------------------
+# -- pick_instance: which instance a job is placed on ---------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ def frozen_clock() -> AbstractContextManager[FrozenDateTimeFactory]:
         pytest.param([0.4, 0.3, 0.3], [0, 20, 10], 2, id="cheapest-then-most-recent"),
     ],
 )
-def test_pick_idle_cheapest_then_most_recently_used(
+def test_pick_cheapest_then_most_recently_used(
     prices: list[float], released_ago: list[int], expected: int
 ) -> None:
     """Cheapest saves money; among equals the warmest cache saves transfers."""
@@ -141,34 +141,50 @@ def test_pick_idle_cheapest_then_most_recently_used(
         make_instance(price=price, released_at=now - ago)
         for price, ago in zip(prices, released_ago, strict=True)
     ]
-    assert pick_idle(pool, SIG) is pool[expected]
+    assert pick_instance(pool, SIG, NEEDS) is pool[expected]
 
 
-@pytest.mark.parametrize("state", [s for s in State if s != State.IDLE])
-def test_pick_idle_takes_only_idle_instances(state: State) -> None:
-    """A booting, busy or doomed instance is never handed out, however cheap."""
+@pytest.mark.parametrize("state", [s for s in State if s not in USABLE])
+def test_pick_never_places_on_an_instance_that_cannot_run_jobs(state: State) -> None:
+    """A reserved, unknown, lost or doomed instance is never handed out, however cheap."""
     other = make_instance(price=0.1, state=state)
     idle = make_instance(price=0.9)
-    assert pick_idle([other, idle], SIG) is idle
-    assert pick_idle([other], SIG) is None
+    assert pick_instance([other, idle], SIG, NEEDS) is idle
+    assert pick_instance([other], SIG, NEEDS) is None
+
+
+@pytest.mark.parametrize("state", [State.BOOTING, State.BOOTSTRAPPING])
+def test_pick_prefers_a_ready_instance_to_a_booting_one(state: State) -> None:
+    booting = make_instance(price=0.1, state=state)
+    busy = make_instance(price=0.9, state=State.BUSY)
+    assert pick_instance([booting, busy], SIG, NEEDS) is busy
+    assert pick_instance([booting], SIG, NEEDS) is booting
+
+
+def test_pick_only_where_the_job_fits_now() -> None:
+    """The only GPU is held: a GPU job waits, a CPU job still fits beside it."""
+    shared = make_instance(state=State.BUSY)
+    assert shared.slots is not None
+    shared.slots.take(NEEDS)
+    assert pick_instance([shared], SIG, NEEDS) is None
+    assert pick_instance([shared], SIG, Needs(gpus=0, cores=4, mem_gb=8.0)) is shared
 
 
 @pytest.mark.parametrize(
     ("field", "bigger"), [("cpu_cores", 16), ("mem_gb", 64.0), ("disk_gb", 100)]
 )
-def test_pick_idle_bigger_machine_serves_smaller_job(field: str, bigger: float) -> None:
+def test_pick_bigger_machine_serves_smaller_job(field: str, bigger: float) -> None:
     """cores, RAM and disk are at-least fields: a bigger instance serves, a smaller one not."""
     big = make_instance(dataclasses.replace(SIG, **{field: bigger}))
-    assert pick_idle([big], SIG) is big
-    assert pick_idle([make_instance()], dataclasses.replace(SIG, **{field: bigger})) is None
+    assert pick_instance([big], SIG, NEEDS) is big
+    wanted = dataclasses.replace(SIG, **{field: bigger})
+    assert pick_instance([make_instance()], wanted, NEEDS) is None
 
 
 @pytest.mark.parametrize(
     ("field", "other"),
     [
         ("gpu_name", "RTX 3090"),
-        ("gpu_name", None),
-        ("num_gpus", 2),
         ("image", "img:2"),
         ("geolocation", ("PL",)),
         ("geolocation", ()),
@@ -177,12 +193,22 @@ def test_pick_idle_bigger_machine_serves_smaller_job(field: str, bigger: float) 
         ("interruptible", True),
     ],
 )
-def test_pick_idle_never_crosses_exact_fields(field: str, other: object) -> None:
+def test_pick_never_crosses_exact_fields(field: str, other: object) -> None:
     """Even a much bigger machine never serves a job of another exact key, either way."""
     roomy = dataclasses.replace(SIG, cpu_cores=64, mem_gb=512.0, disk_gb=1000)
-    assert pick_idle([make_instance(roomy)], dataclasses.replace(SIG, **{field: other})) is None
+    wanted = dataclasses.replace(SIG, **{field: other})
+    assert pick_instance([make_instance(roomy)], wanted, NEEDS) is None
     changed = dataclasses.replace(roomy, **{field: other})
-    assert pick_idle([make_instance(changed)], SIG) is None
+    assert pick_instance([make_instance(changed)], SIG, NEEDS) is None
+
+
+def test_any_gpu_model_and_fewer_gpus_are_served() -> None:
+    """A job that names no GPU model runs on any; the GPU count is at least, not equal."""
+    four = make_instance(dataclasses.replace(SIG, num_gpus=4))
+    assert pick_instance([four], dataclasses.replace(SIG, gpu_name=None), NEEDS) is four
+    two_gpus = dataclasses.replace(SIG, num_gpus=2)
+    assert pick_instance([four], two_gpus, NEEDS) is four
+    assert pick_instance([make_instance()], two_gpus, NEEDS) is None
 
 
 # -- least_recently_used: which idle instance makes room ----------------------------------
@@ -204,11 +230,11 @@ def test_least_recently_used_evicts_the_longest_idle() -> None:
 @pytest.mark.parametrize(
     ("machine", "expected"),
     [
-        pytest.param((16.7, 48.411, 250), (16, 48.411, 250), id="raised-cores-floored"),
-        pytest.param((2.0, 8.0, 10), (4, 16.0, 40), id="never-below-the-request"),
+        pytest.param(("RTX 4090", 1, 16.7, 48.411, 250), (16, 48.411, 250), id="raised"),
+        pytest.param(("RTX 4090", 1, 2.0, 8.0, 10), (4, 16.0, 40), id="never-below-the-request"),
     ],
 )
-def test_with_capacity(machine: tuple[float, float, int], expected: tuple[int, float, int]) -> None:
+def test_with_capacity(machine: tuple[Any, ...], expected: tuple[int, float, int]) -> None:
     """The signature of a rented machine: at-least fields raised to the machine, the rest kept."""
     rented = SIG.with_capacity(*machine)
     assert (rented.cpu_cores, rented.mem_gb, rented.disk_gb) == expected
@@ -219,7 +245,7 @@ def test_with_capacity(machine: tuple[float, float, int], expected: tuple[int, f
 def test_one_core_job_machine_serves_a_later_four_core_job() -> None:
     small = dataclasses.replace(SIG, cpu_cores=1, mem_gb=0.0)
     assert not small.can_serve(SIG)
-    assert small.with_capacity(16.0, 32.0, 40).can_serve(SIG)
+    assert small.with_capacity("RTX 4090", 1, 16.0, 32.0, 40).can_serve(SIG)
 
 
 # -- retire_reason: when an idle (or just released) instance goes -------------------------
@@ -375,7 +401,7 @@ HORIZON_HOURS = BUDGET_HORIZON_SECONDS / 3600.0
 def test_rent_refusal(
     rate: float, price: float, spend: float, caps: dict[str, float], refused_by: str | None
 ) -> None:
-    refusal = rent_refusal(rate, price, spend, config(**caps))
+    refusal = rent_refusal(rate, price, spend, Caps(**caps))
     if refused_by is None:
         assert refusal is None
     else:
@@ -390,7 +416,7 @@ def test_budget_horizon_with_the_spend_so_far() -> None:
         clock.tick(3600)
         spend = running.cost(time.time())
     assert spend == pytest.approx(0.5)
-    budget = config(budget=1.0)
+    budget = Caps(budget=1.0)
     assert rent_refusal(0.5, 0.5, spend, budget) is None
     assert "--vastai-budget" in (rent_refusal(0.5, 2.0, spend, budget) or "")
 
@@ -410,16 +436,28 @@ class Rig:
     market: Marketplace
     pool: Pool
     state_dir: Path
+    leases: dict[str, Lease] = dataclasses.field(default_factory=dict)
 
     def rent(self, signature: Signature, tag: str, state: State = State.IDLE) -> Instance:
+        """Really rented on the fake, then moved to ``state`` the legal way."""
         offer_id = CHEAP_OFFERS[len(self.pool.instances())]
         label = make_label(self.pool.config.run_id, tag)
-        instance = make_instance(signature, label=label, state=state, offer_id=offer_id)
+        instance = make_instance(signature, label=label, state=State.RENTING, offer_id=offer_id)
         instance.instance_id = self.market.rent(
             offer_id, image=signature.image, disk_gb=40, label=label, onstart=""
         )
-        self.pool._register(instance)  # how _rent adds it; there is no public door for this
+        table = self.pool.table
+        table.add(instance)
+        table.move(instance, State.BOOTING)
+        table.move(instance, State.BOOTSTRAPPING)
+        if state is State.BUSY:
+            assert instance.slots is not None
+            self.leases[tag] = instance.slots.take(NEEDS)
+        table.move(instance, state)
         return instance
+
+    def release(self, instance: Instance, tag: str) -> None:
+        self.pool.release(Placement(instance, self.leases.pop(tag)), healthy=True)
 
     def fake_status(self, instance: Instance) -> str | None:
         """The instance's actual_status on the fake (None while just created)."""
@@ -437,7 +475,9 @@ def make_rig(fake: FakeVast, state_dir: Path, **overrides: Any) -> Rig:
     market = Marketplace(fake.api_key, fake.url)
     cfg = config(**overrides)
     key = RunKey.create(state_dir / "keys", cfg.run_id)
-    return Rig(fake, market, Pool(market, Ledger(state_dir), key, cfg), state_dir)
+    pool = Pool(market, Ledger(state_dir), key, cfg)
+    pool.orphans_reaped.set()  # no earlier runs here
+    return Rig(fake, market, pool, state_dir)
 
 
 LIFETIME = 120.0
@@ -513,7 +553,7 @@ def test_sweep_destroys_exactly_the_idle_instances_that_are_due(
         clock.tick(LIFETIME - 100)
         pool.sweep()  # T0 + 120: busy is at the lifetime, but lifetime waits for the job
         assert alive() == {"busy"} and busy.state == State.BUSY
-        pool.release(busy, healthy=True)
+        rig.release(busy, "busy")
         assert alive() == set()
     assert fake.alive_instances() == []
     assert destroy_reasons(caplog) == {
@@ -536,7 +576,7 @@ def test_an_idle_instance_the_marketplace_no_longer_lists_is_not_handed_out(rig:
         rig.market.destroy(vanished.instance_id)
         rig.pool.refresh()  # the row is gone
         rig.pool.sweep()
-        assert pick_idle(rig.pool.instances(), SIG) is None
+        assert pick_instance(rig.pool.instances(), SIG, NEEDS) is None
 
 
 def test_sweep_keeps_everything_with_keep_instances(fakevast: FakeVast, tmp_path: Path) -> None:
@@ -577,7 +617,7 @@ def acquire_like_the_executor(pool: Pool, request: ResourceRequest) -> Instance:
         for _ in range(600):
             pool.refresh()
             try:
-                return future.result(timeout=0.1)
+                return future.result(timeout=0.1).instance
             except FutureTimeout:
                 continue
         raise AssertionError("acquire did not return within 60 s")
@@ -589,7 +629,7 @@ def test_acquire_evicts_another_signature_only_at_capacity(
 ) -> None:
     """At --vastai-pool-max-instances, an idle instance no job here can use makes room for
     the new rent (destroyed before the create, never both alive); below it, it stays."""
-    small_rig = make_rig(fakevast, tmp_path / "state", max_instances=max_instances)
+    small_rig = make_rig(fakevast, tmp_path / "state", caps=Caps(max_instances=max_instances))
     try:
         other = small_rig.rent(
             dataclasses.replace(REQUEST_4090.signature(), gpu_name="RTX 3060"), "x"
@@ -610,10 +650,10 @@ def test_acquire_evicts_another_signature_only_at_capacity(
 
 
 def test_acquire_reuses_a_fitting_idle_instance_without_an_api_call(rig: Rig) -> None:
-    idle = rig.rent(REQUEST_4090.signature().with_capacity(16, 64, 40), "warm")
+    idle = rig.rent(REQUEST_4090.signature().with_capacity("RTX 4090", 1, 16, 64, 40), "warm")
     idle.last_released_at = time.time()
     calls = rig.api_calls()
-    assert rig.pool.acquire(REQUEST_4090, "train-2-a1") is idle
+    assert rig.pool.acquire(REQUEST_4090, "train-2-a1").instance is idle
     assert idle.state == State.BUSY
     assert rig.api_calls() == calls
 

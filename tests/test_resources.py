@@ -346,6 +346,8 @@ def test_request_fields():
         "extra_query": "",
         "interruptible": False,
         "deploy": ("scripts/*.py", "ref/a.fa"),
+        "gpus": 2,
+        "job_disk_gb": 0.0,
     }
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.num_gpus = 3  # type: ignore[misc]
@@ -388,12 +390,10 @@ GPU_FIX = "Remove the {0} resource or set it to 1 or more."
 
 # (id, job resources, threads, resource named, value shown, text that must appear)
 RESOURCE_ERRORS = [
-    ("gpu 0", {"gpu": 0}, 1, "gpu", "0", "Vast.ai only rents GPU machines"),
-    ("gpu negative", {"gpu": -1}, 1, "gpu", "-1", "needs gpu >= 1"),
+    ("gpu negative", {"gpu": -1}, 1, "gpu", "-1", "0 or more"),
     ("gpu fractional", {"gpu": 1.5}, 1, "gpu", "1.5", "whole number"),
     ("gpu text", {"gpu": "two"}, 1, "gpu", "'two'", "whole number"),
     ("gpu bool", {"gpu": True}, 1, "gpu", "True", "whole number"),
-    ("nvidia_gpu 0", {"nvidia_gpu": 0}, 1, "nvidia_gpu", "0", GPU_FIX.format("nvidia_gpu")),
     (
         "gpu names disagree",
         {"gpu": 1, "nvidia_gpu": 2},
@@ -459,13 +459,12 @@ def test_bad_resource_names_rule_resource_value_and_fix(resources, threads, reso
     assert message.rstrip().endswith(".")
 
 
-def test_gpu_zero_message_in_full():
-    with pytest.raises(ResourceError) as caught:
-        request({"gpu": 0})
-    assert str(caught.value) == (
-        "Rule 'train': resource gpu=0 is invalid: Vast.ai only rents GPU machines, so a job "
-        "needs gpu >= 1. Remove the gpu resource or set it to 1 or more."
-    )
+@pytest.mark.parametrize("resources", [{}, {"gpu": 0}, {"nvidia_gpu": 0}])
+def test_a_job_without_gpus_is_a_cpu_job_on_a_gpu_machine(resources):
+    """Vast.ai rents only GPU machines: the search asks for one GPU, the job takes none."""
+    built = request(resources)
+    assert (built.num_gpus, built.gpus, built.needs().gpus) == (1, 0, 0)
+    assert "num_gpus>=1" in built.offer_query()
 
 
 def test_group_errors_name_the_group_and_its_rules():
@@ -565,9 +564,6 @@ def test_signature_at_least_fields(name, bigger):
     ("name", "other"),
     [
         ("image", "img:2"),
-        ("gpu_name", "RTX 3090"),
-        ("gpu_name", None),
-        ("num_gpus", 2),
         ("geolocation", ("DE",)),
         ("geolocation", ()),
         ("datacenter_only", False),
@@ -586,9 +582,19 @@ def test_signature_exact_fields(name, other):
     assert len({changed.exact_key(), SIGNATURE.exact_key()}) == 2  # hashable bucket keys
 
 
+def test_signature_gpu_model_equal_unless_any_and_gpu_count_at_least():
+    other_model = dataclasses.replace(SIGNATURE, gpu_name="RTX 3090")
+    assert not other_model.can_serve(SIGNATURE) and not SIGNATURE.can_serve(other_model)
+    assert SIGNATURE.can_serve(dataclasses.replace(SIGNATURE, gpu_name=None))
+    more_gpus = dataclasses.replace(SIGNATURE, num_gpus=SIGNATURE.num_gpus + 1)
+    assert more_gpus.can_serve(SIGNATURE) and not SIGNATURE.can_serve(more_gpus)
+
+
 def test_request_signature_from_jobs():
-    small = request({"mem_mb": 2000}, threads=2).signature()
-    large = request({"mem_mb": 8000, "disk_mb": 90_000}, threads=4).signature()
+    small = request({"mem_mb": 2000, "gpu_model": "RTX_4090"}, threads=2).signature()
+    large = request(
+        {"mem_mb": 8000, "disk_mb": 90_000, "gpu_model": "RTX_4090"}, threads=4
+    ).signature()
     assert large.can_serve(small) and not small.can_serve(large)
     other_gpu = request({"mem_mb": 8000, "gpu_model": "RTX_3090"}, threads=4).signature()
     assert not other_gpu.can_serve(small)

@@ -1,0 +1,136 @@
+"""Destroying instances, and never forgetting one the marketplace has not confirmed gone.
+
+Why its own part: a destroy can fail (rate limit, server error, an answer lost), and a create
+can end without an answer. Either way the instance may be billing. A failed destroy keeps the
+instance in ``destroying`` and is retried every reaper round and at teardown; an unknown
+create is looked for by its label in every list round, destroyed if it shows up, and only
+presumed absent (no longer counted toward the caps) once list rounds have missed it for a
+while. The ledger entry stays open until one of these is settled, so a later run's reaper or
+``snakemake-vastai reap`` still finds what this run could not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from snakemake_executor_plugin_vastai.instance import Instance
+from snakemake_executor_plugin_vastai.ledger import Ledger
+from snakemake_executor_plugin_vastai.logger import get_logger
+from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Marketplace, MarketplaceError
+from snakemake_executor_plugin_vastai.table import InstanceTable, State
+
+log = get_logger(__name__)
+
+UNKNOWN_GRACE_SECONDS = 5.0  # an unknown create missing from lists this long stops counting
+UNKNOWN_MIN_MISSES = 2  # ... and from at least this many list rounds
+
+
+class Destroyer:
+    def __init__(self, market: Marketplace, ledger: Ledger, table: InstanceTable) -> None:
+        self.market = market
+        self.ledger = ledger
+        self.table = table
+        self._in_progress: set[int] = set()  # ids of instances some thread is destroying
+
+    def claim(self, instance: Instance) -> bool:
+        """Mark for destruction so nobody leases it; False if it is past that already or
+        has no id to destroy (still renting, or an unknown create). Lock held or not."""
+        with self.table.locked():
+            if instance.state in (State.DESTROYING, State.GONE, State.RENTING, State.UNKNOWN):
+                return False
+            self.table.move(instance, State.DESTROYING)
+            return True
+
+    def destroy(self, instance: Instance, reason: str) -> None:
+        if self.claim(instance):
+            self.finish(instance, reason)
+
+    def finish(self, instance: Instance, reason: str) -> bool:
+        """Send the destroy of a claimed instance and confirm it; True once gone. On failure
+        it stays ``destroying`` for the next retry. One thread at a time per instance: a
+        second caller waits for the first one's result."""
+        with self.table.locked():
+            if instance.state is State.GONE:
+                return True
+            if id(instance) in self._in_progress:
+                self.table.wait_for(lambda: id(instance) not in self._in_progress, timeout=120.0)
+                return instance.state is State.GONE
+            self._in_progress.add(id(instance))
+        try:
+            return self._destroy_now(instance, reason)
+        finally:
+            with self.table.locked():
+                self._in_progress.discard(id(instance))
+                self.table.notify()
+
+    def retry_failed(self) -> None:
+        """The reaper's round: try again every destroy that failed earlier."""
+        for instance in self.table.in_states(frozenset({State.DESTROYING})):
+            if instance.destroy_error is not None and id(instance) not in self._in_progress:
+                self.finish(instance, "retrying a failed destroy")
+
+    def settle_unknown(self, rows: Iterable[InstanceInfo], now: float | None = None) -> None:
+        """One list round's verdict on every create whose answer was lost."""
+        now = time.monotonic() if now is None else now
+        by_label = {row.label: row for row in rows}
+        found = []
+        with self.table.locked():
+            for instance in self.table.in_states(frozenset({State.UNKNOWN})):
+                row = by_label.get(instance.label)
+                if row is not None:
+                    instance.instance_id = row.id
+                    instance.observe(row)
+                    self.table.move(instance, State.DESTROYING)
+                    found.append(instance)
+                    continue
+                instance.list_misses += 1
+                since = instance.unknown_since if instance.unknown_since is not None else now
+                if (
+                    not instance.presumed_absent
+                    and instance.list_misses >= UNKNOWN_MIN_MISSES
+                    and now - since >= UNKNOWN_GRACE_SECONDS
+                ):
+                    instance.presumed_absent = True
+                    self.table.notify()
+        for instance in found:
+            assert instance.instance_id is not None
+            log.warning(
+                "The create whose answer was lost did happen: %s. Destroying it.", instance.name
+            )
+            self.ledger.rented(instance.label, instance.instance_id)
+            self.finish(instance, "its create's answer was lost")
+
+    def close_unknown(self, rows: Iterable[InstanceInfo]) -> None:
+        """At teardown, after the last list round: an unknown create still not listed is
+        taken as never made, and its ledger entry closed."""
+        self.settle_unknown(rows, now=float("inf"))
+        for instance in self.table.in_states(frozenset({State.UNKNOWN})):
+            log.info("The lost create %s never appeared; counting it as not made", instance.label)
+            self.ledger.destroyed(instance.label)
+            with self.table.locked():
+                self.table.move(instance, State.GONE)
+
+    def _destroy_now(self, instance: Instance, reason: str) -> bool:
+        if instance.instance_id is not None:
+            log.info("Destroying %s: %s", instance.name, reason)
+        instance.close()
+        if instance.instance_id is not None:
+            try:
+                self.market.destroy(instance.instance_id)
+            except MarketplaceError as error:
+                if instance.destroy_error is None:
+                    log.error(
+                        "Could not destroy %s yet: %s. Retrying; if this run ends first, run "
+                        "'snakemake-vastai reap' or destroy it in the Vast.ai console.",
+                        instance.name,
+                        error,
+                    )
+                instance.destroy_error = str(error)
+                return False
+        self.ledger.destroyed(instance.label)
+        with self.table.locked():
+            instance.gone_at = time.time()
+            instance.destroy_error = None
+            self.table.move(instance, State.GONE)
+        return True

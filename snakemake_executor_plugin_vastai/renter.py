@@ -1,0 +1,245 @@
+"""Turning a reservation into a rented instance: a shared offer search, the price caps
+checked under the table's lock at the price of the offer about to be rented, the ledger
+written before the create, and a create whose answer is lost kept as "unknown".
+
+Why here and not in the pool: renting is the one place where money is committed, and each
+of its failures (no offer, offer taken, cap reached, answer lost) must leave the table in a
+state that the caps and teardown account for.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+
+from snakemake_executor_plugin_vastai.bootstrap import ONSTART_SCRIPT
+from snakemake_executor_plugin_vastai.caps import Caps, rent_refusal
+from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.instance import Instance
+from snakemake_executor_plugin_vastai.ledger import Ledger
+from snakemake_executor_plugin_vastai.logger import get_logger
+from snakemake_executor_plugin_vastai.marketplace import (
+    CreateOutcomeUnknown,
+    Marketplace,
+    Offer,
+    OfferGone,
+)
+from snakemake_executor_plugin_vastai.resources import ResourceRequest
+from snakemake_executor_plugin_vastai.slots import Lease
+from snakemake_executor_plugin_vastai.table import InstanceTable, State
+
+log = get_logger(__name__)
+
+SEARCH_TTL_SECONDS = 5.0  # concurrent rents of one signature share one search
+
+
+class NoOfferError(VastaiError):
+    """No offer matches a job's request; the message says which filters to relax."""
+
+
+class CapRefusal(VastaiError):
+    """Every matching offer would take the run past a price cap or the budget."""
+
+
+class OfferSearch:
+    """Offer searches shared for a few seconds, so a fan-out makes one search per signature
+    instead of one per job. Offers this run has just taken are dropped from the shared copy;
+    an exhausted copy is searched again."""
+
+    def __init__(self, market: Marketplace, order: str, ttl: float = SEARCH_TTL_SECONDS) -> None:
+        self.market = market
+        self.order = order
+        self._cache: TTLCache[tuple[str, int], list[Offer]] = TTLCache(maxsize=256, ttl=ttl)
+        self._lock = threading.Lock()  # guards the cache (not thread-safe) and the key locks
+        self._key_locks: dict[tuple[str, int], threading.Lock] = {}
+
+    def offers(self, query: str, disk_gb: int, fresh: bool = False) -> list[Offer]:
+        key = (query, disk_gb)
+        with self._lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # the second caller waits for the first one's answer
+            with self._lock:
+                cached = None if fresh else self._cache.get(key)
+            if cached:
+                return list(cached)
+            found = self.market.search(query, self.order, disk_gb)
+            with self._lock:
+                self._cache[key] = list(found)
+            return found
+
+    def drop(self, offer_id: int) -> None:
+        """An offer is taken (by us or someone else): no shared copy offers it again."""
+        with self._lock:
+            for key, offers in list(self._cache.items()):
+                self._cache[key] = [o for o in offers if o.id != offer_id]
+
+
+@dataclass(frozen=True)
+class RentPlan:
+    """What the renter needs that does not change during a run."""
+
+    run_id: str
+    caps: Caps
+    exclusive: bool  # no packing: a job holds its instance alone
+
+
+class Renter:
+    def __init__(
+        self,
+        market: Marketplace,
+        ledger: Ledger,
+        table: InstanceTable,
+        search: OfferSearch,
+        plan: RentPlan,
+        spend: Callable[[], float],
+    ) -> None:
+        self.market = market
+        self.ledger = ledger
+        self.table = table
+        self.search = search
+        self.plan = plan
+        self.spend = spend
+        self._offers_in_flight: set[int] = set()  # our own concurrent rents never race
+
+    def rent(self, reserved: Instance, request: ResourceRequest) -> Lease:
+        """Rent an offer for ``reserved`` (state renting). On return it is booting, and the
+        job's share of it is taken (in the same locked step, so no other job can take the
+        new machine first): the lease is returned. Raises
+        NoOfferError or CapRefusal (nothing rented; the reservation is still renting, for
+        the caller to release or retry), or CreateOutcomeUnknown (the reservation is now
+        unknown and stays counted until list rounds settle it)."""
+        query = request.offer_query()
+        log.debug("Offer query for %s: %s (order %s)", request.rule, query, self.search.order)
+        refusal = None
+        offers: list[Offer] = []
+        for fresh in (False, True):  # the shared copy first; once more afresh if exhausted
+            offers = self.search.offers(query, request.disk_gb, fresh=fresh)
+            for offer in offers:
+                claimed, why = self._claim(reserved, offer, request)
+                refusal = refusal or why
+                lease = self._create_claimed(reserved, request, offer) if claimed else None
+                if lease is not None:
+                    return lease
+            if not offers or refusal is not None:
+                break
+        if refusal is not None:
+            raise CapRefusal(f"No new instance for {request.rule}: {refusal}")
+        if not offers:
+            raise NoOfferError(no_offer_message(request, query))
+        raise NoOfferError(
+            f"all {len(offers)} matching offers for {request.rule} were taken before they "
+            "could be rented"
+        )
+
+    def _claim(
+        self, reserved: Instance, offer: Offer, request: ResourceRequest
+    ) -> tuple[bool, str | None]:
+        """Price the reservation at this offer if the caps allow it and no other job of ours
+        is renting the same offer: (claimed, the cap's refusal if any)."""
+        with self.table.locked():
+            if offer.id in self._offers_in_flight:
+                return False, None
+            others = sum(i.dph_total for i in self.table.counted() if i is not reserved)
+            refusal = rent_refusal(others, offer.dph_total, self.spend(), self.plan.caps)
+            if refusal is not None:
+                return False, refusal
+            self._offers_in_flight.add(offer.id)
+            capacity = request.signature().with_capacity(
+                offer.gpu_name,
+                offer.num_gpus,
+                offer.cpu_cores,
+                offer.cpu_ram_mb / 1000,
+                request.disk_gb,
+            )
+            reserved.priced(offer, capacity, self.plan.exclusive)
+            self.table.notify()
+            return True, None
+
+    def _create_claimed(
+        self, reserved: Instance, request: ResourceRequest, offer: Offer
+    ) -> Lease | None:
+        try:
+            return self._create(reserved, request, offer)
+        finally:
+            with self.table.locked():
+                self._offers_in_flight.discard(offer.id)
+
+    def _create(self, reserved: Instance, request: ResourceRequest, offer: Offer) -> Lease | None:
+        """The job's lease once created (booting); None when the offer was gone."""
+        self.ledger.rent_requested(reserved.label, self.plan.run_id, offer.id, offer.dph_total)
+        try:
+            instance_id = self.market.rent(
+                offer.id,
+                image=request.image,
+                disk_gb=request.disk_gb,
+                label=reserved.label,
+                onstart=ONSTART_SCRIPT,
+            )
+        except OfferGone as gone:
+            log.info("%s is gone (%s); trying the next offer", offer.describe(), gone)
+            self.search.drop(offer.id)
+            self.ledger.destroyed(reserved.label)  # nothing was created under this label
+            with self.table.locked():
+                reserved.dph_total = 0.0
+            return None
+        except CreateOutcomeUnknown:
+            found = self._look_up(reserved.label)
+            if found is None:
+                self.search.drop(offer.id)
+                self._mark_unknown(reserved)
+                raise
+            instance_id = found
+        self.search.drop(offer.id)
+        self.ledger.rented(reserved.label, instance_id)
+        with self.table.locked():
+            assert reserved.slots is not None
+            reserved.instance_id = instance_id
+            reserved.busy_since = time.time()
+            lease = reserved.slots.take(request.needs())
+            self.table.move(reserved, State.BOOTING)
+        log.info("Rented %s: %s", reserved.name, offer.describe())
+        return lease
+
+    def _look_up(self, label: str) -> int | None:
+        """One immediate look by label after a lost answer; the reaper keeps looking."""
+        try:
+            row = self.market.find_by_label(label)
+        except VastaiError:
+            return None
+        return row.id if row is not None else None
+
+    def _mark_unknown(self, reserved: Instance) -> None:
+        with self.table.locked():
+            reserved.unknown_since = time.monotonic()
+            self.table.move(reserved, State.UNKNOWN)
+        log.warning(
+            "The answer to renting %s was lost; watching for it by label so it is destroyed "
+            "if it exists",
+            reserved.label,
+        )
+
+
+def no_offer_message(request: ResourceRequest, query: str) -> str:
+    relax = [
+        hint
+        for present, hint in (
+            (request.gpu_name, "another gpu_model (or none)"),
+            (request.num_gpus > 1, "fewer GPUs"),
+            (request.max_price, "a higher --vastai-max-price"),
+            (request.geolocation, "a wider --vastai-geolocation"),
+            (request.reliability, "a lower --vastai-reliability"),
+            (request.datacenter_only, "--vastai-no-datacenter"),
+            (request.mem_gb, "less mem_mb"),
+            (request.cpu_cores, "fewer threads"),
+            (request.extra_query, "fewer extra filters (--vastai-search-query / vastai_query)"),
+        )
+        if present
+    ]
+    return (
+        f"No Vast.ai offer matches {request.rule} (query: {query}). "
+        f"Try relaxing: {', '.join(relax) or 'the request'}."
+    )
