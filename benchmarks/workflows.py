@@ -14,6 +14,7 @@ from pathlib import Path
 
 GIT_TIMEOUT = 60.0
 SLEEP_SECONDS = 1
+LOAD_SLEEP_SECONDS = 0.1  # the load case: many short jobs, so the plugin's overhead dominates
 
 _CHAIN = """\
 # chain: {jobs} dependent jobs; each sleeps {sleep} s, then copies its input to its output.
@@ -58,19 +59,45 @@ rule work:
         "sleep {sleep}; echo {{wildcards.i}} > {{output}}"
 """
 
-_TEMPLATES = {"chain": _CHAIN, "fanout": _FANOUT}
+# One GPU, stated rather than left to the plugin's default, so that what a job takes of an
+# instance does not change with that default; small mem_mb and disk_mb, as a tiny job would
+# declare (Snakemake's default for a job without input, disk_mb=50000, would fill an instance's
+# disk with one job and leave the packer nothing to share).
+_LOAD = """\
+# load: {jobs} independent jobs; each sleeps {sleep} s, then writes a small output.
+localrules: all
+
+
+rule all:
+    input:
+        expand("load/{{i}}.txt", i=range(1, {jobs} + 1)),
+
+
+rule work:
+    output:
+        "load/{{i}}.txt",
+    resources:
+        gpu=1,
+        mem_mb=1000,
+        disk_mb=1000,
+    shell:
+        "sleep {sleep}; echo load {{wildcards.i}} > {{output}}"
+"""
+
+_TEMPLATES = {"chain": _CHAIN, "fanout": _FANOUT, "load": _LOAD}
 
 
 @dataclass(frozen=True)
 class Workflow:
     """One benchmark workflow: which shape, how many remote jobs, how many at once."""
 
-    name: str  # "chain" or "fanout"
+    name: str  # "chain", "fanout" or "load"
     jobs: int  # jobs that run remotely; the target rule `all` is local and not counted
     parallel: int  # --jobs for the executor, --cores for plain local Snakemake
 
     def snakefile(self) -> str:
-        return _TEMPLATES[self.name].format(jobs=self.jobs, sleep=SLEEP_SECONDS)
+        sleep = LOAD_SLEEP_SECONDS if self.name == "load" else SLEEP_SECONDS
+        return _TEMPLATES[self.name].format(jobs=self.jobs, sleep=sleep)
 
     def files(self) -> dict[str, str]:
         files = {"Snakefile": self.snakefile()}
@@ -95,6 +122,16 @@ def standard_workflows(quick: bool) -> list[Workflow]:
     if quick:
         return [Workflow("chain", 5, 1), Workflow("fanout", 8, 4)]
     return [Workflow("chain", 20, 1), Workflow("fanout", 40, 8)]
+
+
+def load_workflow(quick: bool) -> Workflow:
+    """The load case: 500 short jobs at 32 at once; --quick: 60 at 8."""
+    return Workflow("load", 60, 8) if quick else Workflow("load", 500, 32)
+
+
+def load_outputs(jobs: int) -> dict[str, str]:
+    """What the load workflow must leave behind: relative path -> exact text."""
+    return {f"load/{i}.txt": f"load {i}\n" for i in range(1, jobs + 1)}
 
 
 def _git_env() -> dict[str, str]:

@@ -151,7 +151,9 @@ FAULTS: dict[str, tuple[dict[str, Any], str, int]] = {
 }
 
 
-@pytest.mark.parametrize("jobs", [1, 3], ids=["jobs1", "jobs3"])
+@pytest.mark.parametrize(
+    "jobs", [1, pytest.param(3, marks=pytest.mark.slow)], ids=["jobs1", "jobs3"]
+)
 @pytest.mark.parametrize("fault", FAULTS, ids=FAULTS.keys())
 def test_one_transient_fault_costs_a_retry_not_the_run(
     fakevast: FakeVast, tmp_path: Path, fault: str, jobs: int
