@@ -23,6 +23,7 @@ T = TypeVar("T")
 log = get_logger(__name__)
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+GARBLED = (ValueError, KeyError, TypeError)  # what the SDK raises on an unreadable answer
 FATAL_BOOT_MESSAGES = (
     "oci runtime create failed",
     "toomanyrequests",
@@ -375,21 +376,16 @@ class Marketplace:
                 wait = max(wait, _retry_after(response))
                 log.debug("Vast.ai API %s: HTTP %s, retrying in %.1f s", what, status, wait)
                 time.sleep(wait)
-            except (requests.ConnectionError, requests.Timeout) as error:
+            except (requests.ConnectionError, requests.Timeout, *GARBLED) as error:
+                # No answer, or a garbled one (not JSON, or not the shape the SDK indexes,
+                # as a proxy or a server fault sends): retried like a server error.
                 wait = next(delays, None) if retry_server_errors else None
                 if wait is None:
-                    raise MarketplaceError(
-                        self.redact(f"Vast.ai API unreachable at {self.api_url} ({what}): {error}")
-                    ) from None
-                time.sleep(wait)
-            except (ValueError, KeyError, TypeError) as error:
-                # A garbled answer (not JSON, or not the shape the SDK indexes): treated
-                # like a lost one, since a proxy or a server fault usually sends it.
-                wait = next(delays, None) if retry_server_errors else None
-                if wait is None:
-                    raise MarketplaceError(
-                        self.redact(f"Vast.ai API: unreadable answer ({what}): {error!r}")
-                    ) from None
+                    if isinstance(error, GARBLED):
+                        text = f"Vast.ai API: unreadable answer ({what}): {error!r}"
+                    else:
+                        text = f"Vast.ai API unreachable at {self.api_url} ({what}): {error}"
+                    raise MarketplaceError(self.redact(text)) from None
                 time.sleep(wait)
 
 

@@ -12,6 +12,7 @@ the test itself, through the same guarded moves the pool's preparing thread make
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 from collections.abc import Iterator
@@ -28,7 +29,6 @@ from snakemake_executor_plugin_vastai.ledger import Ledger
 from snakemake_executor_plugin_vastai.marketplace import Marketplace, MarketplaceError, RetryPolicy
 from snakemake_executor_plugin_vastai.pool import Placement, Pool, PoolConfig
 from snakemake_executor_plugin_vastai.renter import CapRefusal, NoOfferError
-from snakemake_executor_plugin_vastai.resources import ResourceRequest
 from snakemake_executor_plugin_vastai.sshkey import RunKey
 from snakemake_executor_plugin_vastai.table import (
     STARTING,
@@ -39,25 +39,14 @@ from snakemake_executor_plugin_vastai.table import (
     State,
 )
 from tests.fakevast.harness import FakeVast
+from tests.test_pool_decisions import REQUEST_4090
 
 EXPECTED = (InstanceFailure, NoOfferError, CapRefusal, MarketplaceError)
 """What a step may legitimately meet; anything else (IllegalTransition above all) fails."""
 
 REQUESTS = [
-    ResourceRequest(
-        rule=f"r{gpus}",
-        num_gpus=max(1, gpus),
-        gpu_name=None,
-        cpu_cores=cores,
-        mem_gb=None,
-        disk_gb=20,
-        image="vastai/pytorch:@vastai-automatic-tag",
-        geolocation=(),
-        reliability=0.0,
-        datacenter_only=False,
-        max_price=None,
-        extra_query="",
-        gpus=gpus,
+    dataclasses.replace(
+        REQUEST_4090, rule=f"r{gpus}", num_gpus=max(1, gpus), gpus=gpus, cpu_cores=cores
     )
     for gpus, cores in ((0, 2), (1, None), (2, 4))
 ]
