@@ -142,12 +142,7 @@ def retire_reason(instance: Instance, now: float, config: PoolConfig, demand: De
 
 def pending_rent_for(instances: Iterable[Instance], wanted: Signature) -> bool:
     """Is a rent of this job's kind under way? Its machine may have room for the job too."""
-    return any(
-        i.state is State.RENTING
-        and i.signature.exact_key() == wanted.exact_key()
-        and wanted.gpu_name in (None, i.signature.gpu_name)
-        for i in instances
-    )
+    return any(i.state is State.RENTING and i.signature.same_kind(wanted) for i in instances)
 
 
 def will_free_up(instances: Iterable[Instance], wanted: Signature, needs: Needs) -> bool:

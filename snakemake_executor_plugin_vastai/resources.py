@@ -135,12 +135,17 @@ class Signature:
             disk_gb=max(self.disk_gb, disk_gb),
         )
 
+    def same_kind(self, wanted: Signature) -> bool:
+        """Equal where it must be (the GPU model too, unless ``wanted`` accepts any)."""
+        return self.exact_key() == wanted.exact_key() and wanted.gpu_name in (
+            None,
+            self.gpu_name,
+        )
+
     def can_serve(self, wanted: Signature) -> bool:
         """True if an instance rented for ``self`` may run a job that wants ``wanted``."""
-        return (
-            self.exact_key() == wanted.exact_key()
-            and wanted.gpu_name in (None, self.gpu_name)
-            and all(getattr(self, name) >= getattr(wanted, name) for name in _AT_LEAST)
+        return self.same_kind(wanted) and all(
+            getattr(self, name) >= getattr(wanted, name) for name in _AT_LEAST
         )
 
 
