@@ -7,6 +7,7 @@ where to connect; everything else goes to stderr. On shutdown every instance is 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -19,10 +20,24 @@ from .market import Market
 from .server import FakeVastServer
 
 
+def _milliseconds(text: str) -> float:
+    """A round-trip time: a finite number of milliseconds, >= 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds >= 0, got {text!r}")
+    return value
+
+
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.fakevast", description=__doc__)
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--boot-seconds", type=float, default=0.0, help="create -> running delay")
+    parser.add_argument(
+        "--rtt-ms",
+        type=_milliseconds,
+        default=0.0,
+        help="simulated round-trip time of every SSH connection (half each way), e.g. 50",
+    )
     parser.add_argument("--offers", type=Path, default=DEFAULT_OFFERS, help="catalogue JSON")
     parser.add_argument("--api-key", default="fake-key", help="the only key accepted")
     parser.add_argument("--state-dir", type=Path, help="instances' files (default: a temp dir)")
@@ -48,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fakevast-") as scratch:
         state_root = args.state_dir or Path(scratch)
         state_root.mkdir(parents=True, exist_ok=True)
-        market = Market(catalog, args.boot_seconds, state_root)
+        market = Market(catalog, args.boot_seconds, state_root, rtt_ms=args.rtt_ms)
         server = FakeVastServer(args.port, market, args.api_key, args.log_requests)
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -6,6 +6,7 @@ The JSON schema is documented in README.md ("Faults").
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from collections.abc import Callable, Mapping
@@ -86,6 +87,16 @@ def _bandwidth(value: Any, where: str) -> float | None:
     return None if value is None else _number(value, where, minimum=1.0)
 
 
+def _rtt(value: Any, where: str) -> float | None:
+    """Milliseconds of simulated round-trip time; null means "back to the default"."""
+    if value is None:
+        return None
+    rtt_ms = _number(value, where)
+    if not math.isfinite(rtt_ms):
+        raise FaultError(f"{where}: expected a finite number of milliseconds, got {value!r}")
+    return rtt_ms
+
+
 def _boot_failure(value: Any, where: str) -> str | None:
     if value is not None and not (isinstance(value, str) and value):
         raise FaultError(f"{where}: expected a status_msg string or null, got {value!r}")
@@ -145,6 +156,7 @@ class InstanceFaults:
     stopped: Delay | None = None
     price_rise: PriceRise | None = None
     bandwidth: float | None = None
+    rtt_ms: float | None = None
     cut_connections: bool = False
 
 
@@ -164,6 +176,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "stopped": Delay.parse,
     "price_rise": PriceRise.parse,
     "bandwidth": _bandwidth,
+    "rtt_ms": _rtt,
     "cut_connections": _flag,
     "gone": _flag,
     "count": _count,
@@ -277,7 +290,7 @@ def _endpoint(value: Any, where: str) -> str | None:
 class FaultUpdate:
     """A validated ``POST /_fake/faults`` document, split by who applies which part."""
 
-    settings: dict[str, Any]  # boot_seconds, bandwidth, logs_not_ready, next_creates
+    settings: dict[str, Any]  # boot_seconds, bandwidth, rtt_ms, logs_not_ready, next_creates
     http: list[HttpRule]
     offers: dict[int, dict[str, Any] | None]
     instances: dict[int, dict[str, Any]]
@@ -292,6 +305,7 @@ _TOP_KEYS = {
     "next_creates",
     "instances",
     "bandwidth",
+    "rtt_ms",
     "cut_connections",
     "logs_not_ready",
     "seed",
@@ -307,6 +321,8 @@ def parse_update(doc: Any) -> FaultUpdate:
         settings["boot_seconds"] = None if value is None else _number(value, "boot_seconds")
     if "bandwidth" in data:
         settings["bandwidth"] = _bandwidth(data["bandwidth"], "bandwidth")
+    if "rtt_ms" in data:
+        settings["rtt_ms"] = _rtt(data["rtt_ms"], "rtt_ms")
     if "logs_not_ready" in data:
         settings["logs_not_ready"] = int(_number(data["logs_not_ready"], "logs_not_ready"))
     if "next_creates" in data:
@@ -335,10 +351,15 @@ def parse_update(doc: Any) -> FaultUpdate:
 
 @dataclass
 class FaultBook:
-    """The marketplace-wide fault settings; thread-safe, consulted on every request."""
+    """The marketplace-wide fault settings; thread-safe, consulted on every request.
+
+    `boot_seconds` and `rtt_ms` start from the command line's values; null or a clear goes back
+    to those."""
 
     default_boot_seconds: float
+    default_rtt_ms: float = 0.0
     boot_seconds: float = field(init=False)
+    rtt_ms: float = field(init=False)
     http: list[HttpRule] = field(default_factory=list)
     offers: dict[int, CreateFaults] = field(default_factory=dict)
     next_creates: CreateFaults | None = None
@@ -349,6 +370,7 @@ class FaultBook:
 
     def __post_init__(self) -> None:
         self.boot_seconds = self.default_boot_seconds
+        self.rtt_ms = self.default_rtt_ms
 
     def apply(self, update: FaultUpdate) -> None:
         """Merge: settings replace, `http` rules append, offers merge key by key. A seed
@@ -357,8 +379,8 @@ class FaultBook:
             if update.seed is not None:
                 self._random.seed(update.seed)
             for key, value in update.settings.items():
-                if key == "boot_seconds" and value is None:
-                    value = self.default_boot_seconds
+                if key in ("boot_seconds", "rtt_ms") and value is None:
+                    value = getattr(self, f"default_{key}")
                 setattr(self, key, value)
             self.http.extend(update.http)
             for offer_id, given in update.offers.items():
@@ -375,6 +397,7 @@ class FaultBook:
             self.offers.clear()
             self.next_creates = None
             self.bandwidth = None
+            self.rtt_ms = self.default_rtt_ms
             self.logs_not_ready = 0
 
     def take_http(self, method: str, template: str, path: str) -> HttpRule | None:
@@ -414,5 +437,6 @@ class FaultBook:
                 "offers": {str(k): to_json(v) for k, v in self.offers.items()},
                 "next_creates": to_json(self.next_creates) if self.next_creates else None,
                 "bandwidth": self.bandwidth,
+                "rtt_ms": self.rtt_ms,
                 "logs_not_ready": self.logs_not_ready,
             }

@@ -34,10 +34,14 @@ class FakeVast:
         offers: Path | None = None,
         api_key: str = "fake-key",
         state_dir: Path | None = None,
+        rtt_ms: float = 0.0,
     ) -> None:
+        """`rtt_ms` is the SSH relays' simulated round-trip time (``--rtt-ms``), e.g. 50 for a
+        laptop-to-Vast link; faults can change it later."""
         self.api_key = api_key
         command = [sys.executable, "-m", "tests.fakevast", "--port", "0"]
         command += ["--boot-seconds", str(boot_seconds), "--api-key", api_key, "--exit-on-eof"]
+        command += ["--rtt-ms", str(rtt_ms)]
         if offers is not None:
             command += ["--offers", str(offers)]
         if state_dir is not None:

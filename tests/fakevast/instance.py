@@ -94,6 +94,7 @@ class Effects:
     kill_sshd: list[Container] = field(default_factory=list)
     cut: list[Relay] = field(default_factory=list)
     bandwidth: list[tuple[Relay, float | None]] = field(default_factory=list)
+    rtt: list[tuple[Relay, float]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -123,6 +124,8 @@ class Instance:
     events: list[Event] = field(default_factory=list)
     bandwidth: float | None = None  # this instance's cap; None follows the marketplace's
     applied_bandwidth: float | None = None  # what its relays were last set to
+    rtt_ms: float | None = None  # this instance's round-trip time; None follows the marketplace's
+    applied_rtt_ms: float | None = None  # what its relays were last set to
     reboot_until: float | None = None
     jupyter_token: str = field(default_factory=lambda: secrets.token_hex(32))
 
@@ -145,7 +148,7 @@ class Instance:
     def arm(self, given: Mapping[str, Any], now: float) -> None:
         """Attach instance faults (InstanceFaults field names); None removes a pending one."""
         for key, value in given.items():
-            if key in ("boot_failure", "stuck_loading", "bandwidth"):
+            if key in ("boot_failure", "stuck_loading", "bandwidth", "rtt_ms"):
                 setattr(self, key, value)
                 continue
             self.events = [e for e in self.events if e.kind != key]
@@ -160,6 +163,7 @@ class Instance:
         """Drop the faults that have not happened yet (boot outcomes already decided stay)."""
         self.events.clear()
         self.bandwidth = None
+        self.rtt_ms = None
         if not self.boot_decided:
             self.boot_failure = None
             self.stuck_loading = False

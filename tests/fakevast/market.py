@@ -28,7 +28,7 @@ from .faults import FaultBook, FaultError, InstanceFaults, parse_update
 from .instance import Effects, Instance
 from .launch import parse_launch
 from .listing import list_page
-from .relay import Relay, TrafficCounter
+from .relay import Relay, RoundTrips, TrafficCounter
 
 TICK_SECONDS = 0.1
 FIRST_INSTANCE_ID = 22_000_001
@@ -82,10 +82,13 @@ def _key_from(body: Mapping[str, Any]) -> str:
 class Market:
     """All state of one fake marketplace."""
 
-    def __init__(self, catalog: Catalog, boot_seconds: float, state_root: Path) -> None:
+    def __init__(
+        self, catalog: Catalog, boot_seconds: float, state_root: Path, rtt_ms: float = 0.0
+    ) -> None:
         self.catalog = catalog
-        self.faults = FaultBook(boot_seconds)
+        self.faults = FaultBook(boot_seconds, rtt_ms)
         self.traffic = TrafficCounter()
+        self.round_trips = RoundTrips()
         self.state_root = state_root
         self._lock = threading.RLock()
         self._instances: dict[int, Instance] = {}
@@ -130,14 +133,22 @@ class Market:
             boot_seconds = self.faults.boot_seconds
             for instance in self._instances.values():
                 instance.step(now, boot_seconds, effects)
-                self._track_bandwidth(instance, effects)
+                self._track_link(instance, effects)
         self._run(effects)
 
-    def _track_bandwidth(self, instance: Instance, effects: Effects) -> None:
-        wanted = instance.bandwidth if instance.bandwidth is not None else self.faults.bandwidth
-        if instance.alive and instance.relays and wanted != instance.applied_bandwidth:
-            instance.applied_bandwidth = wanted
-            effects.bandwidth.extend((relay, wanted) for relay in instance.relays)
+    def _track_link(self, instance: Instance, effects: Effects) -> None:
+        """Queue the bandwidth cap and round-trip time in force for `instance` for its relays,
+        when they differ from what the relays were last given."""
+        if not (instance.alive and instance.relays):
+            return
+        rate = instance.bandwidth if instance.bandwidth is not None else self.faults.bandwidth
+        if rate != instance.applied_bandwidth:
+            instance.applied_bandwidth = rate
+            effects.bandwidth.extend((relay, rate) for relay in instance.relays)
+        rtt_ms = instance.rtt_ms if instance.rtt_ms is not None else self.faults.rtt_ms
+        if rtt_ms != instance.applied_rtt_ms:
+            instance.applied_rtt_ms = rtt_ms
+            effects.rtt.extend((relay, rtt_ms) for relay in instance.relays)
 
     def _run(self, effects: Effects) -> None:
         for instance in effects.boot:
@@ -152,6 +163,8 @@ class Market:
             relay.cut_connections()
         for relay, rate in effects.bandwidth:
             relay.set_bandwidth(rate)
+        for relay, rtt_ms in effects.rtt:
+            relay.set_rtt(rtt_ms)
 
     def _boot(self, instance: Instance) -> None:
         """Start the container off the request and ticker threads, then publish endpoints."""
@@ -198,10 +211,10 @@ class Market:
         proxy = direct = None
         if container.sshd_port is not None:
             target = ("127.0.0.1", container.sshd_port)
-            proxy = Relay(target, self.traffic)
+            proxy = Relay(target, self.traffic, self.round_trips)
             relays.append(proxy)
             if instance.launch.wants_direct and instance.offer["direct_port_count"] > 0:
-                direct = Relay(target, self.traffic)
+                direct = Relay(target, self.traffic, self.round_trips)
                 relays.append(direct)
         effects = Effects()
         with self._lock:
@@ -211,7 +224,7 @@ class Market:
                 else:  # stopped or lost while booting: it comes up without its sshd
                     instance.proxy, instance.direct = proxy, direct
                     effects.kill_sshd.append(container)
-                self._track_bandwidth(instance, effects)
+                self._track_link(instance, effects)
                 relays = []
         self._run(effects)
         for relay in relays:  # destroyed while booting
@@ -238,11 +251,14 @@ class Market:
             return {"requests": [asdict(call) for call in self._requests]}
 
     def ledger(self) -> dict[str, Any]:
+        round_trip_times = self.round_trips.snapshot()
         with self._lock:
             return {
                 "instances": [i.ledger_row() for i in self._instances.values()],
                 "api_calls": dict(self._api_calls),
                 "ssh_bytes": self.traffic.snapshot(),
+                "ssh_round_trips": len(round_trip_times),
+                "ssh_round_trip_times": round_trip_times,
             }
 
     # -- faults ---------------------------------------------------------------------------------
@@ -264,7 +280,7 @@ class Market:
             for instance in self._instances.values():
                 if update.cut_connections and instance.alive:
                     effects.cut.extend(instance.relays)
-                self._track_bandwidth(instance, effects)
+                self._track_link(instance, effects)
         self._run(effects)
         self.tick()  # faults due at once happen before this call returns
         return self.faults_json()
@@ -275,7 +291,7 @@ class Market:
             self.faults.clear()
             for instance in self._instances.values():
                 instance.disarm()
-                self._track_bandwidth(instance, effects)
+                self._track_link(instance, effects)
         self._run(effects)
         return self.faults_json()
 
