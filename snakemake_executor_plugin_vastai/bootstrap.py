@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import shlex
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib.metadata import distributions
+from importlib.resources import files
 
 from snakemake_executor_plugin_vastai.staging import REMOTE_BASE
 
@@ -46,6 +48,10 @@ fi
 """
 
 
+# The bootstrap script travels on stdin: it carries the on-host programs, too long for argv.
+SCRIPT_COMMAND = "/bin/sh -s"
+_HEREDOC_END = "SNAKEMAKE_VASTAI_END_OF_FILE"
+
 STORAGE_PLUGIN_PREFIX = "snakemake-storage-plugin-"
 # Exits 0 if the installed distribution argv[1] ("name==version") is that version. (No "pip"
 # in here: tests trace the bootstrap's python calls to see whether pip ran.)
@@ -65,6 +71,11 @@ def local_storage_plugins() -> tuple[str, ...]:
     return tuple(sorted(found.values()))
 
 
+def onhost_source(name: str) -> str:
+    """The source of one program from ``onhost/`` (agent or runner)."""
+    return files(__package__).joinpath("onhost", f"{name}.py").read_text()
+
+
 def _name(requirement: str) -> str:
     return requirement.partition("==")[0].strip().lower().replace("_", "-")
 
@@ -76,6 +87,7 @@ class BootstrapPlan:
     snakemake_version: str
     extra_packages: tuple[str, ...] = ()
     storage_plugins: tuple[str, ...] = field(default_factory=local_storage_plugins)
+    runner: bool = True  # start the resident runner (off: every job is a fresh process)
 
     @property
     def packages(self) -> tuple[str, ...]:
@@ -84,13 +96,55 @@ class BootstrapPlan:
         plugins = tuple(p for p in self.storage_plugins if _name(p) not in extra)
         return (*self.extra_packages, *plugins)
 
+    @cached_property
+    def key(self) -> str:
+        """Names everything this bootstrap puts on an instance: another Snakemake, other
+        packages or another version of the on-host programs get other files and a new runner."""
+        packages = "+".join(sorted(self.packages)) or "none"
+        sources = onhost_source("agent") + onhost_source("runner")
+        digest = hashlib.sha256(f"{packages}\n{sources}".encode()).hexdigest()[:12]
+        return f"{self.snakemake_version}-{digest}"
+
     @property
     def marker(self) -> str:
-        packages = "+".join(sorted(self.packages)) or "none"
-        key = f"{self.snakemake_version}-{hashlib.sha256(packages.encode()).hexdigest()[:12]}"
-        return f"{REMOTE_BASE}/bootstrap-{key}.ok"
+        return f"{REMOTE_BASE}/bootstrap-{self.key}.ok"
+
+    @property
+    def agent_command(self) -> str:
+        """Runs the job agent: isolated and without site-packages, so it starts in ms."""
+        return f"python -I -S {REMOTE_BASE}/agent-{self.key}.py"
+
+    @property
+    def runner_prefix(self) -> str:
+        """The runner's files on the instance (.py, .sock, .pid, .log); "" when it is off."""
+        return f"{REMOTE_BASE}/runner-{self.key}" if self.runner else ""
 
     def script(self) -> str:
+        """The whole bootstrap, for SCRIPT_COMMAND's stdin: install, on-host programs, runner."""
+        return self._install_script() + self._onhost_script()
+
+    def _onhost_script(self) -> str:
+        agent = f"{REMOTE_BASE}/agent-{self.key}.py"
+        runner = f"{REMOTE_BASE}/runner-{self.key}"
+        lines = [
+            _write_file(agent, onhost_source("agent")),
+            _write_file(f"{runner}.py", onhost_source("runner")),
+        ]
+        # A runner of another key (an older plugin or Snakemake) must not serve this one.
+        lines.append(
+            f"for old in {REMOTE_BASE}/runner-*.pid; do\n"
+            f'  [ -e "$old" ] && [ "$old" != {shlex.quote(runner)}.pid ] || continue\n'
+            f'  kill "$(cat "$old")" 2>/dev/null; rm -f "$old"\n'
+            f"done\n"
+        )
+        if self.runner:
+            quoted = shlex.quote(runner)
+            lines.append(
+                f"setsid nohup python {quoted}.py {quoted} >> {quoted}.log 2>&1 < /dev/null &\n"
+            )
+        return "".join(lines)
+
+    def _install_script(self) -> str:
         want = shlex.quote(self.snakemake_version)
         packages = " ".join(
             shlex.quote(p) for p in (f"snakemake=={self.snakemake_version}", *self.packages)
@@ -101,8 +155,8 @@ class BootstrapPlan:
         marker = shlex.quote(self.marker)
         return f"""\
 set -u
-[ -f {marker} ] && exit 0
 mkdir -p {REMOTE_BASE}
+if [ ! -f {marker} ]; then
 py=$(command -v python3 || command -v python || true)
 [ -n "$py" ] || exit {NO_PYTHON}
 if ! command -v python >/dev/null 2>&1; then
@@ -121,7 +175,17 @@ if [ -n "$install" ]; then
     {packages} || exit {INSTALL_FAILED}
 fi
 touch {marker}
+fi
 """
+
+
+def _write_file(path: str, text: str) -> str:
+    """Shell lines writing text to path (once: the name carries the content's hash)."""
+    quoted = shlex.quote(path)
+    return (
+        f"[ -f {quoted} ] || {{ cat > {quoted}.tmp <<'{_HEREDOC_END}'\n{text}"
+        f"{_HEREDOC_END}\nmv -f {quoted}.tmp {quoted}; }}\n"
+    )
 
 
 def explain_failure(exit_code: int, stderr: str) -> str:

@@ -8,7 +8,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan, explain_failure
+from snakemake_executor_plugin_vastai.bootstrap import (
+    SCRIPT_COMMAND,
+    BootstrapPlan,
+    explain_failure,
+)
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.ledger import billed_dollars
 from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Offer
@@ -138,7 +142,7 @@ class Instance:
 
     def bootstrap(self, plan: BootstrapPlan) -> None:
         assert self.host is not None
-        result = self.host.run(plan.script(), timeout=1800)
+        result = self.host.run(SCRIPT_COMMAND, timeout=1800, stdin=plan.script().encode())
         if result.exit_code != 0:
             raise InstanceFailure(
                 f"{self.name}: {explain_failure(result.exit_code, result.stderr or result.stdout)}"

@@ -16,21 +16,24 @@ from pathlib import Path
 
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure
+from snakemake_executor_plugin_vastai.jobwire import JobExit, JobRequest, RemoteJob, StreamLost
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.pool import Cancelled, Placement, Pool
-from snakemake_executor_plugin_vastai.remote import DetachedJob, RemoteError
+from snakemake_executor_plugin_vastai.remote import RemoteError
 from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
 from snakemake_executor_plugin_vastai.staging import (
     REMOTE_BASE,
     DigestCache,
     SourceBundle,
     Stager,
+    StagingError,
 )
 
 log = get_logger(__name__)
 
-POLL_SECONDS = 0.05  # a local check of the waiter channel: no round trip
-LOG_STREAM_SECONDS = 1.0
+# How long one blocking read for the job's end lasts before the thread looks at cancellation,
+# a lost host and the runtime cap (the end itself is seen the moment it arrives).
+WAIT_SLICE_SECONDS = 0.5
 # How long a job may stay unreachable over SSH before the host counts as lost.
 UNREACHABLE_SECONDS = 60.0
 
@@ -50,6 +53,16 @@ class JobSpec:
     local_log: Path
     max_runtime: float  # 0: no cap
     counted: tuple[Signature, ...] = ()  # the member jobs' signatures in the workflow demand
+
+
+@dataclass(frozen=True)
+class RemoteUsage:
+    """What one job cost on its instance, as its agent reported it."""
+
+    job_cpu_seconds: float | None  # the job's processes (Snakemake and its shell)
+    agent_cpu_seconds: float | None  # staging, waiting, sending the results
+    uploaded_bytes: int
+    downloaded_bytes: int
 
 
 @dataclass(frozen=True)
@@ -87,9 +100,12 @@ class JobRun:
         self.digests = digests
         self.outcome: Outcome | None = None
         self.placement: Placement | None = None
-        self._detached: DetachedJob | None = None
+        self._remote: RemoteJob | None = None
         self._cancelled = threading.Event()
-        self._log_offset = 0
+        self._killed_for_runtime = False
+        self._runner_noted = False
+        self._uploaded_bytes = 0
+        self.usage: RemoteUsage | None = None
 
     @property
     def job_dir(self) -> str:
@@ -106,9 +122,9 @@ class JobRun:
 
     def kill_remote(self) -> None:
         """Best effort, alongside teardown: end the job's processes on the instance."""
-        if self._detached is not None:
+        if self._remote is not None:
             try:
-                self._detached.kill()
+                self._remote.kill()
             except (RemoteError, OSError) as error:
                 log.debug("could not kill %s: %s", self.spec.name, error)
 
@@ -120,17 +136,19 @@ class JobRun:
         try:
             self.placement = self.pool.acquire(self.spec.request, self.spec.tag, self.spec.counted)
             self._check_cancelled()
-            exit_code = self._execute(self.placement)
-            self._stream_log()
-            if exit_code == 0:
-                self._fetch(required=True)
+            ended = self._execute(self.placement)
+            self._collect()
+            if self._killed_for_runtime:
+                raise JobFailed(
+                    f"killed after exceeding --vastai-max-runtime ({self.spec.max_runtime:g} s)"
+                )
+            if ended.code == 0:
                 healthy = True
                 outcome = Outcome(True)
             else:
-                self._fetch(required=False)
                 outcome = self._failure(
                     f"{self.spec.name} failed on {self.placement.instance.name} with exit "
-                    f"code {exit_code}. {self._log_tail()}"
+                    f"code {ended.code}. {self._log_tail()}"
                 )
         except (VastaiError, RemoteError, OSError) as error:
             if self._cancelled.is_set() or isinstance(error, Cancelled | JobCancelled):
@@ -143,6 +161,8 @@ class JobRun:
             outcome = self._failure(f"{self.spec.name}: internal error: {error!r}. ")
         finally:
             try:
+                if self._remote is not None:
+                    self._remote.close()
                 if self.placement is not None:
                     self.pool.release(self.placement, healthy=healthy)
             finally:
@@ -150,18 +170,25 @@ class JobRun:
 
     # -- steps ---------------------------------------------------------------------------
 
-    def _execute(self, placement: Placement) -> int:
+    def _execute(self, placement: Placement) -> JobExit:
+        """Stage and start the job in one round trip, then wait for its end (the agent's
+        stream reports it; a lost stream is re-attached while the host is reachable)."""
         instance = placement.instance
         assert instance.host is not None
-        stager = Stager(instance.host, instance.files, self.digests)
-        stager.prepare(self.job_dir, self.sources(), self.spec.inputs)
-        self._check_cancelled()
-        self._detached = instance.host.start_detached(
-            self.spec.command, self.job_dir, {**self.spec.env, **placement.lease.environment()}
+        staged = Stager(instance.host, instance.files, self.digests).prepare(
+            self.sources(), self.spec.inputs
         )
+        self._uploaded_bytes = staged.uploaded_bytes
+        self._check_cancelled()
+        plan = self.pool.config.bootstrap
+        request = JobRequest(self.job_dir, tuple(self.spec.outputs), tuple(self.spec.logs))
+        self.spec.local_log.parent.mkdir(parents=True, exist_ok=True)
+        self.spec.local_log.write_bytes(b"")  # this attempt's output only
+        self._remote = RemoteJob(instance.host, plan.agent_command, request, self._append_log)
+        env = {**self.spec.env, **placement.lease.environment()}
+        self._remote.start(request.start(staged, env, self.spec.command, plan.runner_prefix))
         started = time.monotonic()
         unreachable_since: float | None = None
-        next_log = started
         while True:
             self._check_cancelled()
             if instance.lost_reason:
@@ -169,49 +196,86 @@ class JobRun:
                     f"{instance.name} was lost while the job was running: {instance.lost_reason}"
                 )
             try:
-                exit_code = self._detached.poll()
+                ended = self._remote.wait(WAIT_SLICE_SECONDS)
                 unreachable_since = None
-            except RemoteError as error:
+            except StreamLost as error:
                 unreachable_since = unreachable_since or time.monotonic()
-                if time.monotonic() - unreachable_since > UNREACHABLE_SECONDS:
-                    raise InstanceFailure(
-                        f"{instance.name} has been unreachable over SSH for "
-                        f"{UNREACHABLE_SECONDS:.0f} s ({error})"
-                    ) from None
-                exit_code = None
-            if exit_code is not None:
-                return exit_code
-            now = time.monotonic()
-            if self.spec.max_runtime and now - started > self.spec.max_runtime:
-                self._detached.kill()
-                self._stream_log()
-                raise JobFailed(
-                    f"killed after exceeding --vastai-max-runtime ({self.spec.max_runtime:g} s)"
-                )
-            if now >= next_log and unreachable_since is None:
-                self._stream_log()
-                next_log = now + LOG_STREAM_SECONDS
-            time.sleep(POLL_SECONDS)
+                self._reattach(instance, unreachable_since, error)
+                continue
+            self._note_runner(instance)
+            if ended is not None:
+                return ended
+            over = self.spec.max_runtime and time.monotonic() - started > self.spec.max_runtime
+            if over and not self._killed_for_runtime:
+                self._killed_for_runtime = True
+                self._remote.kill()
 
-    def _fetch(self, required: bool) -> None:
-        assert self.instance is not None and self.instance.host is not None
-        stager = Stager(self.instance.host, self.instance.files, self.digests)
-        wanted = [*self.spec.outputs, *self.spec.logs] if required else list(self.spec.logs)
-        stager.fetch(self.job_dir, wanted, optional=set(self.spec.logs))
-
-    def _stream_log(self) -> None:
-        """Append what the job printed since last time to the local log file."""
-        if self.instance is None or self.instance.host is None or self._detached is None:
-            return
+    def _reattach(self, instance: Instance, since: float, error: RemoteError) -> None:
+        """A new agent for the running job, or InstanceFailure once the host has been
+        unreachable for UNREACHABLE_SECONDS."""
+        assert self._remote is not None
+        if time.monotonic() - since > UNREACHABLE_SECONDS:
+            raise InstanceFailure(
+                f"{instance.name} has been unreachable over SSH for "
+                f"{UNREACHABLE_SECONDS:.0f} s ({error})"
+            )
         try:
-            chunk = self.instance.host.read_from(self._detached.log_path, self._log_offset)
-        except (RemoteError, OSError):
-            return
-        if chunk:
-            self.spec.local_log.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.spec.local_log, "ab") as handle:
-                handle.write(chunk)
-            self._log_offset += len(chunk)
+            self._remote.reattach()
+        except RemoteError as failed:  # still unreachable (the reconnect took its budget)
+            log.debug("%s: re-attaching failed: %s", self.spec.name, failed)
+
+    def _note_runner(self, instance: Instance) -> None:
+        """Say once per job why it ran as a plain process, if it did."""
+        assert self._remote is not None
+        if self._remote.runner_note and not self._runner_noted:
+            self._runner_noted = True
+            log.info(
+                "%s: %s runs as a plain process: %s",
+                instance.name,
+                self.spec.name,
+                self._remote.runner_note,
+            )
+
+    def _collect(self) -> None:
+        """The results: outputs and logs after success, logs only after a failure. A required
+        output that is missing or is no regular file fails the job, naming it."""
+        assert self._remote is not None and self.instance is not None
+        deadline = time.monotonic() + UNREACHABLE_SECONDS
+        while True:
+            try:
+                results = self._remote.results(self.digests)
+                break
+            except StreamLost as error:
+                if time.monotonic() > deadline:
+                    raise
+                self._reattach(self.instance, deadline - UNREACHABLE_SECONDS, error)
+        self.instance.files.remember(digest for _, digest in results.stored)
+        exit_code = self._remote.exit.code if self._remote.exit else None
+        self.usage = RemoteUsage(
+            self._remote.exit.cpu_seconds if self._remote.exit else None,
+            results.agent_cpu_seconds,
+            self._uploaded_bytes,
+            results.downloaded_bytes,
+        )
+        log.debug("%s on %s: %s", self.spec.name, self.instance.name, self.usage)
+        optional = set(self.spec.logs)
+        refused = [r for r in results.refused if r["path"] not in optional]
+        for entry in results.refused:
+            if entry["path"] in optional:
+                log.warning("%s: log %s not fetched: %s", self.spec.name, *entry.values())
+        if exit_code == 0 and (results.missing or refused):
+            problems = [f"'{p}'" for p in results.missing] + [
+                f"'{r['path']}' ({r['reason']})" for r in refused
+            ]
+            raise StagingError(
+                "the job finished but did not create, as regular files, "
+                + ", ".join(problems)
+                + " on the instance"
+            )
+
+    def _append_log(self, chunk: bytes) -> None:
+        with open(self.spec.local_log, "ab") as handle:
+            handle.write(chunk)
 
     def _log_tail(self, lines: int = 20) -> str:
         if not self.spec.local_log.exists():

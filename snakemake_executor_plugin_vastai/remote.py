@@ -1,9 +1,9 @@
-"""SSH to one rented instance: a persistent paramiko connection, detached jobs, SFTP transfers.
+"""SSH to one rented instance: a persistent paramiko connection, commands, streams, uploads.
 
 Only this module knows SSH. An instance is reached as root over one long-lived transport that
-every command, transfer and job watcher shares, so a status round costs no handshakes. Jobs run
-detached (``setsid``) and record their exit code in a file, so they outlive dropped
-connections; a cheap remote waiter per job reports completion over an open channel.
+every command, upload and job stream shares, so a job costs channels, never handshakes. What a
+job sends back (its log, exit code and files) comes through ``ExecStream``; the job itself runs
+detached on the instance and outlives a dropped connection (see ``onhost/agent.py``).
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ import io
 import logging
 import os
 import posixpath
-import re
 import select
 import shlex
 import socket
 import stat
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,33 +53,11 @@ ATTEMPT_TIMEOUT_S = 10.0
 TCP_USER_TIMEOUT_MS = 60_000
 # The window we grant the server; paramiko's 2 MiB default caps downloads on long links.
 WINDOW_SIZE = 16 * 1024 * 1024
-# OpenSSH's own sftp client keeps at most 64 reads in flight; paramiko has no limit by default.
-PREFETCH_REQUESTS = 64
 READ_CHUNK = 1024 * 1024
 KILL_GRACE_S = 5
-# How long DetachedJob.poll() may spend reconnecting to re-arm a waiter before it gives up
-# for this call (RemoteError); the caller polls again and keeps its own unreachable budget.
-POLL_RECONNECT_S = 5.0
+EXIT_CODE_FILE = "exit_code"  # in a job's workdir; written by the job or by the kill script
 
-# The files of a detached job, all inside its workdir.
-ENV_FILE = "job.env"
-SCRIPT_FILE = "job.sh"
-RUNNER_FILE = "run.sh"
-LOG_FILE = "job.log"
-EXIT_CODE_FILE = "exit_code"
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _NETWORK_ERRORS = (OSError, EOFError, paramiko.SSHException, paramiko.SFTPError)
-
-# Runs the job script with the job's environment and renames its exit code into place, so a
-# waiter never reads a half-written file. The script is read, not executed, by /bin/sh, so a
-# workdir on a noexec mount works too.
-_RUNNER = f"""\
-. ./{ENV_FILE}
-/bin/sh ./{SCRIPT_FILE}
-echo $? > {EXIT_CODE_FILE}.tmp
-mv -f {EXIT_CODE_FILE}.tmp {EXIT_CODE_FILE}
-"""
 
 # TERM the job's process group, KILL it after a grace period, and record an exit code if the
 # job died before writing its own. Zombies do not count as alive: a container's PID 1 may reap
@@ -104,7 +80,9 @@ while alive; do
   sleep 0.1
   i=$((i + 1))
 done
-[ -e {exit_file} ] || {{ echo $code > {exit_file}.tmp && mv -f {exit_file}.tmp {exit_file}; }}
+# The job's agent may have reported the end and removed the directory meanwhile: fine.
+[ -e {exit_file} ] || {{ echo $code > {exit_file}.tmp && mv -f {exit_file}.tmp {exit_file}; }} \
+  2>/dev/null || true
 """
 
 
@@ -164,8 +142,6 @@ class RemoteHost:
         self.name = name
         self.endpoints = list(endpoints)
         self.reconnect_timeout = reconnect_timeout
-        self.bytes_sent = 0
-        self.bytes_received = 0
         self._key = key
         self._host_key: paramiko.PKey | None = None
         self._transport: paramiko.Transport | None = None
@@ -331,63 +307,39 @@ class RemoteHost:
             exit_code, stdout.decode(errors="replace"), stderr.decode(errors="replace")
         )
 
-    def start_detached(self, script: str, workdir: str, env: dict[str, str]) -> DetachedJob:
-        """Start a long job that survives SSH disconnects and return at once.
-
-        The environment travels in a 0600 file over SFTP, never on a command line, so secrets
-        stay out of ``ps``. The job runs in its own session (so kill() can end its whole process
-        group), writes stdout and stderr to <workdir>/job.log and its exit code to
-        <workdir>/exit_code. ``script`` is POSIX shell text, run by /bin/sh.
-        """
-        bad = [name for name in env if not _ENV_NAME.match(name)]
-        if bad:
-            raise ValueError(f"invalid environment variable names: {bad}")
-        env_text = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
-
-        def write_files(sftp: paramiko.SFTPClient) -> None:
-            _mkdirs(sftp, workdir)
-            for name, text, mode in (
-                (ENV_FILE, env_text, 0o600),
-                (SCRIPT_FILE, script, 0o600),
-                (RUNNER_FILE, _RUNNER, 0o600),
-            ):
-                with sftp.open(posixpath.join(workdir, name), "w") as f:
-                    # chmod before writing: the secrets are never in a readable file.
-                    f.chmod(mode)
-                    f.write(text.encode())
-
-        self._sftp_call(f"writing job files to {workdir}", write_files)
-        # A background child of a shell without job control is no process group leader, so
-        # setsid does not fork and $! is the new session's (and process group's) id.
-        result = self.run(
-            f"cd {shlex.quote(workdir)} || exit 1; rm -f {EXIT_CODE_FILE} {EXIT_CODE_FILE}.tmp; "
-            f"setsid nohup /bin/sh {RUNNER_FILE} > {LOG_FILE} 2>&1 < /dev/null & echo $!"
+    def open_stream(self, command: str, stdin: bytes, reconnect_timeout: float) -> ExecStream:
+        """Start a command, hand it ``stdin`` (then EOF) and return its output as a stream.
+        ``reconnect_timeout`` bounds a reconnect first needed, so a caller that watches a job
+        keeps control while the host is unreachable."""
+        channel = self._call(
+            f"starting {command!r}",
+            lambda t: _exec(t, command),
+            reconnect_timeout=reconnect_timeout,
         )
-        if result.exit_code != 0 or not result.stdout.strip().isdigit():
+        try:
+            channel.sendall(stdin)
+            channel.shutdown_write()
+        except _NETWORK_ERRORS as exc:
+            channel.close()
             raise RemoteError(
-                f"{self.name}: could not start job in {workdir}: {result.stderr.strip()}"
-            )
-        job = DetachedJob(self, workdir, int(result.stdout))
-        self.watch(job)
-        return job
+                f"{self.name}: sending to {command!r} failed: {_describe(exc)}"
+            ) from exc
+        return ExecStream(self.name, channel)
 
-    def watch(self, job: DetachedJob, reconnect_timeout: float | None = None) -> None:
-        """(Re-)arm the job's waiter: a channel running a tiny remote loop that ends, printing
-        the exit code, once <workdir>/exit_code exists, so poll() needs no round trip. The loop
-        also ends when its SSH session is gone, so dropped connections leave no waiters behind.
-        ``reconnect_timeout`` bounds a reconnect first needed (default: the host's)."""
-        command = (
-            f"cd {shlex.quote(job.workdir)} || exit 1; "
-            f"while [ ! -e {EXIT_CODE_FILE} ] && kill -0 $PPID 2>/dev/null; do sleep 0.1; done; "
-            f"cat {EXIT_CODE_FILE}"
+    def kill_group(self, workdir: str, pgid: int) -> None:
+        """End a job's whole process group: TERM, then KILL after a grace period. Records an
+        exit code (143 or 137) in its workdir when the job died before writing its own."""
+        script = _KILL_SCRIPT.format(
+            workdir=shlex.quote(workdir),
+            pgid=pgid,
+            exit_file=EXIT_CODE_FILE,
+            grace_ticks=round(KILL_GRACE_S * 10),
         )
-        job._attach(
-            self._call(
-                f"watching {job.workdir}",
-                lambda t: _exec(t, command),
-                reconnect_timeout=reconnect_timeout,
+        result = self.run(script, timeout=KILL_GRACE_S + 60)
+        if result.exit_code != 0:
+            raise RemoteError(
+                f"{self.name}: could not kill process group {pgid}: {result.stderr.strip()}"
             )
-        )
 
     # -- files --------------------------------------------------------------------------------
 
@@ -395,152 +347,50 @@ class RemoteHost:
         """Upload one file, creating missing parent directories and keeping its mode."""
         self._sftp_call(f"uploading {local} to {remote}", lambda s: self._put(s, local, remote))
 
-    def get_file(self, remote: str, local: Path) -> None:
-        """Download one file atomically: a crash never leaves a truncated file at ``local``."""
-        self._sftp_call(f"downloading {remote}", lambda s: self._get(s, remote, local))
-
-    def get_tree(self, remote: str, local: Path) -> None:
-        """Download a directory recursively. Symlinks to files are followed; symlinks to
-        directories are skipped (with a warning) so a link cycle cannot recurse forever."""
-
-        def get_all(sftp: paramiko.SFTPClient, remote_dir: str, local_dir: Path) -> None:
-            local_dir.mkdir(parents=True, exist_ok=True)
-            for entry in sftp.listdir_attr(remote_dir):
-                path = posixpath.join(remote_dir, entry.filename)
-                mode = entry.st_mode or 0
-                if stat.S_ISDIR(mode):
-                    get_all(sftp, path, local_dir / entry.filename)
-                elif stat.S_ISREG(mode) or (
-                    stat.S_ISLNK(mode) and stat.S_ISREG(sftp.stat(path).st_mode or 0)
-                ):
-                    self._get(sftp, path, local_dir / entry.filename)
-                else:
-                    log.warning("%s: not downloading %s (not a regular file)", self.name, path)
-
-        self._sftp_call(f"downloading {remote}", lambda s: get_all(s, remote, local))
-
-    def read_from(self, remote: str, offset: int) -> bytes:
-        """The bytes of a (growing) file from offset to its current end, for streaming a log.
-        A file that does not exist yet has no bytes."""
-
-        def read(sftp: paramiko.SFTPClient) -> bytes:
-            try:
-                f = sftp.open(remote, "rb")
-            except FileNotFoundError:
-                return b""
-            with f:
-                size = f.stat().st_size or 0
-                if size <= offset:
-                    return b""
-                f.seek(offset)
-                f.prefetch(size, PREFETCH_REQUESTS)
-                data = f.read(size - offset)
-            self.bytes_received += len(data)
-            return data
-
-        return self._sftp_call(f"reading {remote}", read)
-
     def _put(self, sftp: paramiko.SFTPClient, local: Path, remote: str) -> None:
         with open(local, "rb") as f:
             try:
-                attrs = sftp.putfo(f, remote)
+                sftp.putfo(f, remote)
             except FileNotFoundError:  # the remote parent is missing; rarely, so create lazily
                 _mkdirs(sftp, posixpath.dirname(remote))
                 f.seek(0)
-                attrs = sftp.putfo(f, remote)
+                sftp.putfo(f, remote)
             sftp.chmod(remote, stat.S_IMODE(os.fstat(f.fileno()).st_mode))
-        self.bytes_sent += attrs.st_size or 0
 
-    def _get(self, sftp: paramiko.SFTPClient, remote: str, local: Path) -> None:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        partial = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
+
+class ExecStream:
+    """The stdout of a running command as a byte stream, read with deadlines."""
+
+    def __init__(self, host_name: str, channel: paramiko.Channel) -> None:
+        self.host_name = host_name
+        self._channel = channel
+
+    def read(self, size: int, timeout: float) -> bytes:
+        """Up to size bytes; b"" once the command's output ended (or the connection died:
+        ``lost`` tells which). Raises TimeoutError when nothing came within timeout."""
+        self._channel.settimeout(timeout)
         try:
-            with sftp.open(remote, "rb") as source, open(partial, "wb") as target:
-                attrs = source.stat()
-                source.prefetch(attrs.st_size, PREFETCH_REQUESTS)
-                while chunk := source.read(READ_CHUNK):
-                    target.write(chunk)
-                    self.bytes_received += len(chunk)
-            os.chmod(partial, stat.S_IMODE(attrs.st_mode or 0o644))
-            os.replace(partial, local)
-        finally:
-            partial.unlink(missing_ok=True)
-
-
-class DetachedJob:
-    """A job started by RemoteHost.start_detached; it runs on whether or not we are connected."""
-
-    def __init__(self, host: RemoteHost, workdir: str, pid: int) -> None:
-        self.host = host
-        self.workdir = workdir
-        self.pid = pid
-        self._exit_code: int | None = None
-        self._waiter: paramiko.Channel | None = None
-        self._lock = threading.RLock()
-
-    def __repr__(self) -> str:
-        return f"DetachedJob({self.host.name!r}, {self.workdir!r}, pid={self.pid})"
+            return self._channel.recv(size)
+        except TimeoutError:
+            raise
+        except _NETWORK_ERRORS as exc:
+            raise RemoteError(f"{self.host_name}: reading failed: {_describe(exc)}") from exc
 
     @property
-    def log_path(self) -> str:
-        return posixpath.join(self.workdir, LOG_FILE)
+    def lost(self) -> bool:
+        """Whether the connection under this stream is gone."""
+        transport = self._channel.get_transport()
+        return transport is None or not transport.is_active()
 
-    def poll(self) -> int | None:
-        """The job's exit code, or None while it runs.
+    def errors(self) -> str:
+        """What the command wrote to stderr so far (a traceback, a shell's complaint)."""
+        chunks = []
+        while self._channel.recv_stderr_ready():
+            chunks.append(self._channel.recv_stderr(READ_CHUNK))
+        return b"".join(chunks).decode(errors="replace").strip()
 
-        Costs no round trip: it only looks at the waiter channel's local state. When the
-        connection dropped, the waiter is re-armed through the host, reconnecting for at most
-        POLL_RECONNECT_S: a host that stays unreachable raises RemoteError soon, so the caller
-        keeps control (it decides how long a job may be unreachable, and may learn meanwhile
-        from the instance list that the host is gone for good).
-        """
-        with self._lock:
-            if self._exit_code is not None:
-                return self._exit_code
-            if self._waiter is not None and not self._waiter.exit_status_ready():
-                return None
-            if self._waiter is not None:
-                self._exit_code = self._collect(self._waiter)
-                self._waiter = None
-                if self._exit_code is not None:
-                    return self._exit_code
-            self.host.watch(self, reconnect_timeout=POLL_RECONNECT_S)
-            return None
-
-    def kill(self) -> None:
-        """End the job's whole process group: TERM, then KILL after a grace period. Records an
-        exit code (143 or 137) when the job died before writing its own, so poll() sees it."""
-        if self.poll() is not None:
-            return
-        script = _KILL_SCRIPT.format(
-            workdir=shlex.quote(self.workdir),
-            pgid=self.pid,
-            exit_file=EXIT_CODE_FILE,
-            grace_ticks=round(KILL_GRACE_S * 10),
-        )
-        result = self.host.run(script, timeout=KILL_GRACE_S + 60)
-        if result.exit_code != 0:
-            raise RemoteError(f"{self.host.name}: could not kill {self}: {result.stderr.strip()}")
-
-    def _attach(self, waiter: paramiko.Channel) -> None:
-        with self._lock:
-            old, self._waiter = self._waiter, waiter
-        if old is not None:
-            old.close()
-
-    def _collect(self, waiter: paramiko.Channel) -> int | None:
-        """The exit code a finished waiter printed, or None if its connection was lost."""
-        with waiter:
-            status = waiter.recv_exit_status()
-            if status == -1:
-                return None
-            stdout, stderr = _drain(waiter, time.monotonic() + 10)
-        if status != 0 or not stdout.strip().lstrip(b"-").isdigit():
-            raise RemoteError(
-                f"{self.host.name}: cannot read the exit code of {self}: "
-                f"{stderr.decode(errors='replace').strip() or stdout!r}"
-            )
-        return int(stdout)
+    def close(self) -> None:
+        self._channel.close()
 
 
 def _exec(transport: paramiko.Transport, command: str) -> paramiko.Channel:

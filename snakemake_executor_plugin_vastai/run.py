@@ -79,7 +79,9 @@ class RunContext:
         run_id = new_run_id()
         ledger = Ledger(state_dir)
         key = RunKey.create(state_dir / "keys", run_id)
-        plan = BootstrapPlan(version("snakemake"), bootstrap_packages)
+        plan = BootstrapPlan(
+            version("snakemake"), bootstrap_packages, runner=not settings.no_runner
+        )
         config = PoolConfig(
             run_id=run_id,
             order=settings.order,

@@ -1,11 +1,11 @@
-"""What goes up to an instance and what comes back, into a fresh directory per job.
+"""Which sources go to an instance, and how a job's sources and inputs get there.
 
 Why a content-addressed store on the instance: in a chain of small jobs on one warm instance
 the next job's input is usually the previous job's output, which the instance already holds.
 Every file that crosses the wire (up or down) is also kept on the instance under its SHA-256,
 so a file with the same content is copied there instead of uploaded again. Sources go up once
-per instance as one archive and are unpacked once; each job gets a copy in its own directory,
-so nothing a previous job left behind can be mistaken for this job's output.
+per instance as one archive and are unpacked once; the job agent gives each job a copy in its
+own directory, so nothing a previous job left behind can be mistaken for this job's output.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
-import shlex
 import tarfile
 import threading
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -28,6 +26,7 @@ from snakemake_executor_plugin_vastai.remote import RemoteHost
 log = get_logger(__name__)
 
 REMOTE_BASE = "snakemake-vastai"  # relative to the login user's home, for SFTP and shell alike
+STORE = f"{REMOTE_BASE}/store"  # files by SHA-256 (the agent keeps the same layout)
 MAX_SOURCE_BYTES = 10_000_000
 
 
@@ -147,17 +146,23 @@ class DigestCache:
             if key in self._known:
                 return self._known[key]
         value = file_digest(Path(path))
-        with self._lock:
-            self._known[key] = value
+        self.remember(path, value)
         return value
+
+    def remember(self, path: str, digest: str) -> None:
+        """A digest computed elsewhere (while the file was received), so it is not hashed
+        again when the file becomes the next job's input."""
+        stat = os.stat(path)
+        with self._lock:
+            self._known[(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)] = digest
 
 
 @dataclass
 class InstanceFiles:
-    """What one instance already holds, so nothing is shipped twice."""
+    """What one instance's store holds (or has under its upload name), so nothing is shipped
+    twice."""
 
     digests: set[str] = field(default_factory=set)
-    unpacked_sources: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _busy: dict[str, threading.Lock] = field(default_factory=dict)
 
@@ -167,12 +172,19 @@ class InstanceFiles:
         with self.lock:
             return self._busy.setdefault(key, threading.Lock())
 
+    def remember(self, digests: Iterable[str]) -> None:
+        with self.lock:
+            self.digests.update(digests)
 
-@dataclass
-class TransferReport:
-    uploaded_bytes: int = 0
-    reused_files: int = 0
-    downloaded_bytes: int = 0
+
+@dataclass(frozen=True)
+class StagedJob:
+    """What the job agent needs to build the job directory from the instance's store."""
+
+    sources: str  # digest of the source archive
+    links: tuple[tuple[str, str], ...]  # (digest, path in the job directory)
+    uploaded_bytes: int
+    reused_files: int
 
 
 def expand_local(paths: Iterable[str]) -> list[str]:
@@ -192,150 +204,35 @@ def expand_local(paths: Iterable[str]) -> list[str]:
 
 
 class Stager:
-    """Ships one job's sources and inputs up, and its results back down."""
+    """Uploads what a job needs and the instance's store lacks; the job agent does the rest
+    (unpacking, the job directory) in the same round trip that starts the job."""
 
     def __init__(self, host: RemoteHost, held: InstanceFiles, digests: DigestCache) -> None:
         self.host = host
         self.held = held
         self.digests = digests
 
-    def prepare(self, job_dir: str, sources: SourceBundle, inputs: list[str]) -> TransferReport:
-        """Fill a fresh ``job_dir`` with the sources and the inputs, uploading only what the
-        instance does not hold yet."""
-        report = TransferReport()
-        self._ensure_sources(sources, report)
-        plan = []
-        for path in expand_local(inputs):
-            digest = self.digests.digest(path)
-            self._ensure_blob(Path(path), digest, report)
-            plan.append((path, digest))
-        script = [
-            "set -e",
-            f"rm -rf {q(job_dir)}",
-            f"mkdir -p {q(job_dir)}",
-            f"cp -a {q(self._source_dir(sources.digest))}/. {q(job_dir)}/",
-        ]
-        for path, digest in plan:
-            target = f"{job_dir}/{PurePosixPath(*Path(path).parts)}"
-            script.append(f"mkdir -p {q(str(PurePosixPath(target).parent))}")
-            script.append(f"cp {q(self._blob(digest))} {q(target)}")
-        self._run("\n".join(script), "prepare the job directory")
-        return report
+    def prepare(self, sources: SourceBundle, inputs: list[str]) -> StagedJob:
+        uploaded = reused = 0
+        links = []
+        for local, digest in [
+            (sources.archive, sources.digest),
+            *((Path(p), self.digests.digest(p)) for p in expand_local(inputs)),
+        ]:
+            sent = self._ensure(local, digest)
+            uploaded += sent
+            reused += not sent
+            if local != sources.archive:
+                links.append((digest, str(PurePosixPath(*local.parts))))
+        return StagedJob(sources.digest, tuple(links), uploaded, reused)
 
-    def fetch(self, job_dir: str, outputs: list[str], optional: set[str]) -> TransferReport:
-        """Bring back outputs, logs and benchmarks. A required path missing remotely fails the
-        job naming it; ``optional`` paths (logs of a failed job) are fetched when present."""
-        report = TransferReport()
-        kinds = self._remote_kinds(job_dir, outputs)
-        missing = [p for p in outputs if kinds.get(p) is None and p not in optional]
-        # With an output missing the job failed: still bring back what explains it (its logs)
-        # and still clear the job directory, which holds the job's secrets.
-        present = [p for p in outputs if p in kinds and (not missing or p in optional)]
-        registered = []
-        for path in present:
-            kind = kinds[path]
-            local = Path(safe_relative(path))
-            remote = f"{job_dir}/{path}"
-            if kind == "dir":
-                self.host.get_tree(remote, local)
-                fetched = [Path(p) for p in expand_local([str(local)])]
-            else:
-                local.parent.mkdir(parents=True, exist_ok=True)
-                self.host.get_file(remote, local)
-                fetched = [local]
-            for file in fetched:
-                report.downloaded_bytes += file.stat().st_size
-                digest = self.digests.digest(str(file))
-                remote_file = f"{job_dir}/{PurePosixPath(*file.parts)}"
-                registered.append((remote_file, digest))
-        self._remember(registered, job_dir)
-        if missing:
-            raise StagingError(
-                "the job finished but did not create "
-                + ", ".join(f"'{p}'" for p in missing)
-                + " on the instance"
-            )
-        return report
-
-    # -- the instance's store ------------------------------------------------------------
-
-    def _ensure_sources(self, sources: SourceBundle, report: TransferReport) -> None:
-        with self.held.one_at_a_time(f"sources:{sources.digest}"):
-            self._unpack_sources(sources, report)
-
-    def _unpack_sources(self, sources: SourceBundle, report: TransferReport) -> None:
-        with self.held.lock:
-            if sources.digest in self.held.unpacked_sources:
-                return
-        self._ensure_blob(sources.archive, sources.digest, report)
-        directory = self._source_dir(sources.digest)
-        self._run(
-            f"set -e\nrm -rf {q(directory)}.tmp\nmkdir -p {q(directory)}.tmp\n"
-            f"tar -xzf {q(self._blob(sources.digest))} -C {q(directory)}.tmp\n"
-            f"rm -rf {q(directory)}\nmv {q(directory)}.tmp {q(directory)}",
-            "unpack the workflow sources",
-        )
-        with self.held.lock:
-            self.held.unpacked_sources.add(sources.digest)
-
-    def _ensure_blob(self, local: Path, digest: str, report: TransferReport) -> None:
+    def _ensure(self, local: Path, digest: str) -> int:
+        """Bytes uploaded: 0 when the store has the file. It goes up under an upload name the
+        agent renames, so a broken upload never poses as the file."""
         with self.held.one_at_a_time(digest):
-            self._store_blob(local, digest, report)
-
-    def _store_blob(self, local: Path, digest: str, report: TransferReport) -> None:
-        with self.held.lock:
-            if digest in self.held.digests:
-                report.reused_files += 1
-                return
-        partial = f"{self._blob(digest)}.partial"
-        self.host.put_file(local, partial)
-        self._run(f"mv {q(partial)} {q(self._blob(digest))}", "store an uploaded file")
-        report.uploaded_bytes += local.stat().st_size
-        with self.held.lock:
-            self.held.digests.add(digest)
-
-    def _remember(self, files: list[tuple[str, str]], job_dir: str) -> None:
-        """Keep fetched outputs in the store (hard links survive the job directory), then
-        remove the job directory: its env file holds the job's secrets."""
-        # Linked beside the store, then renamed into it: a rename is atomic, so packed jobs
-        # that fetched equal files never trip over each other.
-        tmp = f".{uuid.uuid4().hex}"
-        lines = [
-            f"ln -f {q(remote)} {q(self._blob(digest) + tmp)} && "
-            f"mv -f {q(self._blob(digest) + tmp)} {q(self._blob(digest))}"
-            for remote, digest in files
-        ]
-        self._run("\n".join([*lines, f"rm -rf {q(job_dir)}"]), "remember fetched outputs")
-        with self.held.lock:
-            self.held.digests.update(digest for _, digest in files)
-
-    def _remote_kinds(self, job_dir: str, paths: list[str]) -> dict[str, str]:
-        """One round trip telling, for every path, whether it is a file, a directory or absent."""
-        if not paths:
-            return {}
-        checks = [
-            f"if [ -d {q(job_dir + '/' + p)} ]; then echo dir; "
-            f"elif [ -e {q(job_dir + '/' + p)} ]; then echo file; else echo none; fi"
-            for p in (safe_relative(p) for p in paths)
-        ]
-        out = self._run("\n".join(checks), "look for the job's outputs")
-        answers = out.split()
-        return {p: a for p, a in zip(paths, answers, strict=True) if a != "none"}
-
-    def _run(self, script: str, what: str) -> str:
-        result = self.host.run(script)
-        if result.exit_code != 0:
-            raise StagingError(f"could not {what} on the instance: {result.stderr.strip()}")
-        return result.stdout
-
-    @staticmethod
-    def _blob(digest: str) -> str:
-        return f"{REMOTE_BASE}/store/{digest}"
-
-    @staticmethod
-    def _source_dir(digest: str) -> str:
-        return f"{REMOTE_BASE}/sources/{digest[:16]}"
-
-
-def q(text: str) -> str:
-    return shlex.quote(text)
+            with self.held.lock:
+                if digest in self.held.digests:
+                    return 0
+            self.host.put_file(local, f"{STORE}/{digest}.partial")
+            self.held.remember([digest])
+            return local.stat().st_size

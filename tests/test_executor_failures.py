@@ -26,6 +26,7 @@ from tests.workflows import (
     run_snakemake,
     running_snakemake,
     wait_until_running,
+    write_workflow,
 )
 
 ATTEMPT = "attempt=lambda wildcards, attempt: attempt"
@@ -236,3 +237,37 @@ def test_refused_before_renting(fakevast: FakeVast, tmp_path: Path, case: BadInp
     if case.secret:
         assert case.secret not in run.output
     assert_nothing_rented(fakevast)
+
+
+RUNNER_KILLER = """\
+rule all:
+    input: "c.txt"
+
+rule a:
+    output: "a.txt"
+    shell: "kill -9 $(cat ~/snakemake-vastai/runner-*.pid); echo a > {output}"
+
+rule b:
+    input: "a.txt"
+    output: "b.txt"
+    shell: "cat {input} > {output}; echo b >> {output}"
+
+rule c:
+    input: "b.txt"
+    output: "c.txt"
+    shell: "cat {input} > {output}; echo c >> {output}"
+"""
+
+
+def test_a_runner_killed_mid_run_costs_no_job(fakevast: FakeVast, tmp_path: Path) -> None:
+    """The first job kills its instance's resident runner: it still finishes (it was forked
+    into its own session), and the next jobs run as plain processes, or through the runner the
+    next job started again; either way the chain completes on its one warm instance."""
+    workdir = write_workflow(tmp_path / "wf", RUNNER_KILLER)
+
+    run = run_snakemake(workdir, fakevast, "--vastai-pool-ttl", "60", jobs=1)
+
+    assert run.ok, run.output
+    assert (workdir / "c.txt").read_text() == "a\nb\nc\n"
+    assert "runs as a plain process: the runner is not running" in run.output
+    assert len(assert_all_destroyed(fakevast, workdir)) == 1

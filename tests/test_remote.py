@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
+import shlex
 import socket
 import stat
 import subprocess
@@ -19,7 +19,6 @@ import paramiko
 import pytest
 
 from snakemake_executor_plugin_vastai.remote import (
-    DetachedJob,
     Endpoint,
     HostKeyMismatch,
     RemoteError,
@@ -29,7 +28,6 @@ from tests.sshd import (
     LocalSshd,
     kill_processes_under,
     process_group,
-    processes_under,
 )
 
 
@@ -73,14 +71,6 @@ def refused_endpoint() -> Iterator[Endpoint]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield Endpoint("127.0.0.1", sock.getsockname()[1])
-
-
-def wait_for_exit(job: DetachedJob, timeout: float = 10) -> int:
-    deadline = time.monotonic() + timeout
-    while (code := job.poll()) is None:
-        assert time.monotonic() < deadline, f"{job} did not finish"
-        time.sleep(0.01)
-    return code
 
 
 def wait_for_file(path: Path, timeout: float = 10) -> None:
@@ -195,7 +185,7 @@ def test_threads_share_one_connection_and_reconnect_once(host, sshd, tmp_path):
         local.write_text(str(n))
         for round_ in range(10):
             host.put_file(local, f"{tmp_path}/remote/{n}/{round_}")
-            assert host.read_from(f"{tmp_path}/remote/{n}/{round_}", 0) == str(n).encode()
+            assert Path(f"{tmp_path}/remote/{n}/{round_}").read_text() == str(n)
 
     host.run("true")
     before = logins()
@@ -206,99 +196,74 @@ def test_threads_share_one_connection_and_reconnect_once(host, sshd, tmp_path):
     assert logins() == before + 1
 
 
-# -- detached jobs ----------------------------------------------------------------------------
+# -- streams and process groups -------------------------------------------------------------
 
 
-def test_detached_job_gets_secrets_only_through_a_private_file(host, workdir):
-    secret = "p@ss word 'single' \"double\" $HOME `id` \\ ; line\nsecond"
-    job = host.start_detached(
-        'printf %s "$SECRET" > tmp; mv tmp seen; while [ ! -e go ]; do sleep 0.05; done',
-        workdir,
-        {"SECRET": secret, "PLAIN": "x"},
-    )
-    wait_for_file(Path(workdir, "seen"))
-    assert Path(workdir, "seen").read_text() == secret
-    processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "p@ss" not in processes
-    assert stat.S_IMODE(os.stat(Path(workdir, "job.env")).st_mode) == 0o600
-    assert os.getpgid(job.pid) == job.pid  # kill() relies on the pid being the process group
-    Path(workdir, "go").touch()
-    assert wait_for_exit(job) == 0
+def read_all(stream, timeout: float = 10) -> bytes:
+    data, deadline = b"", time.monotonic() + timeout
+    while chunk := stream.read(65536, max(0.01, deadline - time.monotonic())):
+        data += chunk
+    return data
 
 
-def test_start_detached_rejects_bad_variable_names(host, workdir):
-    with pytest.raises(ValueError, match="BAD-NAME"):
-        host.start_detached("true", workdir, {"BAD-NAME": "x"})
+def test_a_stream_takes_stdin_and_gives_output_with_deadlines(host):
+    stream = host.open_stream("cat; sleep 0.3; echo done; echo oops >&2", b"request\n", 5)
+    echoed = b""
+    while len(echoed) < len(b"request\n"):
+        echoed += stream.read(100, 5)
+    assert echoed == b"request\n"
+    with pytest.raises(TimeoutError):  # then nothing for 0.3 s
+        stream.read(100, 0.05)
+    assert read_all(stream) == b"done\n"
+    assert not stream.lost
+    assert stream.errors() == "oops"
+    stream.close()
 
 
-@pytest.mark.parametrize("exit_code", [0, 5])
-def test_poll_notices_the_exit_quickly_and_cheaply(host, workdir, exit_code):
-    job = host.start_detached(f"echo working; sleep 0.5; exit {exit_code}", workdir, {})
-    started = time.monotonic()
-    for _ in range(1000):
-        assert job.poll() is None
-    assert wait_for_exit(job) == exit_code
-    assert time.monotonic() - started >= 0.5
-    assert Path(job.log_path).read_text() == "working\n"
-    assert Path(workdir, "exit_code").read_text() == f"{exit_code}\n"
-
-
-def test_job_survives_lost_and_closed_connections(host, sshd, workdir):
-    dropped = host.start_detached("sleep 1; exit 7", f"{workdir}/dropped", {})
+def test_a_stream_knows_when_its_connection_died(host, sshd):
+    stream = host.open_stream("sleep 30", b"", 5)
     sshd.drop_connections()
-    assert wait_for_exit(dropped) == 7
-
-    closed = host.start_detached("sleep 1; exit 8", f"{workdir}/closed", {})
-    host.close()
-    host.connect(time.monotonic() + 10)
-    assert wait_for_exit(closed) == 8
-    time.sleep(0.5)  # the waiters of lost sessions notice and end
-    assert processes_under(Path(workdir)) == []
+    assert read_all(stream) == b""
+    assert stream.lost
 
 
-def test_kill_ends_the_whole_process_group(host, workdir):
-    job = host.start_detached("sleep 1000 & sleep 1000", workdir, {})
+def start_group(host: RemoteHost, workdir: str, script: str) -> int:
+    """A detached process group in workdir, as the job agent starts one; returns its id."""
+    where = shlex.quote(workdir)
+    result = host.run(
+        f"mkdir -p {where} && cd {where} || exit 1; "
+        f"setsid sh -c {shlex.quote(script)} > log 2>&1 < /dev/null & echo $!"
+    )
+    return int(result.stdout)
+
+
+def test_kill_group_ends_the_whole_process_group(host, workdir):
+    pgid = start_group(host, workdir, "sleep 1000 & sleep 1000")
     deadline = time.monotonic() + 5
-    while len(process_group(job.pid)) < 4:  # runner, script, two sleeps
+    while len(process_group(pgid)) < 3:  # the shell, two sleeps
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    job.kill()
-    assert wait_for_exit(job, timeout=2) == 143
-    assert process_group(job.pid) == []
-    job.kill()  # a finished job is left alone
+    host.kill_group(workdir, pgid)
+    assert process_group(pgid) == []
+    assert Path(workdir, "exit_code").read_text() == "143\n"
+    host.kill_group(workdir, pgid)  # a finished job is left alone
 
 
-def test_kill_escalates_when_the_job_ignores_term(host, workdir, monkeypatch):
+def test_kill_group_escalates_when_the_job_ignores_term(host, workdir, monkeypatch):
     monkeypatch.setattr("snakemake_executor_plugin_vastai.remote.KILL_GRACE_S", 0.5)
-    job = host.start_detached("trap '' TERM; sleep 1000", workdir, {})
-    wait_for_file(Path(workdir, "job.log"))
+    pgid = start_group(host, workdir, "trap '' TERM; echo ready; sleep 1000")
+    wait_for_file(Path(workdir, "log"))
     started = time.monotonic()
-    job.kill()
+    host.kill_group(workdir, pgid)
     assert time.monotonic() - started >= 0.5
-    assert wait_for_exit(job, timeout=2) == 137
-    assert process_group(job.pid) == []
-
-
-def test_read_from_streams_a_growing_log(host, workdir):
-    job = host.start_detached("for i in 1 2 3 4 5; do echo line $i; sleep 0.1; done", workdir, {})
-    streamed, chunks = b"", 0
-    while True:
-        done = job.poll() is not None
-        chunk = host.read_from(job.log_path, len(streamed))
-        streamed += chunk
-        chunks += bool(chunk)
-        if done:
-            break
-        time.sleep(0.05)
-    assert streamed.decode() == "".join(f"line {i}\n" for i in range(1, 6))
-    assert chunks >= 3
-    assert host.read_from(f"{workdir}/no such log", 0) == b""
+    assert Path(workdir, "exit_code").read_text() == "137\n"
+    assert process_group(pgid) == []
 
 
 # -- files ------------------------------------------------------------------------------------
 
 
-def test_put_and_get_a_file_with_spaces_keeps_content_and_mode(host, tmp_path):
+def test_put_a_file_with_spaces_keeps_content_and_mode(host, tmp_path):
     local = tmp_path / "my file (1).txt"
     local.write_text("hello 'world'\n")
     local.chmod(0o754)
@@ -307,47 +272,9 @@ def test_put_and_get_a_file_with_spaces_keeps_content_and_mode(host, tmp_path):
     assert Path(remote).read_text() == "hello 'world'\n"
     assert stat.S_IMODE(os.stat(remote).st_mode) == 0o754
 
-    back = tmp_path / "back here" / "copy of it.txt"
-    host.get_file(remote, back)
-    assert back.read_text() == "hello 'world'\n"
-    assert stat.S_IMODE(back.stat().st_mode) == 0o754
 
-    with pytest.raises(RemoteError, match="missing"):
-        host.get_file(f"{tmp_path}/missing", tmp_path / "back here" / "missing")
-    assert sorted(p.name for p in back.parent.iterdir()) == ["copy of it.txt"]
-
-
-def test_get_a_directory_tree(host, tmp_path):
-    tree = tmp_path / "tree"
-    for relative, content in {
-        "top.txt": "top",
-        "a dir/inner.txt": "inner",
-        "a dir/deeper/deepest.bin": "\0\1\2",
-    }.items():
-        (tree / relative).parent.mkdir(parents=True, exist_ok=True)
-        (tree / relative).write_text(content)
-    (tree / "empty").mkdir()
-
-    remote = f"{tmp_path}/remote tree"  # the test sshd serves this machine's own files
-    shutil.copytree(tree, remote)
-    Path(remote, "link.txt").symlink_to(Path(remote, "top.txt"))
-    host.get_tree(remote, tmp_path / "copy")
-
-    assert snapshot(tmp_path / "copy") == {**snapshot(tree), "link.txt": b"top"}
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    return {
-        str(path.relative_to(root)): None if path.is_dir() else path.read_bytes()
-        for path in root.rglob("*")
-    }
-
-
-def test_large_file_round_trip_is_byte_identical(host, tmp_path):
+def test_a_large_upload_is_byte_identical(host, tmp_path):
     local = tmp_path / "big.bin"
     local.write_bytes(os.urandom(20 * 1024 * 1024))
-    sent, received = host.bytes_sent, host.bytes_received
     host.put_file(local, f"{tmp_path}/remote/big.bin")
-    host.get_file(f"{tmp_path}/remote/big.bin", tmp_path / "back.bin")
-    assert (tmp_path / "back.bin").read_bytes() == local.read_bytes()
-    assert host.bytes_sent - sent == host.bytes_received - received == 20 * 1024 * 1024
+    assert Path(tmp_path, "remote", "big.bin").read_bytes() == local.read_bytes()

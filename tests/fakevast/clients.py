@@ -62,9 +62,14 @@ def ssh_login(host: str, port: int, key: paramiko.PKey, timeout: float = 10) -> 
 
 
 def run(client: paramiko.SSHClient, command: str, timeout: float = 30) -> str:
-    """Run `command`; its stdout, or AssertionError with stderr on a non-zero exit."""
+    """Run `command`; its stdout, or AssertionError with stderr on a non-zero exit. A
+    connection that dies while the command runs raises SSHException (paramiko itself only
+    reports exit status -1 then)."""
     _, stdout, stderr = client.exec_command(command, timeout=timeout)
     out = stdout.read().decode()
     status = stdout.channel.recv_exit_status()
+    transport = client.get_transport()
+    if status == -1 and (transport is None or not transport.is_active()):
+        raise paramiko.SSHException(f"{command!r}: the connection died")
     assert status == 0, f"{command!r} exited {status}: {stderr.read().decode()}"
     return out
