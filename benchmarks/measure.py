@@ -7,9 +7,11 @@ starts empty, so no number depends on the order the cases ran in.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -23,8 +25,9 @@ from benchmarks.workflows import Workflow
 from tests.fakevast.harness import FakeVast
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODES = ("local", "ttl0", "pool")
-POOL_TTL = {"ttl0": 0, "pool": 300}
+# "pool-rtt": the pool with a simulated round-trip time on the fake's SSH relays (--rtt-ms).
+MODES = ("local", "ttl0", "pool", "pool-rtt")
+POOL_TTL = {"ttl0": 0, "pool": 300, "pool-rtt": 300}
 LOGS = Path(".snakemake/auxiliary/vastai-logs")  # the plugin's copy of each job's output
 STOP_GRACE_SECONDS = 120.0  # Snakemake's teardown after SIGINT destroys instances
 
@@ -45,10 +48,16 @@ class Case:
     workflow: Workflow
     mode: str  # one of MODES
     boot_seconds: float
+    rtt_ms: float = 0.0  # the fake's SSH round-trip time; only the pool-rtt mode sets one
+
+    @property
+    def label(self) -> str:
+        """The mode as results name it: pool-rtt with its round-trip time (pool-rtt50)."""
+        return f"pool-rtt{self.rtt_ms:g}" if self.mode == "pool-rtt" else self.mode
 
     @property
     def name(self) -> str:
-        return f"{self.workflow.name}/{self.mode}"
+        return f"{self.workflow.name}/{self.label}"
 
     @property
     def timeout(self) -> float:
@@ -69,6 +78,7 @@ class FakeBill:
     api_calls: dict[str, int]
     ssh_bytes_up: int
     ssh_bytes_down: int
+    ssh_round_trips: int = 0  # request/response turns over all relays (the fake counts them)
 
     @classmethod
     def from_ledger(cls, ledger: dict[str, Any], now: float) -> FakeBill:
@@ -86,6 +96,7 @@ class FakeBill:
             api_calls=dict(sorted(ledger["api_calls"].items())),
             ssh_bytes_up=int(ledger["ssh_bytes"]["up"]),
             ssh_bytes_down=int(ledger["ssh_bytes"]["down"]),
+            ssh_round_trips=int(ledger.get("ssh_round_trips", 0)),
         )
 
     @property
@@ -96,7 +107,7 @@ class FakeBill:
 @dataclass(frozen=True)
 class CaseResult:
     workflow: str
-    mode: str
+    mode: str  # a Case's label: local, ttl0, pool, pool-rtt50
     jobs: int
     parallel: int
     wall_seconds: float
@@ -106,6 +117,16 @@ class CaseResult:
     # This machine's 1-minute load average before and after: other work on a small machine
     # slows the fake's instances, which share its CPUs.
     load_average_1min: tuple[float, float] | None = None
+    rtt_ms: float = 0.0
+    # Sequential workflows: the median gap between consecutive outputs' modification times,
+    # i.e. one job's period as its outputs show it (local: the only per-job clock there is).
+    output_period_seconds: float | None = None
+    # Per warm job (medians; see benchmarks.phases): its period, run_job to the next run_job
+    # (sequential workflows only); the SSH round trips between its run_job and its success
+    # report (sequential only: parallel jobs' windows overlap); job + agent CPU on the instance.
+    warm_period_seconds: float | None = None
+    ssh_round_trips_per_warm_job: float | None = None
+    remote_cpu_seconds_per_warm_job: float | None = None
 
     @property
     def api_calls_per_job(self) -> float | None:
@@ -118,6 +139,7 @@ class CaseResult:
             data["boots"] = self.bill.instances
             data["api_calls_total"] = self.bill.api_calls_total
             data["api_calls_per_job"] = self.api_calls_per_job
+            data["ssh_round_trips_per_job"] = round(self.bill.ssh_round_trips / self.jobs, 2)
         return data
 
 
@@ -131,12 +153,15 @@ def run_case(case: Case, scratch: Path) -> CaseResult:
         command = snakemake_command("--cores", str(case.workflow.parallel))
         wall = run_snakemake(command, workdir, clean_env(), case.timeout, scratch / "snakemake.log")
     else:
-        wall, bill = run_on_fake(case, scratch, workdir)
+        wall, bill, round_trip_times = run_on_fake(case, scratch, workdir)
         summary = plugin_summary(workdir)
-        phases = job_phases(scratch / "trace.jsonl", workdir / LOGS, case.workflow.name == "chain")
+        phases = job_phases(
+            scratch / "trace.jsonl", workdir / LOGS, case.workflow.sequential, round_trip_times
+        )
+    warm = ((phases or {}).get("warm") or {}).get("median", {})
     return CaseResult(
         workflow=case.workflow.name,
-        mode=case.mode,
+        mode=case.label,
         jobs=case.workflow.jobs,
         parallel=case.workflow.parallel,
         wall_seconds=wall,
@@ -144,15 +169,30 @@ def run_case(case: Case, scratch: Path) -> CaseResult:
         plugin_summary=summary,
         phases=phases,
         load_average_1min=(round(load_before, 2), round(os.getloadavg()[0], 2)),
+        rtt_ms=case.rtt_ms,
+        output_period_seconds=output_period(workdir, case.workflow),
+        warm_period_seconds=warm.get("period"),
+        ssh_round_trips_per_warm_job=warm.get("ssh_round_trips"),
+        remote_cpu_seconds_per_warm_job=warm.get("remote_cpu_seconds"),
     )
 
 
-def run_on_fake(case: Case, scratch: Path, workdir: Path) -> tuple[float, FakeBill]:
-    """Wall seconds and the fake's bill of a run with the plugin, probes on; fails loudly if
-    an instance outlives Snakemake."""
+def output_period(workdir: Path, workflow: Workflow) -> float | None:
+    """Median gap between consecutive outputs' modification times (sequential workflows)."""
+    if not workflow.sequential or workflow.jobs < 2:
+        return None
+    times = [(workdir / path).stat().st_mtime for path in workflow.outputs]
+    return round(statistics.median(b - a for a, b in itertools.pairwise(times)), 4)
+
+
+def run_on_fake(
+    case: Case, scratch: Path, workdir: Path
+) -> tuple[float, FakeBill, list[float] | None]:
+    """Wall seconds, the fake's bill and its SSH round trips' times of a run with the plugin,
+    probes on; fails loudly if an instance outlives Snakemake."""
     offers = scratch / "offers.json"
     offers.write_text(json.dumps([{"id": 9300001 + i, **OFFER} for i in range(OFFER_COUNT)]))
-    with FakeVast(boot_seconds=case.boot_seconds, offers=offers) as fake:
+    with FakeVast(boot_seconds=case.boot_seconds, offers=offers, rtt_ms=case.rtt_ms) as fake:
         command = snakemake_command(
             "--executor", "vastai",
             "--jobs", str(case.workflow.parallel),
@@ -162,10 +202,13 @@ def run_on_fake(case: Case, scratch: Path, workdir: Path) -> tuple[float, FakeBi
         )  # fmt: skip
         env = clean_env() | {"VAST_API_KEY": fake.api_key, TRACE_ENV: str(scratch / "trace.jsonl")}
         wall = run_snakemake(command, workdir, env, case.timeout, scratch / "snakemake.log")
-        bill = FakeBill.from_ledger(fake.ledger(), time.time())
+        ledger = fake.ledger()
+        bill = FakeBill.from_ledger(ledger, time.time())
+    (scratch / "ledger.json").write_text(json.dumps(ledger))  # for analysis after the run
     if not bill.nothing_left_running:
         raise BenchmarkError("instances still running in the fake after Snakemake exited")
-    return wall, bill
+    times = ledger.get("ssh_round_trip_times")  # None from a fake that does not count them
+    return wall, bill, None if times is None else [float(t) for t in times]
 
 
 def snakemake_command(*args: str, traced: bool = False) -> list[str]:

@@ -1,15 +1,17 @@
 """Snakemake with timing probes on the plugin's steps: ``python -m benchmarks.tracer ARGS``.
 
 Why probes instead of log timestamps: Snakemake stamps its messages to the second, and a warm
-job's whole overhead is a few seconds, so the breakdown (staging, remote run, fetch, how late
-the status loop notices, Snakemake's own scheduling gap) needs the plugin's methods timed
-directly. The probes wrap methods from outside, so the plugin itself stays untouched; each
-call becomes one JSON line in the file named by ``$VASTAI_BENCH_TRACE``. A method the plugin
-no longer has is skipped with a warning, never an error.
+job's whole overhead is a fraction of a second, so the breakdown (staging, the job agent's
+start, the remote run, receiving the results, how late the status loop notices, Snakemake's
+own scheduling gap) needs the plugin's methods timed directly. The probes wrap methods from
+outside, so the plugin itself stays untouched; each call becomes one JSON line in the file
+named by ``$VASTAI_BENCH_TRACE``. A method the plugin no longer has is skipped with a
+warning, never an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -25,6 +27,7 @@ TRACE_ENV = "VASTAI_BENCH_TRACE"
 PLUGIN = "snakemake_executor_plugin_vastai"
 
 TagOf = Callable[[tuple[Any, ...]], str | None]
+Detail = Callable[[tuple[Any, ...]], Any]  # JSON-able
 
 _current = threading.local()  # the tag of the job this worker thread runs
 
@@ -47,24 +50,31 @@ def _api_what(args: tuple[Any, ...]) -> str:
     return str(args[1])
 
 
-def _command(args: tuple[Any, ...]) -> str:
-    return str(args[1])
-
-
 def _instance_label(args: tuple[Any, ...]) -> str:
     return str(getattr(args[1], "label", ""))
 
 
-# (span name, module, class, method, tag of the call or None for the thread's job, detail)
-PROBES: tuple[tuple[str, str, str, str, TagOf | None, TagOf | None], ...] = (
+def _usage(args: tuple[Any, ...]) -> dict[str, Any] | None:
+    """What the job cost on its instance (``JobRun.usage``, set by ``_collect``)."""
+    usage = args[0].usage
+    return None if usage is None else dataclasses.asdict(usage)
+
+
+def _frame_kind(args: tuple[Any, ...]) -> str:
+    """The kind of an agent frame before the results: S started, L log, K keep-alive, X exit."""
+    return bytes(args[1]).decode(errors="replace")
+
+
+# (span name, module, class, method, tag of the call or None for the thread's job, detail).
+# A detail is computed after the call returns (so ``collect`` sees the usage it set).
+PROBES: tuple[tuple[str, str, str, str, TagOf | None, Detail | None], ...] = (
     ("run_job", "", "Executor", "run_job", _snakemake_job_tag, None),
     ("submitted", "", "Executor", "report_job_submission", _job_info_tag, None),
     ("reported_success", "", "Executor", "report_job_success", _job_info_tag, None),
     ("reported_error", "", "Executor", "report_job_error", _job_info_tag, None),
     ("job", ".jobrun", "JobRun", "run", _job_run_tag, None),
     ("execute", ".jobrun", "JobRun", "_execute", None, None),
-    ("stream_log", ".jobrun", "JobRun", "_stream_log", None, None),
-    ("fetch", ".jobrun", "JobRun", "_fetch", None, None),
+    ("collect", ".jobrun", "JobRun", "_collect", None, _usage),
     ("acquire", ".pool", "Pool", "acquire", None, None),
     ("rent", ".renter", "Renter", "rent", None, None),
     ("prepare_instance", ".pool", "Pool", "_prepare", None, None),
@@ -75,7 +85,8 @@ PROBES: tuple[tuple[str, str, str, str, TagOf | None, TagOf | None], ...] = (
     ("connect", ".instance", "Instance", "connect", None, None),
     ("bootstrap", ".instance", "Instance", "bootstrap", None, None),
     ("stage", ".staging", "Stager", "prepare", None, None),
-    ("start", ".remote", "RemoteHost", "start_detached", None, _command),
+    ("start", ".jobwire", "RemoteJob", "start", None, None),
+    ("frame", ".jobwire", "RemoteJob", "_on_progress", None, _frame_kind),
     ("api", ".marketplace", "Marketplace", "_call", None, _api_what),
 )
 
@@ -87,15 +98,13 @@ class TraceFile:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def emit(
-        self, span: str, start: float, end: float, tag: str | None, detail: str | None
-    ) -> None:
-        line = {"span": span, "start": start, "end": end, "tag": tag}
+    def emit(self, span: str, start: float, end: float, tag: str | None, detail: Any) -> None:
+        line: dict[str, Any] = {"span": span, "start": start, "end": end, "tag": tag}
         line["thread"] = threading.current_thread().name
-        if detail:
+        if detail is not None:
             line["detail"] = detail
         with self._lock:
-            self._stream.write(json.dumps(line) + "\n")
+            self._stream.write(json.dumps(line, default=str) + "\n")
             self._stream.flush()
 
 
@@ -104,7 +113,7 @@ def probe(
     span: str,
     fn: Callable[..., Any],
     tag_of: TagOf | None,
-    detail_of: TagOf | None,
+    detail_of: Detail | None,
 ) -> Callable[..., Any]:
     """``fn`` timed; a call with its own tag also marks its thread as working for that job."""
 
@@ -137,7 +146,7 @@ def install(trace: TraceFile) -> list[str]:
     return missing
 
 
-def _safe(extract: TagOf | None, args: tuple[Any, ...]) -> str | None:
+def _safe(extract: Detail | None, args: tuple[Any, ...]) -> Any:
     if extract is None:
         return None
     try:

@@ -13,29 +13,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GIT_TIMEOUT = 60.0
-SLEEP_SECONDS = 1
-LOAD_SLEEP_SECONDS = 0.1  # the load case: many short jobs, so the plugin's overhead dominates
+# Seconds each job sleeps: 1 s jobs for the chain and the fanout, as the issue states them;
+# 0.1 s jobs where the plugin's own cost should dominate (the remote CPU figure, the load case).
+SLEEP_SECONDS = {"chain": 1, "fanout": 1, "tiny": 0.1, "load": 0.1}
+LOAD_SLEEP_SECONDS = SLEEP_SECONDS["load"]
+SEQUENTIAL = ("chain", "tiny")  # each job needs the previous one's output
 
 _CHAIN = """\
-# chain: {jobs} dependent jobs; each sleeps {sleep} s, then copies its input to its output.
+# {name}: {jobs} dependent jobs; each sleeps {sleep} s, then copies its input to its output.
 localrules: all
 
 
 rule all:
     input:
-        "chain/{jobs}.txt",
+        "{name}/{jobs}.txt",
 
 
 def previous(wildcards):
     i = int(wildcards.i)
-    return "seed.txt" if i == 1 else f"chain/{{i - 1}}.txt"
+    return "seed.txt" if i == 1 else f"{name}/{{i - 1}}.txt"
 
 
 rule step:
     input:
         previous,
     output:
-        "chain/{{i}}.txt",
+        "{name}/{{i}}.txt",
     wildcard_constraints:
         i=r"\\d+",
     shell:
@@ -84,24 +87,35 @@ rule work:
         "sleep {sleep}; echo load {{wildcards.i}} > {{output}}"
 """
 
-_TEMPLATES = {"chain": _CHAIN, "fanout": _FANOUT, "load": _LOAD}
+_TEMPLATES = {"chain": _CHAIN, "tiny": _CHAIN, "fanout": _FANOUT, "load": _LOAD}
 
 
 @dataclass(frozen=True)
 class Workflow:
     """One benchmark workflow: which shape, how many remote jobs, how many at once."""
 
-    name: str  # "chain", "fanout" or "load"
+    name: str  # "chain", "tiny", "fanout" or "load"
     jobs: int  # jobs that run remotely; the target rule `all` is local and not counted
     parallel: int  # --jobs for the executor, --cores for plain local Snakemake
 
+    @property
+    def sequential(self) -> bool:
+        """One job at a time, each waiting for the previous one (chain, tiny)."""
+        return self.name in SEQUENTIAL
+
+    @property
+    def outputs(self) -> list[str]:
+        """Each job's output, in the order a sequential workflow makes them."""
+        folder = {"fanout": "fan"}.get(self.name, self.name)
+        return [f"{folder}/{i}.txt" for i in range(1, self.jobs + 1)]
+
     def snakefile(self) -> str:
-        sleep = LOAD_SLEEP_SECONDS if self.name == "load" else SLEEP_SECONDS
-        return _TEMPLATES[self.name].format(jobs=self.jobs, sleep=sleep)
+        sleep = SLEEP_SECONDS[self.name]
+        return _TEMPLATES[self.name].format(name=self.name, jobs=self.jobs, sleep=sleep)
 
     def files(self) -> dict[str, str]:
         files = {"Snakefile": self.snakefile()}
-        if self.name == "chain":
+        if self.sequential:
             files["seed.txt"] = "seed\n"
         return files
 
@@ -118,10 +132,11 @@ class Workflow:
 
 
 def standard_workflows(quick: bool) -> list[Workflow]:
-    """The issue's workloads: chain 20 / fanout 40 at 8 at once; --quick: 5 / 8 at 4."""
+    """The issue's workloads: chain 20 x 1 s, fanout 40 at 8 at once, tiny 10 x 0.1 s;
+    --quick: chain 5, fanout 8 at 4, tiny 5."""
     if quick:
-        return [Workflow("chain", 5, 1), Workflow("fanout", 8, 4)]
-    return [Workflow("chain", 20, 1), Workflow("fanout", 40, 8)]
+        return [Workflow("chain", 5, 1), Workflow("fanout", 8, 4), Workflow("tiny", 5, 1)]
+    return [Workflow("chain", 20, 1), Workflow("fanout", 40, 8), Workflow("tiny", 10, 1)]
 
 
 def load_workflow(quick: bool) -> Workflow:

@@ -93,9 +93,12 @@ class JobRun:
         pool: Pool,
         sources: Callable[[], SourceBundle],
         digests: DigestCache,
+        on_outcome: Callable[[], None] = lambda: None,
     ) -> None:
+        """``on_outcome`` is called (from this job's thread) once the outcome is set."""
         self.spec = spec
         self.pool = pool
+        self.on_outcome = on_outcome
         self.sources = sources
         self.digests = digests
         self.outcome: Outcome | None = None
@@ -167,6 +170,7 @@ class JobRun:
                     self.pool.release(self.placement, healthy=healthy)
             finally:
                 self.outcome = outcome or self._failure(f"{self.spec.name}: no outcome. ")
+                self.on_outcome()
 
     # -- steps ---------------------------------------------------------------------------
 

@@ -1,36 +1,55 @@
 """The benchmark machinery on a tiny case, and its target arithmetic on made-up numbers.
 
 Why: ``python -m benchmarks`` takes minutes, so its parts are checked here in seconds: one
-real two-job chain through the warm pool against the fake (ledger, summary, probes), and the
-targets and ratios the results file reports.
+real three-job chain of 0.1 s jobs through the warm pool against the fake (ledger, summary,
+probes, per-warm-job figures), and the targets and ratios the results file reports. Only
+structure is checked: timing is measured by the benchmarks, never asserted here.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from benchmarks.__main__ import parse, result_name
+from benchmarks.__main__ import parse, result_name, standard_cases
 from benchmarks.measure import Case, CaseResult, FakeBill, run_case
-from benchmarks.report import document, render, speedups, targets
+from benchmarks.report import document, render, speedups, targets, warm_overhead
 from benchmarks.workflows import Workflow
 
 
 def test_chain_in_the_pool_is_measured(tmp_path: Path) -> None:
-    result = run_case(Case(Workflow("chain", 2, 1), "pool", 0.0), tmp_path / "case")
+    result = run_case(Case(Workflow("tiny", 3, 1), "pool", 0.0), tmp_path / "case")
 
-    output = tmp_path / "case" / "workflow" / "chain" / "2.txt"
-    assert output.read_text() == "seed\n1\n2\n"
+    output = tmp_path / "case" / "workflow" / "tiny" / "3.txt"
+    assert output.read_text() == "seed\n1\n2\n3\n"
     assert result.bill is not None and result.bill.nothing_left_running
     assert result.bill.instances == 1
     assert result.bill.billed_instance_seconds > 0 and result.bill.dollars > 0
     assert result.bill.api_calls["PUT /api/v0/asks/{id}/"] == 1
-    assert result.plugin_summary is not None and result.plugin_summary["jobs_run"] == 2
-    assert result.phases is not None
-    assert result.phases["cold"]["jobs"] == 1 and result.phases["warm"]["jobs"] == 1
-    assert "schedule" in result.phases["cold"]["mean"]
-    assert "chain/pool" in render(document({}, [result], 0.0))
+    assert result.bill.ssh_round_trips > 0
+    assert result.plugin_summary is not None and result.plugin_summary["jobs_run"] == 3
+    # Every probe still finds its method: a warning names the ones skipped.
+    log = (tmp_path / "case" / "snakemake.log").read_text()
+    assert "benchmark probes skipped" not in log
+    trace = [json.loads(line) for line in (tmp_path / "case" / "trace.jsonl").open()]
+    collected = [e for e in trace if e["span"] == "collect"]
+    assert len(collected) == 3 and all("job_cpu_seconds" in e["detail"] for e in collected)
+    phases = result.phases
+    assert phases is not None
+    assert phases["cold"]["jobs"] == 1 and phases["warm"]["jobs"] == 2
+    assert "schedule" in phases["cold"]["mean"]
+    for name in ("stage", "start", "remote", "remote_launch", "collect", "release", "notice"):
+        assert name in phases["warm"]["mean"]
+    assert {"period", "ssh_round_trips", "remote_cpu_seconds"} <= set(phases["warm"]["median"])
+    assert result.warm_period_seconds is not None and result.warm_period_seconds > 0
+    assert result.ssh_round_trips_per_warm_job is not None
+    assert result.remote_cpu_seconds_per_warm_job is not None
+    assert result.output_period_seconds is not None
+    doc = document({}, [result], 0.0)
+    assert doc["cases"][0]["warm_overhead_seconds"] is None  # no local case to compare with
+    assert "tiny/pool" in render(doc)
 
 
 def bill(instances: int, billed: float, calls: int, boot: float) -> FakeBill:
@@ -43,17 +62,50 @@ def bill(instances: int, billed: float, calls: int, boot: float) -> FakeBill:
         api_calls={"GET /api/v1/instances/": calls},
         ssh_bytes_up=1,
         ssh_bytes_down=1,
+        ssh_round_trips=200,
     )
 
 
 def test_targets_and_speedups_from_results() -> None:
     results = [
-        CaseResult("chain", "local", 20, 1, 24.0, None, None, None),
+        CaseResult("chain", "local", 20, 1, 24.0, None, None, None, output_period_seconds=1.1),
         CaseResult("chain", "ttl0", 20, 1, 500.0, bill(20, 480.0, 120, 400.0), None, None),
         CaseResult(
-            "chain", "pool", 20, 1, 70.0, bill(1, 68.0, 30, 20.0), {"busy_seconds": 40.0}, None
+            "chain",
+            "pool",
+            20,
+            1,
+            70.0,
+            bill(1, 68.0, 30, 20.0),
+            {"busy_seconds": 40.0},
+            None,
+            warm_period_seconds=1.3,
         ),
+        CaseResult(
+            "chain",
+            "pool-rtt50",
+            20,
+            1,
+            80.0,
+            bill(1, 78.0, 30, 20.0),
+            None,
+            None,
+            rtt_ms=50.0,
+            warm_period_seconds=1.7,
+        ),
+        CaseResult("fanout", "local", 40, 8, 6.0, None, None, None),
         CaseResult("fanout", "pool", 40, 8, 40.0, bill(9, 200.0, 160, 160.0), None, None),
+        CaseResult(
+            "tiny",
+            "pool",
+            10,
+            1,
+            20.0,
+            bill(1, 18.0, 10, 5.0),
+            None,
+            None,
+            remote_cpu_seconds_per_warm_job=0.1,
+        ),
     ]
     found = {t.name: t for t in targets(results, boot_seconds=20.0)}
 
@@ -66,8 +118,18 @@ def test_targets_and_speedups_from_results() -> None:
     assert not found["fanout/pool instances <= --jobs (8)"].met
     assert found["chain/pool API calls per job <= 3"].measured == 1.5
     assert not found["fanout/pool API calls per job <= 3"].met  # 160 / 40 = 4
+    loopback = found["chain/pool warm overhead over local <= 0.25 s"]
+    assert loopback.measured == pytest.approx(0.2) and loopback.met
+    rtt = found["chain/pool-rtt50 warm overhead over local <= 0.5 s"]
+    assert rtt.measured == pytest.approx(0.6) and not rtt.met
+    assert found["tiny/pool remote CPU-s per warm job <= 0.15"].met
+    fanout = found["fanout/pool wall <= 1.5 x (boot + 5 x local per-job)"]
+    assert fanout.budget == pytest.approx(1.5 * (20 + 6.0)) and not fanout.met
+    assert warm_overhead(results[2], results) == pytest.approx(0.2)
+    assert warm_overhead(results[-1], results) is None  # no tiny/local
     (chain,) = speedups(results)
     assert chain.wall == pytest.approx(500 / 70, abs=1e-3) and chain.instances == 20
+    assert "MISSED" in render(document({}, results, 20.0))
 
 
 def test_partial_runs_get_their_own_results_file() -> None:
@@ -76,4 +138,18 @@ def test_partial_runs_get_their_own_results_file() -> None:
     assert (
         result_name(parse(["--only", "chain", "--modes", "pool,local"])) == "full-chain-local-pool"
     )
-    assert parse(["--quick"]).boot_seconds == 5.0 and parse([]).boot_seconds == 20.0
+    assert result_name(parse(["--rtt-ms", "0"])) == "full-local-ttl0-pool"
+    assert result_name(parse(["--rtt-ms", "100"])) == "full-rtt100"
+    assert parse(["--quick"]).boot_seconds == 5.0 and parse([]).boot_seconds == 5.0
+    names = [c.name for c in standard_cases(parse([]))]
+    assert names == [
+        "chain/local",
+        "chain/ttl0",
+        "chain/pool",
+        "chain/pool-rtt50",
+        "fanout/local",
+        "fanout/ttl0",
+        "fanout/pool",
+        "tiny/local",
+        "tiny/pool",
+    ]

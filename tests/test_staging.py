@@ -158,7 +158,3 @@ def test_digest_cache_rehashes_a_changed_file(workdir: Path) -> None:
     assert cache.digest("f") == hashlib.sha256(b"one").hexdigest()
     path.write_bytes(b"two!")  # another size: a new key even within the mtime granularity
     assert cache.digest("f") == hashlib.sha256(b"two!").hexdigest()
-
-
-# -- shipping to a real instance -----------------------------------------------------------------
-

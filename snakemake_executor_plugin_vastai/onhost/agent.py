@@ -25,9 +25,7 @@ import socket
 import stat
 import subprocess
 import sys
-import tarfile
 import time
-import uuid
 
 BASE = os.path.dirname(os.path.abspath(__file__))
 STORE = os.path.join(BASE, "store")
@@ -98,8 +96,10 @@ def unpacked_sources(digest: str) -> str:
     directory = os.path.join(SOURCES, digest[:16])
     if os.path.isdir(directory):
         return directory
+    import tarfile  # here: most jobs find the sources unpacked, and every ms of start counts
+
     archive = place_blob(digest)
-    partial = f"{directory}.{uuid.uuid4().hex[:8]}.tmp"
+    partial = f"{directory}.{os.urandom(4).hex()}.tmp"
     with tarfile.open(archive) as tar:
         if hasattr(tarfile, "data_filter"):
             tar.extractall(partial, filter="data")
@@ -365,7 +365,7 @@ class Results:
     @staticmethod
     def _store(path: str, digest: str) -> bool:
         """Keep the file in the store for the next job (a hard link, renamed into place)."""
-        partial = os.path.join(STORE, f"{digest}.{uuid.uuid4().hex[:8]}.link")
+        partial = os.path.join(STORE, f"{digest}.{os.urandom(4).hex()}.link")
         try:
             os.link(path, partial)
             os.replace(partial, os.path.join(STORE, digest))
