@@ -50,6 +50,9 @@ fi
 
 # The bootstrap script travels on stdin: it carries the on-host programs, too long for argv.
 SCRIPT_COMMAND = "/bin/sh -s"
+ONHOST_PROGRAMS = ("agent", "runner", "watchdog")
+# Touched by the run while it lives; the dead-man switch ends the instance when it goes stale.
+HEARTBEAT = f"{REMOTE_BASE}/heartbeat"
 _HEREDOC_END = "SNAKEMAKE_VASTAI_END_OF_FILE"
 
 STORAGE_PLUGIN_PREFIX = "snakemake-storage-plugin-"
@@ -88,6 +91,8 @@ class BootstrapPlan:
     extra_packages: tuple[str, ...] = ()
     storage_plugins: tuple[str, ...] = field(default_factory=local_storage_plugins)
     runner: bool = True  # start the resident runner (off: every job is a fresh process)
+    deadman: float = 0.0  # seconds without a heartbeat before an instance ends itself; 0: off
+    api_url: str = ""  # where the dead-man switch reaches the API (with the instance's own key)
 
     @property
     def packages(self) -> tuple[str, ...]:
@@ -101,7 +106,7 @@ class BootstrapPlan:
         """Names everything this bootstrap puts on an instance: another Snakemake, other
         packages or another version of the on-host programs get other files and a new runner."""
         packages = "+".join(sorted(self.packages)) or "none"
-        sources = onhost_source("agent") + onhost_source("runner")
+        sources = "".join(onhost_source(name) for name in ONHOST_PROGRAMS)
         digest = hashlib.sha256(f"{packages}\n{sources}".encode()).hexdigest()[:12]
         return f"{self.snakemake_version}-{digest}"
 
@@ -124,12 +129,18 @@ class BootstrapPlan:
         return self._install_script() + self._onhost_script()
 
     def _onhost_script(self) -> str:
-        agent = f"{REMOTE_BASE}/agent-{self.key}.py"
         runner = f"{REMOTE_BASE}/runner-{self.key}"
         lines = [
-            _write_file(agent, onhost_source("agent")),
-            _write_file(f"{runner}.py", onhost_source("runner")),
+            _write_file(f"{REMOTE_BASE}/{name}-{self.key}.py", onhost_source(name))
+            for name in ONHOST_PROGRAMS
         ]
+        if self.deadman:
+            watchdog = shlex.quote(f"{REMOTE_BASE}/watchdog-{self.key}")
+            lines.append(
+                f"touch {HEARTBEAT}\n"
+                f"setsid nohup python -I -S {watchdog}.py {self.deadman:g} "
+                f"{shlex.quote(self.api_url)} >> {watchdog}.log 2>&1 < /dev/null &\n"
+            )
         # A runner of another key (an older plugin or Snakemake) must not serve this one.
         lines.append(
             f"for old in {REMOTE_BASE}/runner-*.pid; do\n"

@@ -16,10 +16,17 @@ from pathlib import Path
 
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure
-from snakemake_executor_plugin_vastai.jobwire import JobExit, JobRequest, RemoteJob, StreamLost
+from snakemake_executor_plugin_vastai.jobwire import (
+    AgentFailed,
+    JobExit,
+    JobRequest,
+    RemoteJob,
+    ResultError,
+    StreamLost,
+)
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.pool import Cancelled, Placement, Pool
-from snakemake_executor_plugin_vastai.remote import RemoteError
+from snakemake_executor_plugin_vastai.remote import HostKeyMismatch, RemoteError
 from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
 from snakemake_executor_plugin_vastai.staging import (
     REMOTE_BASE,
@@ -75,6 +82,10 @@ class Outcome:
 
 class JobFailed(VastaiError):
     pass
+
+
+# Failures that say more about the host than about the job: its machine is not rented again.
+HOST_FAULTS = (InstanceFailure, RemoteError, AgentFailed, ResultError)
 
 
 class JobCancelled(VastaiError):
@@ -135,6 +146,7 @@ class JobRun:
         """The worker thread's body: never raises; always leaves an outcome, and only once the
         instance is back in the pool (or gone), so the next job Snakemake submits finds it."""
         healthy = False
+        host_fault = ""
         outcome = None
         try:
             self.placement = self.pool.acquire(self.spec.request, self.spec.tag, self.spec.counted)
@@ -159,6 +171,8 @@ class JobRun:
             else:
                 where = f" on {self.instance.name}" if self.instance else ""
                 outcome = self._failure(sentence(f"{self.spec.name} failed{where}: {error}"))
+                if isinstance(error, HOST_FAULTS):
+                    host_fault = f"{self.spec.name} failed on it: {error}"
         except Exception as error:  # a bug must fail the job, not hang the run
             log.exception("unexpected error in %s", self.spec.name)
             outcome = self._failure(f"{self.spec.name}: internal error: {error!r}. ")
@@ -167,7 +181,7 @@ class JobRun:
                 if self._remote is not None:
                     self._remote.close()
                 if self.placement is not None:
-                    self.pool.release(self.placement, healthy=healthy)
+                    self.pool.release(self.placement, healthy, host_fault)
             finally:
                 self.outcome = outcome or self._failure(f"{self.spec.name}: no outcome. ")
                 self.on_outcome()
@@ -225,6 +239,8 @@ class JobRun:
             )
         try:
             self._remote.reattach()
+        except HostKeyMismatch as changed:  # another machine, or someone in between: never wait
+            raise InstanceFailure(f"{changed}; the host is given up") from None
         except RemoteError as failed:  # still unreachable (the reconnect took its budget)
             log.debug("%s: re-attaching failed: %s", self.spec.name, failed)
 

@@ -25,6 +25,7 @@ from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan
 from snakemake_executor_plugin_vastai.caps import Caps
 from snakemake_executor_plugin_vastai.demand import Demand
 from snakemake_executor_plugin_vastai.destroyer import UNKNOWN_GRACE_SECONDS, Destroyer
+from snakemake_executor_plugin_vastai.hosts import ExcludedHosts
 from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure
 from snakemake_executor_plugin_vastai.ledger import Ledger, make_label
 from snakemake_executor_plugin_vastai.logger import get_logger
@@ -66,6 +67,9 @@ PREPARE_GRACE_SECONDS = 1800.0  # bootstrap (pip installs) on top of the boot ti
 
 class Cancelled(InstanceFailure):
     """The run is shutting down: the job was cancelled, it did not fail."""
+
+
+LOGGED_IN = (State.BOOTSTRAPPING, State.IDLE, State.BUSY)
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,7 @@ class Pool:
         self.demand = Demand()
         self.table = InstanceTable()
         self.destroyer = Destroyer(market, ledger, self.table)
+        self.excluded = ExcludedHosts()
         self.renter = Renter(
             market,
             ledger,
@@ -178,6 +183,7 @@ class Pool:
             OfferSearch(market, config.order),
             RentPlan(config.run_id, config.caps, exclusive=not config.pack),
             self.spend,
+            self.excluded,
         )
         self.orphans_reaped = threading.Event()  # set by the reaper once orphans are sent off
         self._closing = False
@@ -294,6 +300,8 @@ class Pool:
             self._boot_and_bootstrap(instance)
         except BaseException as error:
             instance.failure = str(error)
+            if instance.state is State.BOOTING and not isinstance(error, Cancelled):
+                self.excluded.exclude(instance.offer, f"its instance did not boot: {error}")
             self.destroyer.destroy(instance, "it could not be prepared")
             raise
 
@@ -364,10 +372,13 @@ class Pool:
 
     # -- taking back -----------------------------------------------------------------------
 
-    def release(self, placement: Placement, healthy: bool) -> None:
+    def release(self, placement: Placement, healthy: bool, host_fault: str = "") -> None:
         """The job is over: give its share back; keep the instance for the next job, or
-        retire it (after its other jobs, when it runs any)."""
+        retire it (after its other jobs, when it runs any). ``host_fault``: the job failed
+        through its host (not its own exit code), so that machine is not rented again."""
         instance = placement.instance
+        if host_fault:
+            self.excluded.exclude(instance.offer, host_fault)
         now = time.time()
         with self.table.locked():
             assert instance.slots is not None
@@ -443,11 +454,17 @@ class Pool:
                 instance.observe(row)
                 if instance.lost_reason and instance.state in USABLE:
                     self.table.move(instance, State.LOST)
+                    self.excluded.exclude(instance.offer, instance.lost_reason)
             self.table.notify()
         self.destroyer.settle_unknown(rows)
 
     def instances(self) -> list[Instance]:
         return self.table.all()
+
+    def logged_in(self) -> list[Instance]:
+        """The instances the run holds an SSH connection to (for the heartbeat)."""
+        with self.table.locked():
+            return [i for i in self.table.all() if i.state in LOGGED_IN and i.host is not None]
 
     def spend(self, now: float | None = None) -> float:
         """Dollars this run's instances have cost so far (rent to destroy, at their price)."""

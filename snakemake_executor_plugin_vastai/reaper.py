@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from snakemake_executor_plugin_vastai.deadman import Heartbeat, beat_interval
 from snakemake_executor_plugin_vastai.ledger import Ledger, run_id_of, run_is_alive
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Marketplace, MarketplaceError
@@ -119,10 +120,20 @@ class Reaper:
         self.run_id = run_id
         self._scheduler = BackgroundScheduler(daemon=True)
 
-    def start(self) -> None:
+    def start(self, deadman: float = 0.0) -> None:
+        """``deadman``: the instances' dead-man time; 0 sends no heartbeat."""
         self._scheduler.add_job(
             self._sweep, "interval", seconds=SWEEP_SECONDS, max_instances=1, coalesce=True
         )
+        if deadman:
+            heartbeat = Heartbeat()
+            self._scheduler.add_job(
+                lambda: heartbeat.beat(self.pool.logged_in()),
+                "interval",
+                seconds=beat_interval(deadman),
+                max_instances=1,
+                coalesce=True,
+            )
         self._scheduler.add_job(self._reap_orphans, max_instances=1)  # once, right away
         self._scheduler.start()
 

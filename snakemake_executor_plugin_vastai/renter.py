@@ -19,6 +19,7 @@ from cachetools import TTLCache
 from snakemake_executor_plugin_vastai.bootstrap import ONSTART_SCRIPT
 from snakemake_executor_plugin_vastai.caps import Caps, rent_refusal
 from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.hosts import ExcludedHosts
 from snakemake_executor_plugin_vastai.instance import Instance
 from snakemake_executor_plugin_vastai.ledger import Ledger
 from snakemake_executor_plugin_vastai.logger import get_logger
@@ -96,6 +97,7 @@ class Renter:
         search: OfferSearch,
         plan: RentPlan,
         spend: Callable[[], float],
+        excluded: ExcludedHosts,
     ) -> None:
         self.market = market
         self.ledger = ledger
@@ -103,6 +105,7 @@ class Renter:
         self.search = search
         self.plan = plan
         self.spend = spend
+        self.excluded = excluded
         self._offers_in_flight: set[int] = set()  # our own concurrent rents never race
 
     def rent(self, reserved: Instance, request: ResourceRequest) -> Lease:
@@ -112,12 +115,13 @@ class Renter:
         NoOfferError or CapRefusal (nothing rented; the reservation is still renting, for
         the caller to release or retry), or CreateOutcomeUnknown (the reservation is now
         unknown and stays counted until list rounds settle it)."""
-        query = request.offer_query()
+        query = " ".join(filter(None, (request.offer_query(), self.excluded.query_clause())))
         log.debug("Offer query for %s: %s (order %s)", request.rule, query, self.search.order)
         refusal = None
         offers: list[Offer] = []
         for fresh in (False, True):  # the shared copy first; once more afresh if exhausted
             offers = self.search.offers(query, request.disk_gb, fresh=fresh)
+            offers = [o for o in offers if self.excluded.allows(o)]  # excluded since searched
             for offer in offers:
                 claimed, why = self._claim(reserved, offer, request)
                 refusal = refusal or why

@@ -72,15 +72,21 @@ class RunContext:
         max_jobs: int,
     ) -> RunContext:
         validate_settings(settings)
-        market = Marketplace(resolve_api_key(settings.api_key), resolve_api_url(settings.api_url))
+        api_url = resolve_api_url(settings.api_url)
+        market = Marketplace(resolve_api_key(settings.api_key), api_url)
         for value in envvars.values():
             market.add_secret(value)
         market.check_credentials()
         run_id = new_run_id()
         ledger = Ledger(state_dir)
         key = RunKey.create(state_dir / "keys", run_id)
+        deadman = 0.0 if settings.keep_instances else float(settings.deadman or 0)
         plan = BootstrapPlan(
-            version("snakemake"), bootstrap_packages, runner=not settings.no_runner
+            version("snakemake"),
+            bootstrap_packages,
+            runner=not settings.no_runner,
+            deadman=deadman,
+            api_url=api_url,
         )
         config = PoolConfig(
             run_id=run_id,
@@ -113,7 +119,7 @@ class RunContext:
             envvars=envvars,
             source_lists=sources,
         )
-        reaper.start()
+        reaper.start(deadman)
         return context
 
     def job_spec(self, job: Any, command: str) -> JobSpec:
@@ -178,10 +184,23 @@ class RunContext:
             self.reaper.stop()
             self._report_cost()
         finally:
+            self._settle_key()
             self.lock.release()
 
+    def _settle_key(self) -> None:
+        if self.settings.keep_instances:
+            log.warning(
+                "The kept instances accept SSH logins as root with %s; it stays until you "
+                "delete it",
+                self.key.private_path,
+            )
+        else:
+            self.key.remove()
+
     def _report_cost(self) -> None:
-        cost = run_cost(self.run_id, self.pool.instances(), time.time())
+        cost = run_cost(
+            self.run_id, self.pool.instances(), time.time(), self.pool.excluded.snapshot()
+        )
         if cost.instances:
             path = cost.write(self.state_dir)
             log.info("%s\n  (details: %s)", cost.render(), path)

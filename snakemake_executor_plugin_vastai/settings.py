@@ -9,6 +9,8 @@ from typing import Optional
 
 from snakemake_interface_executor_plugins.settings import ExecutorSettingsBase
 
+from snakemake_executor_plugin_vastai.redact import hide_in_snakemake_logs
+
 DEFAULT_IMAGE = "vastai/pytorch:@vastai-automatic-tag"
 DEFAULT_API_URL = "https://console.vast.ai"
 
@@ -144,6 +146,16 @@ class ExecutorSettings(ExecutorSettingsBase):
             "minutes at the running rate would pass it; running jobs finish."
         },
     )
+    deadman: Optional[int] = field(
+        default=600,
+        metadata={
+            "help": "Seconds an instance waits for a sign of life from this run before it "
+            "destroys itself (with its own scoped key; yours never goes to a host), so a "
+            "killed run or a lost laptop stops billing. 0: off (as with "
+            "--vastai-keep-instances). Default 600: a network blip or a short suspend "
+            "survives it; a dead run costs at most ten minutes per instance."
+        },
+    )
     no_runner: bool = field(
         default=False,
         metadata={
@@ -160,3 +172,8 @@ class ExecutorSettings(ExecutorSettingsBase):
             "through CUDA_VISIBLE_DEVICES)."
         },
     )
+
+    def __post_init__(self) -> None:
+        # Made from the command line before the workflow starts and prints that line.
+        if self.api_key:
+            hide_in_snakemake_logs(self.api_key)

@@ -1,6 +1,7 @@
 """The run's own SSH key: made fresh for every run, so no long-lived key of the user's is
-ever attached to a rented machine, and kept on disk (mode 0600) under ``.snakemake/`` so the
-user can log in to an instance while debugging a run."""
+ever attached to a rented machine. It lives on disk (mode 0600) under ``.snakemake/`` while
+the run lasts, so the user can log in to an instance while debugging, and goes with the run
+(kept only for instances kept with ``--vastai-keep-instances``)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,8 @@ class RunKey:
         public_line = f"{public.decode()} {name}"
         (directory / f"{name}.pub").write_text(public_line + "\n")
         return cls(private_path=path, public_line=public_line, private_pem=private.decode())
+
+    def remove(self) -> None:
+        """Forget the key: no instance of the run is left to log in to."""
+        self.private_path.unlink(missing_ok=True)
+        self.private_path.with_name(f"{self.private_path.name}.pub").unlink(missing_ok=True)

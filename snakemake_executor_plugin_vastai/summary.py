@@ -5,7 +5,7 @@ benchmarks and scripts can read it."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from snakemake_executor_plugin_vastai.instance import Instance
@@ -49,6 +49,7 @@ class InstanceCost:
 class RunCost:
     run_id: str
     instances: list[InstanceCost]
+    excluded_hosts: dict[int, str] = field(default_factory=dict)  # machine_id -> why
 
     @property
     def dollars(self) -> float:
@@ -67,6 +68,7 @@ class RunCost:
         return {
             "run_id": self.run_id,
             "instances": [asdict(i) for i in self.instances],
+            "excluded_hosts": {str(m): why for m, why in self.excluded_hosts.items()},
             "totals": {
                 "instances": len(self.instances),
                 "jobs_run": self.jobs_run,
@@ -97,9 +99,14 @@ class RunCost:
                 f"{i.busy_seconds:>7.1f} {i.idle_seconds:>7.1f} {i.dph_total:>7.3f} "
                 f"{i.dollars:>8.4f}"
             )
+        if self.excluded_hosts:
+            lines.append("  Machines not rented again in this run:")
+            lines.extend(f"  {m:>10}  {why}" for m, why in sorted(self.excluded_hosts.items()))
         return "\n".join(lines)
 
 
-def run_cost(run_id: str, instances: list[Instance], now: float) -> RunCost:
+def run_cost(
+    run_id: str, instances: list[Instance], now: float, excluded: dict[int, str] | None = None
+) -> RunCost:
     rented = [i for i in instances if i.instance_id is not None]
-    return RunCost(run_id, [InstanceCost.of(i, now) for i in rented])
+    return RunCost(run_id, [InstanceCost.of(i, now) for i in rented], dict(excluded or {}))

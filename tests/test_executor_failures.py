@@ -24,6 +24,7 @@ from tests.workflows import (
     job_errors,
     one_rule_workflow,
     run_snakemake,
+    run_summary,
     running_snakemake,
     wait_until_running,
     write_workflow,
@@ -65,6 +66,26 @@ def test_fatal_boot_error_fails_fast(fakevast: FakeVast, tmp_path: Path, status_
     assert status_msg in message and "boot timeout" not in message, message
     assert_all_destroyed(fakevast, workdir)
     assert not (workdir / "out.txt").exists()
+
+
+def test_a_machine_that_failed_to_boot_is_not_rented_again(
+    fakevast: FakeVast, tmp_path: Path
+) -> None:
+    """The first instance fails to boot: its machine is left out of every later search of the
+    run (the offer query says so), so --retries 1 lands on another machine and succeeds, and
+    the cost summary names the excluded machine and why."""
+    workdir = one_rule_workflow(tmp_path / "wf", "echo hi > {output}")
+    fakevast.set_faults({"next_creates": {"count": 1, "boot_failure": BOOT_FAILURES[0]}})
+
+    run = run_snakemake(workdir, fakevast, "--retries", "1", "--verbose", jobs=1)
+
+    assert run.ok, run.output
+    failed, retried = assert_all_destroyed(fakevast, workdir)
+    assert failed["machine_id"] != retried["machine_id"]
+    assert f"machine_id notin [{failed['machine_id']}]" in run.output
+    excluded = run_summary(workdir)["excluded_hosts"]
+    assert list(excluded) == [str(failed["machine_id"])]
+    assert "did not boot" in excluded[str(failed["machine_id"])]
 
 
 def test_stuck_boot_hits_the_boot_timeout(fakevast: FakeVast, tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from snakemake_executor_plugin_vastai.jobwire import (
     env_file,
 )
 from snakemake_executor_plugin_vastai.onhost.runner import read_env_file, snakemake_args
-from snakemake_executor_plugin_vastai.remote import RemoteHost
+from snakemake_executor_plugin_vastai.remote import HostKeyMismatch, RemoteHost
 from snakemake_executor_plugin_vastai.staging import (
     REMOTE_BASE,
     DigestCache,
@@ -467,3 +467,18 @@ def test_result_files_are_checked_against_what_was_declared(workdir: Path) -> No
         files.on_frame(b"D", b"far too long")
     files.abort()
     assert sorted(p.name for p in Path("out").iterdir()) == ["a.txt", "tree"]
+
+
+def test_a_changed_host_key_is_refused_at_once(box: OnInstance) -> None:
+    """Another machine (or someone in between) answering for the instance: no waiting for a
+    host that "might come back"; JobRun gives the instance up on this error."""
+    started = box.start("pinned", "sleep 30")
+    while started.job.pid is None:
+        started.job.wait(0.5)
+    box.host._host_key = paramiko.ECDSAKey.generate()  # as if first contact had seen another
+    box.fake.set_faults({"cut_connections": True})
+    with pytest.raises(StreamLost):
+        while started.job.wait(0.5) is None:
+            pass
+    with pytest.raises(HostKeyMismatch, match="changed"):  # its own error, not "unreachable"
+        started.job.reattach()

@@ -39,7 +39,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
         help="simulated round-trip time of every SSH connection (half each way), e.g. 50",
     )
     parser.add_argument("--offers", type=Path, default=DEFAULT_OFFERS, help="catalogue JSON")
-    parser.add_argument("--api-key", default="fake-key", help="the only key accepted")
+    parser.add_argument("--api-key", default="fake-key", help="the user's key")
     parser.add_argument("--state-dir", type=Path, help="instances' files (default: a temp dir)")
     parser.add_argument("--log-requests", action="store_true", help="log each request to stderr")
     parser.add_argument(

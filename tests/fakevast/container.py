@@ -23,7 +23,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 START_TIMEOUT = 20.0
@@ -52,13 +52,19 @@ exec "$chroot" "$root" "$@"
 """
 
 # The main process of an ssh-mode instance. $1 = sshd_config, $2 = sshd's pid file (sshd writes
-# it once it listens), $3 = onstart script. It stays alive until destroy, and as it waits it also
-# reaps orphaned jobs, so a finished nohup'd job does not linger as a zombie that `kill -0` sees.
+# it once it listens), $3 = onstart script, the rest = the names of the main-process-only
+# variables (ContainerSpec.main_env), which sshd is started without: sshd gives its sessions a
+# fresh environment anyway, and this makes sure no session can inherit them. The onstart script
+# does inherit them, as it does on Vast.ai. The main process stays alive until destroy, and as it
+# waits it also reaps orphaned jobs, so a finished nohup'd job does not linger as a zombie that
+# `kill -0` sees.
 _INIT_SCRIPT = """\
 trap 'exit 1' USR1
-{ /usr/sbin/sshd -D -e -f "$1"; [ -s "$2" ] || kill -USR1 $$; } &
-while [ ! -s "$2" ]; do sleep 0.05; done
-if [ -f "$3" ]; then /bin/sh "$3" & fi
+config=$1 pid_file=$2 onstart=$3
+shift 3
+{ (unset "$@"; exec /usr/sbin/sshd -D -e -f "$config"); [ -s "$pid_file" ] || kill -USR1 $$; } &
+while [ ! -s "$pid_file" ]; do sleep 0.05; done
+if [ -f "$onstart" ]; then /bin/sh "$onstart" & fi
 while :; do sleep 3600 & wait $!; done
 """
 
@@ -69,7 +75,13 @@ class ContainerError(Exception):
 
 @dataclass
 class ContainerSpec:
-    """What the renter asked for: image, runtype (ssh or args), onstart/args, env and keys."""
+    """What the renter asked for: image, runtype (ssh or args), onstart/args, env and keys.
+
+    ``main_env`` is what the marketplace itself adds to the environment of the instance's main
+    process only (Vast.ai's ``CONTAINER_ID`` and scoped ``CONTAINER_API_KEY``): not to
+    ``/etc/environment``, sshd's ``SetEnv`` or sshd's own environment, so SSH sessions never see
+    it; processes the main process starts (the onstart script) inherit it.
+    """
 
     instance_id: int
     image: str
@@ -78,6 +90,7 @@ class ContainerSpec:
     args: list[str] | None
     env: dict[str, str]
     authorized_keys: list[str]
+    main_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -357,13 +370,25 @@ class Container:
             env[_MARKER] = str(self.state_dir.resolve())
         return env
 
+    def _main_environment(self) -> dict[str, str]:
+        """The main process's env: the container env plus the marketplace's `main_env`."""
+        return {**self._environment(), **self.spec.main_env}
+
     # -- running it -----------------------------------------------------------------------------
 
     def _main_command(self) -> list[str]:
         """The instance's main process, as the instance names it."""
         layout = self._layout
         if self.spec.ssh:
-            return ["/bin/sh", layout.init, layout.config, layout.pid_file, layout.onstart]
+            main_only = list(self.spec.main_env)
+            return [
+                "/bin/sh",
+                layout.init,
+                layout.config,
+                layout.pid_file,
+                layout.onstart,
+                *main_only,
+            ]
         argv = ([self.spec.onstart] if self.spec.onstart else []) + list(self.spec.args or [])
         if not argv:
             raise ContainerError(f"instance {self.spec.instance_id}: args mode needs a command")
@@ -387,7 +412,7 @@ class Container:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=self._environment(),
+                    env=self._main_environment(),
                     cwd=cwd,
                     start_new_session=True,
                 )

@@ -27,3 +27,8 @@ def invalid_request(msg: str) -> ApiError:
 def no_such_instance(instance_id: object) -> ApiError:
     """404 for an unknown or destroyed instance; dstack tolerates exactly this error code."""
     return api_error(404, "no_such_instance", f"Instance {instance_id} not found.")
+
+
+def forbidden(msg: str) -> ApiError:
+    """403 for a valid key that may not do this: an instance's scoped key outside its scope."""
+    return api_error(403, "forbidden", msg)

@@ -128,6 +128,13 @@ class Instance:
     applied_rtt_ms: float | None = None  # what its relays were last set to
     reboot_until: float | None = None
     jupyter_token: str = field(default_factory=lambda: secrets.token_hex(32))
+    # Vast.ai's scoped per-instance key: in the main process's env as CONTAINER_API_KEY, and
+    # good (as a Bearer token) for showing, stopping/starting and destroying this instance only.
+    container_api_key: str = field(default_factory=lambda: secrets.token_hex(32))
+    # Who ended it / last stopped it: "user" (the user's key), "container" (its own scoped
+    # key) or "fake" (the fake's shutdown; an outbid `stopped` fault); None if it did not happen.
+    destroyed_by: str | None = None
+    stopped_by: str | None = None
 
     def __post_init__(self) -> None:
         price = self.launch.price
@@ -138,6 +145,11 @@ class Instance:
     @property
     def alive(self) -> bool:
         return self.ended_at is None
+
+    @property
+    def main_env(self) -> dict[str, str]:
+        """What Vast.ai puts into the environment of the container's main process only."""
+        return {"CONTAINER_ID": str(self.id), "CONTAINER_API_KEY": self.container_api_key}
 
     @property
     def relays(self) -> list[Relay]:
@@ -215,17 +227,18 @@ class Instance:
             self.status_msg = "Host is offline: no heartbeat"
             self._lose_sshd(effects)
         elif event.kind == "stopped":
-            self.stop(effects, "Instance stopped: outbid by a higher bid")
+            self.stop(effects, "Instance stopped: outbid by a higher bid", by="fake")
 
     def _lose_sshd(self, effects: Effects) -> None:
         if self.container is not None:
             effects.kill_sshd.append(self.container)
         effects.cut.extend(self.relays)
 
-    def stop(self, effects: Effects, why: str) -> None:
+    def stop(self, effects: Effects, why: str, by: str) -> None:
         """Outbid or stopped by the user: every state field says stopped; sshd goes away."""
         self.actual_status = self.cur_state = self.intended_status = self.next_state = "stopped"
         self.status_msg = why
+        self.stopped_by = by
         self._lose_sshd(effects)
 
     def resume_before_boot(self) -> None:
@@ -251,8 +264,9 @@ class Instance:
         suffix = "ssh" if self.launch.ssh else "args"
         self.status_msg = f"success, running {self.launch.image.replace(':', '_')}/{suffix}"
 
-    def end(self, now: float) -> None:
+    def end(self, now: float, by: str) -> None:
         self.ended_at = now
+        self.destroyed_by = by
         self.events.clear()
 
     def cost(self, now: float) -> float:
@@ -314,6 +328,7 @@ class Instance:
             "id": self.id,
             "label": self.label,
             "offer_id": self.offer["id"],
+            "machine_id": self.offer.get("machine_id"),
             "gpu_name": self.offer["gpu_name"],
             "num_gpus": self.offer["num_gpus"],
             "dph_total": self.dph_total,
@@ -322,4 +337,6 @@ class Instance:
             "running_at": self.running_at,
             "ended_at": self.ended_at,
             "status": self.actual_status if self.alive else "destroyed",
+            "destroyed_by": self.destroyed_by,
+            "stopped_by": self.stopped_by,
         }

@@ -8,6 +8,7 @@ fires due faults, so statuses change with time, as on Vast.ai, not only when pol
 from __future__ import annotations
 
 import contextlib
+import hmac
 import re
 import secrets
 import shutil
@@ -23,7 +24,7 @@ from typing import Any
 
 from .catalog import Catalog
 from .container import Container, ContainerError, ContainerSpec
-from .errors import ApiError, api_error, no_such_instance
+from .errors import ApiError, api_error, forbidden, no_such_instance
 from .faults import FaultBook, FaultError, InstanceFaults, parse_update
 from .instance import Effects, Instance
 from .launch import parse_launch
@@ -118,7 +119,7 @@ class Market:
             alive = [i.id for i in self._instances.values() if i.alive]
         for instance_id in alive:
             with contextlib.suppress(ApiError):
-                self.destroy(str(instance_id))
+                self.destroy(str(instance_id), by="fake")
         for thread in list(self._threads):
             thread.join()
 
@@ -183,6 +184,7 @@ class Market:
                 args=instance.launch.args,
                 env=instance.launch.variables,
                 authorized_keys=list(instance.keys),
+                main_env=instance.main_env,
             )
         state_dir = self.state_root / f"inst-{instance.id}"
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -386,10 +388,19 @@ class Market:
             instance.polled = True
             return {"instances": instance.row(time.time())}
 
-    def destroy(self, raw_id: str) -> dict[str, Any]:
+    def container_key_owner(self, key: str) -> int | None:
+        """The id of the instance (alive or destroyed) whose CONTAINER_API_KEY `key` is."""
+        with self._lock:
+            for instance in self._instances.values():
+                if hmac.compare_digest(key.encode(), instance.container_api_key.encode()):
+                    return instance.id
+        return None
+
+    def destroy(self, raw_id: str, by: str = "user") -> dict[str, Any]:
+        """`by` is who asked, for the ledger: "user", "container" (its scoped key) or "fake"."""
         with self._lock:
             instance = self._alive(raw_id)
-            instance.end(time.time())
+            instance.end(time.time(), by)
             self._rented.pop(instance.offer["id"], None)
             container, relays = instance.container, instance.relays
         for relay in relays:
@@ -401,8 +412,11 @@ class Market:
                 print(f"fakevast: destroying {instance.id}: {error}", file=sys.stderr)
         return {"success": True, "msg": f"destroying instance {instance.id}."}
 
-    def manage(self, raw_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """``PUT /instances/{id}/``: dispatch on the body keys (label, or state)."""
+    def manage(self, raw_id: str, body: Mapping[str, Any], by: str = "user") -> dict[str, Any]:
+        """``PUT /instances/{id}/``: dispatch on the body keys (label, or state). An instance's
+        scoped key (`by` "container") may change its state but not its label."""
+        if "label" in body and by == "container":
+            raise forbidden("an instance's API key may change its state, not its label")
         if "label" in body:
             return self._label(raw_id, body["label"])
         state = body.get("state")
@@ -412,7 +426,7 @@ class Market:
         with self._lock:
             instance = self._alive(raw_id)
             if state == "stopped" and instance.intended_status != "stopped":
-                instance.stop(effects, "Instance stopped by user")
+                instance.stop(effects, "Instance stopped by user", by)
             elif state == "running" and instance.intended_status == "stopped":
                 if instance.container is not None:
                     raise api_error(

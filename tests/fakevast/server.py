@@ -1,5 +1,7 @@
 """The HTTP front: routing, authentication, JSON envelopes, the request log and HTTP faults.
 
+Two kinds of key are accepted: the user's (everything) and each instance's scoped
+``CONTAINER_API_KEY`` (show, state change and destroy of that one instance; 403 otherwise).
 Paths are served with or without a trailing slash and with repeated slashes collapsed (the SDK
 sends ``//api/...`` when its server_url ends in a slash). ``/_fake/*`` is the control plane for
 tests: no auth, not counted or logged, not subject to faults.
@@ -21,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from .errors import ApiError, api_error, invalid_request
+from .errors import ApiError, api_error, forbidden, invalid_request
 from .faults import normalise_path
 from .market import Market
 
@@ -29,6 +31,25 @@ JSON = "application/json"
 _UNAUTHORIZED = {"success": False, "error": "auth_error", "msg": "Invalid user key"}
 _FAKE_BUG = {"success": False, "error": "server_error", "msg": "fake bug"}
 _PLACEHOLDER = re.compile(r"\{\w+\}")
+# What an instance's scoped key may call, on its own instance id only.
+_INSTANCE_ROUTE = "/api/v0/instances/{id}/"
+_CONTAINER_SCOPE = frozenset((method, _INSTANCE_ROUTE) for method in ("GET", "PUT", "DELETE"))
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Whose key a request carries: the user's (`instance_id` None) or an instance's scoped
+    CONTAINER_API_KEY."""
+
+    instance_id: int | None = None
+
+    @property
+    def who(self) -> str:
+        """The ledger's name for it: "user" or "container"."""
+        return "user" if self.instance_id is None else "container"
+
+
+USER = Caller()
 
 
 @dataclass(frozen=True)
@@ -39,6 +60,7 @@ class Request:
     query: Mapping[str, str]
     body: Mapping[str, Any]
     base_url: str
+    caller: Caller = USER
 
 
 @dataclass(frozen=True)
@@ -86,8 +108,16 @@ def _api_routes(market: Market, api_key: str) -> list[Route]:
         Route("GET", "/api/v1/instances/", lambda r: market.list_v1(r.query)),
         Route("GET", "/api/v0/instances/", lambda r: market.list_v0()),
         Route("GET", "/api/v0/instances/{id}/", lambda r: market.show(r.params[0])),
-        Route("DELETE", "/api/v0/instances/{id}/", lambda r: market.destroy(r.params[0])),
-        Route("PUT", "/api/v0/instances/{id}/", lambda r: market.manage(r.params[0], r.body)),
+        Route(
+            "DELETE",
+            _INSTANCE_ROUTE,
+            lambda r: market.destroy(r.params[0], by=r.caller.who),
+        ),
+        Route(
+            "PUT",
+            _INSTANCE_ROUTE,
+            lambda r: market.manage(r.params[0], r.body, by=r.caller.who),
+        ),
         Route("PUT", "/api/v0/instances/reboot/{id}/", lambda r: market.reboot(r.params[0])),
         Route("POST", "/api/v0/instances/{id}/ssh/", lambda r: market.attach(r.params[0], r.body)),
         Route(
@@ -160,14 +190,16 @@ class _Incoming:
         """The api_calls key's path: the route's template, else numeric segments as {id}."""
         return self.route.template if self.route else path_template(self.path)
 
-    def handle(self) -> Reply:
+    def handle(self, caller: Caller = USER) -> Reply:
         if self.route is None:
             return Reply.of(
                 404, {"success": False, "error": "not_found", "msg": f"{self.path} not found"}
             )
         try:
             body = _json_body(self.raw_body)
-            request = Request(self.method, self.path, self.params, self.query, body, self.base_url)
+            request = Request(
+                self.method, self.path, self.params, self.query, body, self.base_url, caller
+            )
             result = self.route.handler(request)
         except ApiError as error:
             return Reply.of(error.status, error.body)
@@ -213,25 +245,53 @@ class FakeVastServer(ThreadingHTTPServer):
         return _Incoming(method, path, query, handler.read_body(), f"http://{host}", route, params)
 
     def _api_answer(self, handler: _RequestHandler, incoming: _Incoming) -> Reply:
-        """Authentication, then the first HTTP fault rule that fires, then the handler."""
-        if not self._authorized(handler, incoming.query):
+        """Authentication and scope (401/403), then the first HTTP fault rule that fires,
+        then the handler."""
+        caller = self._caller(handler, incoming.query)
+        if caller is None:
             return Reply.of(401, _UNAUTHORIZED)
+        refusal = _out_of_scope(caller, incoming)
+        if refusal is not None:
+            return Reply.of(refusal.status, refusal.body)
         method, template = incoming.method, incoming.template
         rule = self.market.faults.take_http(method, template, incoming.path)
         if rule is None:
-            return incoming.handle()
+            return incoming.handle(caller)
         time.sleep(rule.latency)
         if rule.status is None:
-            return incoming.handle()
+            return incoming.handle(caller)
         if rule.after_effect:
-            incoming.handle()  # the request takes effect; only its answer is lost
+            incoming.handle(caller)  # the request takes effect; only its answer is lost
         return Reply(rule.status, rule.error_body(method, template), rule.headers())
 
-    def _authorized(self, handler: _RequestHandler, query: Mapping[str, str]) -> bool:
-        """``Authorization: Bearer <key>`` (all SDKs) or ``?api_key=`` (SDK <= 1.5.0)."""
+    def _caller(self, handler: _RequestHandler, query: Mapping[str, str]) -> Caller | None:
+        """Whose key ``Authorization: Bearer <key>`` (all SDKs) or ``?api_key=`` (SDK <=
+        1.5.0) carries: the user's, an instance's CONTAINER_API_KEY, or None (unknown)."""
         header = handler.headers.get("Authorization", "")
         offered = [header.removeprefix("Bearer ").strip(), query.get("api_key", "")]
-        return any(hmac.compare_digest(key, self.api_key) for key in offered if key)
+        offered = [key for key in offered if key]
+        if any(hmac.compare_digest(key.encode(), self.api_key.encode()) for key in offered):
+            return USER
+        for key in offered:
+            owner = self.market.container_key_owner(key)
+            if owner is not None:
+                return Caller(owner)
+        return None
+
+
+def _out_of_scope(caller: Caller, incoming: _Incoming) -> ApiError | None:
+    """The 403 for an instance's scoped key used beyond its own show/manage/destroy."""
+    if caller.instance_id is None:
+        return None
+    own = f"instance {caller.instance_id}"
+    template = incoming.route.template if incoming.route else None
+    if (incoming.method, template) not in _CONTAINER_SCOPE:
+        return forbidden(
+            f"this API key is scoped to {own}: it may only show, stop/start or destroy it"
+        )
+    if incoming.params[0] != str(caller.instance_id):
+        return forbidden(f"this API key is scoped to {own}, not instance {incoming.params[0]}")
+    return None
 
 
 def _json_body(raw: bytes) -> Mapping[str, Any]:
