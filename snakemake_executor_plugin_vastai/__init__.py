@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,6 +77,7 @@ class Executor(RemoteExecutor):
                 bootstrap_packages=self._storage_plugin_packages(),
                 sources=self._source_lists,
                 max_jobs=max(1, int(self.workflow.resource_settings.nodes or 1)),
+                is_preemptible=self._preemptible_rule_test(),
             )
         except VastaiError as error:  # a bad option or key: stop before anything is rented
             raise WorkflowError(str(error)) from None
@@ -222,6 +223,11 @@ class Executor(RemoteExecutor):
                         essential.extend(str(p) for p in path.parent.rglob("*") if p.is_file())
         essential.extend(self.workflow.configfiles)
         return relative_paths(essential), relative_paths(self.dag.get_sources())
+
+    def _preemptible_rule_test(self) -> Callable[[str], bool] | None:
+        """Snakemake's --preemptible-rules (not in the executor interface: read defensively)."""
+        rules = getattr(self.workflow.remote_execution_settings, "preemptible_rules", None)
+        return getattr(rules, "is_preemptible", None)
 
     def _storage_plugin_packages(self) -> tuple[str, ...]:
         provider = self.workflow.storage_settings.default_storage_provider

@@ -35,18 +35,48 @@ MESSAGES = {
 
 # Vast's ssh runtypes start the image's sshd; an image without one gets OpenSSH from apt,
 # and any other image says in its log what it lacks (the executor reads it on boot failure).
-ONSTART_SCRIPT = """\
+NO_SSHD_MARKER = "snakemake-vastai: this image has no sshd and no apt-get"
+NO_SSHD_FIX = (
+    "The image has no SSH server and no apt-get to install one: use an image with OpenSSH "
+    "(sshd), e.g. the default vastai/pytorch, or install openssh-server in your image"
+)
+ONSTART_SCRIPT = f"""\
 if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then
   if command -v apt-get >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server &&
     mkdir -p /run/sshd && /usr/sbin/sshd
   else
-    echo "snakemake-vastai: this image has no sshd and no apt-get; use an image with OpenSSH"
+    echo "{NO_SSHD_MARKER}; use an image with OpenSSH"
   fi
 fi
 """
 
+
+# The Python the image means: its /venv/main (vastai/pytorch keeps torch there), else the first
+# python3 on the image's own PATH (which a non-interactive SSH session does not get: it is read
+# from the container's main process), else the session's. The image's PATH is kept for the
+# jobs (the agent puts it first), and bin/python points at the chosen Python.
+FIND_PYTHON = f"""\
+image_path=$( (tr '\\0' '\\n' < /proc/1/environ) 2>/dev/null | sed -n 's/^PATH=//p' | head -n 1)
+if [ -n "$image_path" ]; then
+  printf '%s\\n' "$image_path" > {REMOTE_BASE}/image-path
+  PATH="$image_path:$PATH"
+  export PATH
+fi
+py=""
+for candidate in /venv/main/bin/python3 /venv/main/bin/python; do
+  if [ -x "$candidate" ]; then py=$candidate; break; fi
+done
+[ -n "$py" ] || py=$(command -v python3 || command -v python || true)
+if [ -n "$py" ]; then
+  mkdir -p {REMOTE_BASE}/bin
+  printf '#!/bin/sh\\nexec %s "$@"\\n' "'$py'" > {REMOTE_BASE}/bin/python
+  chmod 755 {REMOTE_BASE}/bin/python
+fi"""
+# The chosen Python for the on-host programs: a wrapper that execs it, not a link (a venv's
+# Python finds its pyvenv.cfg only when started under its own name).
+PYTHON = f"{REMOTE_BASE}/bin/python"
 
 # The bootstrap script travels on stdin: it carries the on-host programs, too long for argv.
 SCRIPT_COMMAND = "/bin/sh -s"
@@ -54,6 +84,20 @@ ONHOST_PROGRAMS = ("agent", "runner", "watchdog")
 # Touched by the run while it lives; the dead-man switch ends the instance when it goes stale.
 HEARTBEAT = f"{REMOTE_BASE}/heartbeat"
 _HEREDOC_END = "SNAKEMAKE_VASTAI_END_OF_FILE"
+
+
+def onstart_script(public_key: str) -> str:
+    """The onstart script for one run: the run's public key goes into root's authorized_keys
+    too, because attaching a key through the API is racy on a live instance (a public key is
+    no secret, so it may travel in the create request)."""
+    line = shlex.quote(public_key)
+    return (
+        "mkdir -p /root/.ssh && chmod 700 /root/.ssh && "
+        f"(grep -qxF {line} /root/.ssh/authorized_keys 2>/dev/null || "
+        f"echo {line} >> /root/.ssh/authorized_keys) && chmod 600 /root/.ssh/authorized_keys\n"
+        + ONSTART_SCRIPT
+    )
+
 
 STORAGE_PLUGIN_PREFIX = "snakemake-storage-plugin-"
 # Exits 0 if the installed distribution argv[1] ("name==version") is that version. (No "pip"
@@ -117,7 +161,7 @@ class BootstrapPlan:
     @property
     def agent_command(self) -> str:
         """Runs the job agent: isolated and without site-packages, so it starts in ms."""
-        return f"python -I -S {REMOTE_BASE}/agent-{self.key}.py"
+        return f"{PYTHON} -I -S {REMOTE_BASE}/agent-{self.key}.py"
 
     @property
     def runner_prefix(self) -> str:
@@ -138,7 +182,7 @@ class BootstrapPlan:
             watchdog = shlex.quote(f"{REMOTE_BASE}/watchdog-{self.key}")
             lines.append(
                 f"touch {HEARTBEAT}\n"
-                f"setsid nohup python -I -S {watchdog}.py {self.deadman:g} "
+                f"setsid nohup {PYTHON} -I -S {watchdog}.py {self.deadman:g} "
                 f"{shlex.quote(self.api_url)} >> {watchdog}.log 2>&1 < /dev/null &\n"
             )
         # A runner of another key (an older plugin or Snakemake) must not serve this one.
@@ -151,7 +195,7 @@ class BootstrapPlan:
         if self.runner:
             quoted = shlex.quote(runner)
             lines.append(
-                f"setsid nohup python {quoted}.py {quoted} >> {quoted}.log 2>&1 < /dev/null &\n"
+                f"setsid nohup {PYTHON} {quoted}.py {quoted} >> {quoted}.log 2>&1 < /dev/null &\n"
             )
         return "".join(lines)
 
@@ -167,22 +211,22 @@ class BootstrapPlan:
         return f"""\
 set -u
 mkdir -p {REMOTE_BASE}
-if [ ! -f {marker} ]; then
-py=$(command -v python3 || command -v python || true)
+{FIND_PYTHON}
 [ -n "$py" ] || exit {NO_PYTHON}
+if [ ! -f {marker} ]; then
 if ! command -v python >/dev/null 2>&1; then
   ln -sf "$py" /usr/local/bin/python 2>/dev/null || exit {NO_PYTHON}
 fi
-have=$(python -c 'import snakemake; print(snakemake.__version__)' 2>/dev/null || true)
+have=$("$py" -c 'import snakemake; print(snakemake.__version__)' 2>/dev/null || true)
 install={unpinned}
 [ "$have" = {want} ] || install=1
 for requirement in {pinned}; do
   [ -n "$install" ] && break
-  python -c {shlex.quote(_HAS_VERSION)} "$requirement" 2>/dev/null || install=1
+  "$py" -c {shlex.quote(_HAS_VERSION)} "$requirement" 2>/dev/null || install=1
 done
 if [ -n "$install" ]; then
-  python -m pip --version >/dev/null 2>&1 || python -m ensurepip >/dev/null 2>&1 || exit {NO_PIP}
-  python -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \\
+  "$py" -m pip --version >/dev/null 2>&1 || "$py" -m ensurepip >/dev/null 2>&1 || exit {NO_PIP}
+  "$py" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \\
     {packages} || exit {INSTALL_FAILED}
 fi
 touch {marker}

@@ -102,6 +102,9 @@ class Instance:
         if self.vanished:
             return "it is no longer listed by Vast.ai (destroyed outside this run?)"
         if self.info is not None and self.info.lost:
+            bid = self.offer is not None and self.offer.bid_price is not None
+            if bid and "stopped" in (self.info.actual_status, self.info.intended_status):
+                return "it was outbid: Vast.ai stopped the interruptible instance"
             return f"its host is {self.info.actual_status}"
         return None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -70,25 +70,50 @@ class Offer:
     geolocation: str
     reliability: float
     machine_id: int
+    min_bid: float = 0.0  # the lowest bid ($/h, disk excluded) an interruptible rent takes
+    storage_dph: float = 0.0  # what the rented disk adds per hour, bid or not
+    on_demand_dph: float = 0.0  # the same machine on demand, disk included
+    interruptible: bool = False  # found by a bid search: dph_total is min_bid + storage_dph
+    bid_price: float | None = None  # set by with_bid: the price to rent at
 
     @classmethod
-    def from_api(cls, row: dict[str, Any]) -> Offer:
+    def from_api(cls, row: dict[str, Any], interruptible: bool = False) -> Offer:
+        dph_total = float(row.get("dph_total") or 0.0)
+        min_bid = float(row.get("min_bid") or 0.0)
+        dph_base = float(row.get("dph_base") or 0.0)
+        storage = max(0.0, dph_total - (min_bid if interruptible else dph_base))
         return cls(
             id=int(row["id"]),
             gpu_name=str(row.get("gpu_name", "")),
             num_gpus=int(row.get("num_gpus") or 0),
-            dph_total=float(row.get("dph_total") or 0.0),
+            dph_total=dph_total,
             cpu_cores=float(row.get("cpu_cores_effective") or row.get("cpu_cores") or 0.0),
             cpu_ram_mb=int(row.get("cpu_ram") or 0),
             disk_gb=float(row.get("disk_space") or 0.0),
             geolocation=str(row.get("geolocation") or ""),
             reliability=float(row.get("reliability2") or row.get("reliability") or 0.0),
             machine_id=int(row.get("machine_id") or 0),
+            min_bid=min_bid,
+            storage_dph=storage,
+            on_demand_dph=(dph_base + storage) if dph_base else dph_total,
+            interruptible=interruptible,
         )
 
+    def with_bid(self, factor: float, max_price: float | None) -> Offer | None:
+        """This offer priced as a bid of min_bid x factor, lowered to stay within max_price
+        (which counts the disk); None when even the minimum bid would pass max_price."""
+        price = self.min_bid * factor
+        if max_price is not None:
+            price = min(price, max_price - self.storage_dph)
+        if price < self.min_bid or price <= 0:
+            return None
+        price = round(price, 4)
+        return replace(self, bid_price=price, dph_total=round(price + self.storage_dph, 6))
+
     def describe(self) -> str:
+        kind = f", bid ${self.bid_price:.3f}/h" if self.bid_price is not None else ""
         return (
-            f"offer {self.id}: {self.num_gpus}x {self.gpu_name}, {self.cpu_cores:g} cores, "
+            f"offer {self.id}{kind}: {self.num_gpus}x {self.gpu_name}, {self.cpu_cores:g} cores, "
             f"{self.cpu_ram_mb / 1000:g} GB RAM, {self.geolocation or 'unknown location'}, "
             f"${self.dph_total:.3f}/h"
         )
@@ -226,14 +251,23 @@ class Marketplace:
         """Fail the run at start, before anything is rented, when the key is rejected."""
         self._call("check the API key", self._sdk.show_user)
 
-    def search(self, query: str, order: str, disk_gb: float, limit: int = 20) -> list[Offer]:
+    def search(
+        self,
+        query: str,
+        order: str,
+        disk_gb: float,
+        limit: int = 20,
+        interruptible: bool = False,
+    ) -> list[Offer]:
+        """Offers, cheapest first by ``order``; ``interruptible``: priced as bids."""
+        kind = "bid" if interruptible else "on-demand"
         rows = self._call(
             "search offers",
             lambda: self._sdk.search_offers(
-                query=query, type="on-demand", order=order, limit=limit, storage=disk_gb
+                query=query, type=kind, order=order, limit=limit, storage=disk_gb
             ),
         )
-        return [Offer.from_api(row) for row in rows]
+        return [Offer.from_api(row, interruptible) for row in rows]
 
     def rent(
         self,
@@ -243,8 +277,10 @@ class Marketplace:
         disk_gb: float,
         label: str,
         onstart: str,
+        price: float | None = None,
     ) -> int:
-        """Create an instance; returns its id. ``OfferGone`` means: try the next offer.
+        """Create an instance; returns its id (``price``: a bid, making it interruptible).
+        ``OfferGone`` means: try the next offer.
 
         A create is not idempotent, so it is never blindly retried: after a transport or
         server error it raises ``CreateOutcomeUnknown`` and the unique label tells, later,
@@ -261,6 +297,7 @@ class Marketplace:
                 onstart_cmd=onstart,
                 runtype=SSH_RUNTYPE,
                 cancel_unavail=True,
+                price=price,
             )
 
         try:
@@ -300,6 +337,44 @@ class Marketplace:
             f"show instance {instance_id}", lambda: self._sdk.show_instance(instance_id)
         )
         return InstanceInfo.from_api(row) if row else None
+
+    def log_tail(self, instance_id: int, lines: int = 30, budget: float = 10.0) -> str:
+        """The last lines of an instance's log (secrets redacted), or "" when Vast has none
+        ready within ``budget`` seconds. Two steps: the API names a URL, where the log
+        appears after a moment (fetched without credentials, as the SDK does)."""
+        import requests
+
+        deadline = time.monotonic() + budget
+        answer = self._call(
+            f"request the log of instance {instance_id}",
+            lambda: self._sdk_put(
+                f"/api/v0/instances/request_logs/{instance_id}/", {"tail": str(lines)}
+            ),
+        )
+        url = answer.get("result_url") if isinstance(answer, dict) else None
+        while url and time.monotonic() < deadline:
+            try:
+                response = requests.get(url, timeout=max(1.0, deadline - time.monotonic()))
+            except requests.RequestException:
+                response = None
+            if response is not None and response.status_code == 200:
+                tail = response.text.strip().splitlines()[-lines:]
+                return self.redact("\n".join(tail))
+            time.sleep(0.3)
+        return ""
+
+    def _sdk_put(self, path: str, body: dict[str, Any]) -> Any:
+        """A PUT the SDK has no safe call for (its logs() polls for 9 s and may return a dict)."""
+        import requests
+
+        response = requests.put(
+            self.api_url.rstrip("/") + path,
+            json=body,
+            headers={"Authorization": f"Bearer {self._secrets[0]}"},
+            timeout=30,
+        )
+        response.raise_for_status()
+        return response.json()
 
     def request_destroy(self, instance_id: int) -> None:
         """Send the destroy (retried on rate limits and server errors); gone is fine."""

@@ -21,10 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan
+from snakemake_executor_plugin_vastai.bootstrap import (
+    NO_SSHD_FIX,
+    NO_SSHD_MARKER,
+    BootstrapPlan,
+    onstart_script,
+)
 from snakemake_executor_plugin_vastai.caps import Caps
 from snakemake_executor_plugin_vastai.demand import Demand
 from snakemake_executor_plugin_vastai.destroyer import UNKNOWN_GRACE_SECONDS, Destroyer
+from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.hosts import ExcludedHosts
 from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure
 from snakemake_executor_plugin_vastai.ledger import Ledger, make_label
@@ -34,6 +40,7 @@ from snakemake_executor_plugin_vastai.marketplace import (
     Marketplace,
     MarketplaceError,
 )
+from snakemake_executor_plugin_vastai.remote import RemoteError
 from snakemake_executor_plugin_vastai.renter import (
     CapRefusal,
     NoOfferError,
@@ -84,6 +91,7 @@ class PoolConfig:
     max_price: float | None = None
     caps: Caps = field(default_factory=Caps)
     pack: bool = True
+    bid_factor: float = 1.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,7 +189,13 @@ class Pool:
             ledger,
             self.table,
             OfferSearch(market, config.order),
-            RentPlan(config.run_id, config.caps, exclusive=not config.pack),
+            RentPlan(
+                config.run_id,
+                config.caps,
+                exclusive=not config.pack,
+                onstart=onstart_script(key.public_line),
+                bid_factor=config.bid_factor,
+            ),
             self.spend,
             self.excluded,
         )
@@ -299,11 +313,31 @@ class Pool:
             self._check_open()
             self._boot_and_bootstrap(instance)
         except BaseException as error:
+            booting = instance.state is State.BOOTING and not isinstance(error, Cancelled)
+            if booting and isinstance(error, InstanceFailure | RemoteError):
+                error = self._with_boot_log(instance, error)
             instance.failure = str(error)
-            if instance.state is State.BOOTING and not isinstance(error, Cancelled):
+            if booting:
                 self.excluded.exclude(instance.offer, f"its instance did not boot: {error}")
             self.destroyer.destroy(instance, "it could not be prepared")
-            raise
+            raise error from None
+
+    def _with_boot_log(self, instance: Instance, error: Exception) -> InstanceFailure:
+        """The boot error, with the last lines of the instance's own log (fetched before the
+        destroy; secrets redacted) and the fix when the image turned out to lack sshd."""
+        tail = ""
+        if instance.instance_id is not None:
+            try:
+                tail = self.market.log_tail(instance.instance_id)
+            except VastaiError as failed:
+                log.debug("%s: no log: %s", instance.name, failed)
+        message = str(error).rstrip(".")
+        if NO_SSHD_MARKER in tail:
+            message += f". {NO_SSHD_FIX}"
+        if tail:
+            lines = "\n".join(f"    {line}" for line in tail.splitlines())
+            message += f"\n  Last lines of the instance's log:\n{lines}"
+        return InstanceFailure(message)
 
     def _boot_and_bootstrap(self, instance: Instance) -> None:
         deadline = time.monotonic() + self.config.boot_timeout

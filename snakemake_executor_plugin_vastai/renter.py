@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from snakemake_executor_plugin_vastai.bootstrap import ONSTART_SCRIPT
 from snakemake_executor_plugin_vastai.caps import Caps, rent_refusal
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.hosts import ExcludedHosts
@@ -54,12 +53,16 @@ class OfferSearch:
     def __init__(self, market: Marketplace, order: str, ttl: float = SEARCH_TTL_SECONDS) -> None:
         self.market = market
         self.order = order
-        self._cache: TTLCache[tuple[str, int], list[Offer]] = TTLCache(maxsize=256, ttl=ttl)
+        self._cache: TTLCache[tuple[str, int, bool], list[Offer]] = TTLCache(
+            maxsize=256, ttl=ttl
+        )
         self._lock = threading.Lock()  # guards the cache (not thread-safe) and the key locks
-        self._key_locks: dict[tuple[str, int], threading.Lock] = {}
+        self._key_locks: dict[tuple[str, int, bool], threading.Lock] = {}
 
-    def offers(self, query: str, disk_gb: int, fresh: bool = False) -> list[Offer]:
-        key = (query, disk_gb)
+    def offers(
+        self, query: str, disk_gb: int, fresh: bool = False, interruptible: bool = False
+    ) -> list[Offer]:
+        key = (query, disk_gb, interruptible)
         with self._lock:
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:  # the second caller waits for the first one's answer
@@ -67,7 +70,7 @@ class OfferSearch:
                 cached = None if fresh else self._cache.get(key)
             if cached:
                 return list(cached)
-            found = self.market.search(query, self.order, disk_gb)
+            found = self.market.search(query, self.order, disk_gb, interruptible=interruptible)
             with self._lock:
                 self._cache[key] = list(found)
             return found
@@ -86,6 +89,8 @@ class RentPlan:
     run_id: str
     caps: Caps
     exclusive: bool  # no packing: a job holds its instance alone
+    onstart: str  # the script Vast runs at boot (it also installs the run's public key)
+    bid_factor: float = 1.0  # interruptible rents bid min_bid x this
 
 
 class Renter:
@@ -120,8 +125,13 @@ class Renter:
         refusal = None
         offers: list[Offer] = []
         for fresh in (False, True):  # the shared copy first; once more afresh if exhausted
-            offers = self.search.offers(query, request.disk_gb, fresh=fresh)
+            offers = self.search.offers(
+                query, request.disk_gb, fresh=fresh, interruptible=request.interruptible
+            )
             offers = [o for o in offers if self.excluded.allows(o)]  # excluded since searched
+            if request.interruptible:
+                bids = (o.with_bid(self.plan.bid_factor, request.max_price) for o in offers)
+                offers = [bid for bid in bids if bid is not None]
             for offer in offers:
                 claimed, why = self._claim(reserved, offer, request)
                 refusal = refusal or why
@@ -181,7 +191,8 @@ class Renter:
                 image=request.image,
                 disk_gb=request.disk_gb,
                 label=reserved.label,
-                onstart=ONSTART_SCRIPT,
+                onstart=self.plan.onstart,
+                price=offer.bid_price,
             )
         except OfferGone as gone:
             log.info("%s is gone (%s); trying the next offer", offer.describe(), gone)

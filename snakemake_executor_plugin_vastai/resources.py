@@ -295,6 +295,7 @@ _LIMITS = (
     ("boot_timeout", 1, True),
     ("max_runtime", 0, True),
     ("deadman", 0, True),
+    ("bid_factor", 1, True),
     ("pool_ttl", 0, True),
     ("pool_max_instances", 1, True),
     ("pool_max_lifetime", 0, True),

@@ -58,6 +58,7 @@ class RunContext:
     source_lists: SourceLists
     digests: DigestCache = field(default_factory=DigestCache)
     rule_deploy: set[str] = field(default_factory=set)  # every remote job's `deploy` globs
+    is_preemptible: Callable[[str], bool] | None = None
     _bundle: SourceBundle | None = None
     _bundle_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -70,7 +71,9 @@ class RunContext:
         bootstrap_packages: tuple[str, ...],
         sources: SourceLists,
         max_jobs: int,
+        is_preemptible: Callable[[str], bool] | None = None,
     ) -> RunContext:
+        """``is_preemptible``: Snakemake's --preemptible-rules test (those rent bids)."""
         validate_settings(settings)
         api_url = resolve_api_url(settings.api_url)
         market = Marketplace(resolve_api_key(settings.api_key), api_url)
@@ -103,6 +106,7 @@ class RunContext:
                 budget=settings.budget,
             ),
             pack=not settings.no_pack,
+            bid_factor=float(settings.bid_factor or 1.0),
         )
         pool = Pool(market, ledger, key, config)
         reaper = Reaper(pool, market, ledger, state_dir, run_id)
@@ -118,13 +122,14 @@ class RunContext:
             reaper=reaper,
             envvars=envvars,
             source_lists=sources,
+            is_preemptible=is_preemptible,
         )
         reaper.start(deadman)
         return context
 
     def job_spec(self, job: Any, command: str) -> JobSpec:
         """The plain facts of a Snakemake job; raises ResourceError for bad resources."""
-        request = ResourceRequest.from_job(job, self.settings)
+        request = ResourceRequest.from_job(job, self.settings, self.is_preemptible)
         members = list(job.jobs) if job.is_group() else [job]
         tag = job_tag(job)
         outputs, logs = [], []
@@ -163,7 +168,7 @@ class RunContext:
         found = []
         for job in jobs:
             try:
-                found.append(ResourceRequest.from_job(job, self.settings))
+                found.append(ResourceRequest.from_job(job, self.settings, self.is_preemptible))
             except ResourceError:
                 continue  # reported when that job is submitted
         return found

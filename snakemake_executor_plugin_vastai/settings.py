@@ -146,6 +146,15 @@ class ExecutorSettings(ExecutorSettingsBase):
             "minutes at the running rate would pass it; running jobs finish."
         },
     )
+    bid_factor: Optional[float] = field(
+        default=1.25,
+        metadata={
+            "help": "Jobs of --preemptible-rules rent interruptible instances, bidding the "
+            "offer's minimum bid times this factor (never above --vastai-max-price). Default "
+            "1.25: a bid at the minimum loses to the next bidder at once, while a quarter "
+            "above it still costs far less than on demand."
+        },
+    )
     deadman: Optional[int] = field(
         default=600,
         metadata={

@@ -23,6 +23,8 @@ class InstanceCost:
     idle_seconds: float
     dph_total: float
     dollars: float
+    bid: bool = False  # an interruptible instance (--preemptible-rules)
+    saved_dollars: float = 0.0  # a bid's saving over the same machine on demand
 
     @classmethod
     def of(cls, instance: Instance, now: float) -> InstanceCost:
@@ -42,7 +44,17 @@ class InstanceCost:
             idle_seconds=round(max(0.0, life - boot - busy), 2),
             dph_total=instance.dph_total,
             dollars=round(instance.cost(now), 6),
+            bid=bool(instance.offer and instance.offer.bid_price is not None),
+            saved_dollars=round(saved_by_bid(instance, life), 6),
         )
+
+
+def saved_by_bid(instance: Instance, seconds: float) -> float:
+    """What the same machine would have cost on demand, minus what the bid cost."""
+    offer = instance.offer
+    if offer is None or offer.bid_price is None or not offer.on_demand_dph:
+        return 0.0
+    return max(0.0, offer.on_demand_dph - instance.dph_total) * seconds / 3600
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,10 @@ class RunCost:
         return sum(i.jobs_run for i in self.instances)
 
     @property
+    def saved_by_bids(self) -> float:
+        return round(sum(i.saved_dollars for i in self.instances), 6)
+
+    @property
     def boots_avoided(self) -> int:
         """Jobs that ran on an instance another job had already booted."""
         return sum(max(0, i.jobs_run - 1) for i in self.instances)
@@ -74,6 +90,7 @@ class RunCost:
                 "jobs_run": self.jobs_run,
                 "boots_avoided": self.boots_avoided,
                 "dollars": self.dollars,
+                "saved_by_bids": self.saved_by_bids,
                 "boot_seconds": round(sum(i.boot_seconds for i in self.instances), 2),
                 "busy_seconds": round(sum(i.busy_seconds for i in self.instances), 2),
                 "idle_seconds": round(sum(i.idle_seconds for i in self.instances), 2),
@@ -98,6 +115,12 @@ class RunCost:
                 f"  {i.instance_id:>10}  {i.gpu:<16} {i.jobs_run:>4} {i.boot_seconds:>7.1f} "
                 f"{i.busy_seconds:>7.1f} {i.idle_seconds:>7.1f} {i.dph_total:>7.3f} "
                 f"{i.dollars:>8.4f}"
+            )
+        if self.saved_by_bids:
+            bids = sum(i.bid for i in self.instances)
+            lines.append(
+                f"  Interruptible instances ({bids}) cost ${self.saved_by_bids:.4f} less than "
+                "the same machines on demand."
             )
         if self.excluded_hosts:
             lines.append("  Machines not rented again in this run:")

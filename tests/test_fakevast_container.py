@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.fakevast import container as container_module
+from tests.fakevast.clients import wait_for
 from tests.fakevast.container import Container, ContainerError, ContainerSpec
 from tests.fakevast.relay import Relay, TrafficCounter
 
@@ -51,15 +52,6 @@ def new_key() -> Key:
     )
     pkey = paramiko.Ed25519Key.from_private_key(io.StringIO(private.decode()))
     return Key(pkey=pkey, public_line=f"{public.decode()} fakevast-test")
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def run(client: paramiko.SSHClient, command: str) -> tuple[int, str, str]:
@@ -214,7 +206,7 @@ def test_bare_image_python_has_pip_but_no_snakemake(containers, ssh) -> None:
 def test_onstart_runs_with_the_env_and_is_logged(containers) -> None:
     instance = containers(onstart='echo "onstart says $FOO"', env={"FOO": "hello"})
 
-    assert wait_for(lambda: "onstart says hello" in instance.log_text())
+    assert wait_for(lambda: "onstart says hello" in instance.log_text(), timeout=5.0)
     assert "Server listening" in instance.log_text()
 
 
@@ -282,7 +274,7 @@ def test_key_added_after_start_lets_a_second_key_in(containers, ssh) -> None:
 def test_args_mode_runs_the_command_and_exits(containers) -> None:
     instance = containers(ssh=False, onstart="/bin/sh", args=["-c", "echo hi; exit 3"])
 
-    assert wait_for(lambda: not instance.is_running())
+    assert wait_for(lambda: not instance.is_running(), timeout=5.0)
     assert "hi" in instance.log_text()
     assert instance.sshd_port is None
 
@@ -311,7 +303,7 @@ def test_kill_sshd_drops_live_sessions(containers, ssh) -> None:
 
     instance.kill_sshd()
 
-    assert wait_for(lambda: not transport.is_active())
+    assert wait_for(lambda: not transport.is_active(), timeout=5.0)
     assert refuses_connections(instance.sshd_port)
     assert instance.is_running()
 
@@ -365,7 +357,7 @@ def test_cut_connections_breaks_live_sessions_only(containers, relays, ssh) -> N
 
     assert relay.cut_connections() == 1
 
-    assert wait_for(lambda: not transport.is_active())
+    assert wait_for(lambda: not transport.is_active(), timeout=5.0)
     assert run(ssh(relay.port), "echo back")[1] == "back\n"
 
 

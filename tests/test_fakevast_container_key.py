@@ -10,8 +10,7 @@ import json
 import os
 import re
 import shlex
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,15 @@ from vastai import VastAI
 
 from tests.fakevast import container as container_module
 from tests.fakevast.catalog import Catalog
-from tests.fakevast.clients import public_key, rent, run, sdk, ssh_login, wait_status
+from tests.fakevast.clients import (
+    public_key,
+    rent,
+    run,
+    sdk,
+    ssh_login,
+    wait_for,
+    wait_status,
+)
 from tests.fakevast.container import Container, ContainerSpec
 from tests.fakevast.harness import FakeVast
 from tests.fakevast.market import Market
@@ -313,15 +320,6 @@ def test_unisolated_fallback_puts_the_key_in_the_main_process_only(
     finally:
         client.close()
         instance.destroy()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_instances_the_fake_itself_ends_are_destroyed_by_fake(tmp_path: Path) -> None:

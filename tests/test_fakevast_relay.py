@@ -18,7 +18,15 @@ from collections.abc import Callable, Iterator
 import paramiko
 import pytest
 
-from tests.fakevast.clients import public_key, rent, run, sdk, ssh_login, wait_status
+from tests.fakevast.clients import (
+    public_key,
+    rent,
+    run,
+    sdk,
+    ssh_login,
+    wait_for,
+    wait_status,
+)
 from tests.fakevast.harness import FakeVast
 from tests.fakevast.relay import Relay, TrafficCounter
 
@@ -84,15 +92,6 @@ def recv_all(sock: socket.socket) -> bytes:
     while data := sock.recv(_CHUNK):
         parts.append(data)
     return b"".join(parts)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture

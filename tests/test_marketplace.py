@@ -218,6 +218,36 @@ def test_destroy_of_a_gone_instance_is_fine(fakevast: FakeVast) -> None:
     assert calls(fakevast, DELETE) == 2
 
 
+# -- logs -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("not_ready", [0, 2], ids=["ready", "upload-lag"])
+def test_log_tail_has_the_last_lines_with_secrets_redacted(
+    fakevast: FakeVast, not_ready: int
+) -> None:
+    """What a boot error quotes: the instance's own log, through the two-step logs API."""
+    market = market_for(fakevast)
+    market.add_secret("forwarded-s3cret")
+    fakevast.set_faults({"logs_not_ready": not_ready})
+    offer = market.search(QUERY, "dph_total", DISK_GB, limit=1)[0]
+    onstart = "for i in $(seq 1 50); do echo line $i; done; echo token=forwarded-s3cret"
+    instance_id = market.rent(
+        offer.id,
+        image=DEFAULT_IMAGE,
+        disk_gb=DISK_GB,
+        label="snakemake-vastai:r:l",
+        onstart=onstart,
+    )
+    try:
+        wait_for(market, instance_id, is_running)
+        deadline = time.monotonic() + 10
+        while "token=" not in (tail := market.log_tail(instance_id, lines=5)):
+            assert time.monotonic() < deadline, tail
+        assert tail.splitlines() == ["line 47", "line 48", "line 49", "line 50", "token=***"]
+    finally:
+        market.destroy(instance_id)
+
+
 # -- instance rows --------------------------------------------------------------------------------
 
 

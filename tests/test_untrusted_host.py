@@ -78,3 +78,33 @@ def test_kept_instances_keep_the_ssh_key_and_say_where(fakevast: FakeVast, tmp_p
     finally:
         for row in rented(fakevast):
             sdk(fakevast).destroy_instance(id=row["id"])
+
+
+def test_a_dropped_key_attach_costs_nothing(fakevast: FakeVast, tmp_path: Path) -> None:
+    """Attaching a key through the API is racy on real instances: the run's key also goes in
+    through the onstart script, so an attach that answers success and installs nothing is
+    harmless."""
+    workdir = one_rule_workflow(tmp_path / "wf", "echo hi > {output}")
+    fakevast.set_faults({"next_creates": {"count": None, "drop_attach": True}})
+
+    run = run_snakemake(workdir, fakevast, jobs=1)
+
+    assert run.ok, run.output
+    assert (workdir / "out.txt").read_text() == "hi\n"
+    assert_all_destroyed(fakevast, workdir)
+
+
+def test_jobs_get_the_images_own_python(fakevast: FakeVast, tmp_path: Path) -> None:
+    """On vastai/pytorch the Python with torch is /venv/main, on the image's PATH but not on a
+    non-interactive SSH session's: the job's `python` must be that one (the fake's venv has a
+    module no other Python there can import)."""
+    workdir = one_rule_workflow(
+        tmp_path / "wf",
+        "python -c 'import vast_torch_stub, sys; print(sys.prefix)' > {output}",
+    )
+
+    run = run_snakemake(workdir, fakevast, jobs=1)
+
+    assert run.ok, run.output
+    assert (workdir / "out.txt").read_text().strip() == "/venv/main"
+    assert_all_destroyed(fakevast, workdir)

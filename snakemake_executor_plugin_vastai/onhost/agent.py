@@ -198,8 +198,22 @@ def claimed_pid(job_dir: str) -> int:
     raise AgentError("the runner claimed the job but never started it")
 
 
+def use_image_path() -> None:
+    """The image's own PATH first, as the image's processes have it: a non-interactive SSH
+    session lacks it (on vastai/pytorch, /venv/main/bin, where torch is). The bootstrap read
+    it from the container's main process."""
+    try:
+        with open(os.path.join(BASE, "image-path")) as handle:
+            image_path = handle.read().strip()
+    except FileNotFoundError:
+        return
+    if image_path:
+        os.environ["PATH"] = image_path + os.pathsep + os.environ.get("PATH", "")
+
+
 def start(request: dict, frames: Frames) -> tuple[int, subprocess.Popen | None]:
     job_dir = prepare(request)
+    use_image_path()
     pid, why = ask_runner(request.get("runner", ""), job_dir)
     child = None
     if pid is None:

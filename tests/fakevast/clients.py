@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import paramiko
@@ -73,3 +74,13 @@ def run(client: paramiko.SSHClient, command: str, timeout: float = 30) -> str:
         raise paramiko.SSHException(f"{command!r}: the connection died")
     assert status == 0, f"{command!r} exited {status}: {stderr.read().decode()}"
     return out
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

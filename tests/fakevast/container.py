@@ -19,8 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
+import types
+import venv
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +33,12 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BARE_IMAGE_PREFIX = "bare/"
+# Like the real vastai/pytorch: a venv at /venv/main whose python has a module (torch there,
+# TORCH_STUB here) no other Python has, and the image's PATH, with the venv's bin first, only in
+# the main process's environment (a non-interactive SSH session gets sshd's default PATH).
+PYTORCH_IMAGE_PREFIX = "vastai/pytorch"
+IMAGE_VENV = "/venv/main"
+TORCH_STUB = "vast_torch_stub"
 _POLL_INTERVAL = 0.02
 _LOG_TAIL_CHARS = 2000
 # Unisolated instances cannot be told apart by namespace; this variable tags their processes.
@@ -104,6 +113,7 @@ class _Layout:
     base: Path
     home: str
     bin_dir: str
+    venv: str
     config: str
     host_key: str
     authorized_keys: str
@@ -117,6 +127,7 @@ class _Layout:
             base=state_dir / "upper",
             home="/root",
             bin_dir="/usr/local/bin",
+            venv=IMAGE_VENV,
             config="/etc/ssh/sshd_config",
             host_key="/etc/ssh/ssh_host_ed25519_key",
             authorized_keys="/root/.ssh/authorized_keys",
@@ -132,6 +143,7 @@ class _Layout:
             base=Path("/"),
             home=f"{top}/home",
             bin_dir=f"{top}/bin",
+            venv=f"{top}{IMAGE_VENV}",
             config=f"{top}/sshd_config",
             host_key=f"{top}/ssh_host_ed25519_key",
             authorized_keys=f"{top}/home/.ssh/authorized_keys",
@@ -176,10 +188,49 @@ class _Process:
 
 
 def image_python(image: str) -> str:
-    """The interpreter an image's ``python`` runs: ``bare/`` images lack snakemake."""
+    """The interpreter a session's ``python`` runs: ``bare/`` images lack snakemake."""
     if image.startswith(BARE_IMAGE_PREFIX):
         return os.path.join(sys.base_prefix, "bin", "python3")
     return sys.executable
+
+
+def has_image_venv(image: str) -> bool:
+    """Whether the image has its own Python venv at /venv/main (vastai/pytorch does)."""
+    return image.startswith(PYTORCH_IMAGE_PREFIX)
+
+
+class _ImageVenvBuilder(venv.EnvBuilder):
+    """``python -m venv --system-site-packages --symlinks --without-pip`` of this machine's base
+    Python, built at a host path (`host_dir`) but written as if at `inner`, the path the instance
+    sees: its activate scripts and pyvenv.cfg name `inner`."""
+
+    def __init__(self, host_dir: Path, inner: str) -> None:
+        super().__init__(system_site_packages=True, symlinks=True, with_pip=False)
+        self.host_dir, self.inner = str(host_dir), inner
+
+    def replace_variables(self, text: str, context: types.SimpleNamespace) -> str:
+        return super().replace_variables(text, context).replace(self.host_dir, self.inner)
+
+    def create_configuration(self, context: types.SimpleNamespace) -> None:
+        super().create_configuration(context)
+        config = Path(context.cfg_path)
+        config.write_text(config.read_text().replace(self.host_dir, self.inner))
+
+
+def _build_image_venv(host_dir: Path, inner: str) -> None:
+    """The image's venv: this machine's base Python with its system site-packages, plus (a .pth
+    file) the site-packages of the Python the fake runs on, so Snakemake and whatever else is
+    installed here stays importable, as from a session's ``python``; and TORCH_STUB, which only
+    this venv's python can import (torch is in /venv/main on the real image). A few ms."""
+    _ImageVenvBuilder(host_dir, inner).create(host_dir)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site_packages = host_dir / "lib" / version / "site-packages"
+    stub = f'"""Stands in for torch: importable from {inner} only."""\n\n__version__ = "0.0-fake"\n'
+    (site_packages / f"{TORCH_STUB}.py").write_text(stub)
+    if sys.prefix != sys.base_prefix:  # the fake runs in a venv: its packages are not system's
+        dirs = dict.fromkeys(sysconfig.get_path(name) for name in ("purelib", "platlib"))
+        lines = [f"import site; site.addsitedir({d!r})\n" for d in dirs]
+        (site_packages / "fakevast-host-packages.pth").write_text("".join(lines))
 
 
 @functools.cache
@@ -297,6 +348,8 @@ class Container:
         for name in ("python", "python3"):
             # A wrapper, not a symlink: a venv's python is only a venv when run by its own path.
             layout.write(f"{layout.bin_dir}/{name}", f'#!/bin/sh\nexec {python} "$@"\n', 0o755)
+        if has_image_venv(self.spec.image):
+            _build_image_venv(layout.host(layout.venv), layout.venv)
         if self.spec.ssh:
             self._prepare_sshd()
         self._prepared = True
@@ -361,18 +414,35 @@ class Container:
         ]
         return "".join(line + "\n" for line in lines)
 
+    def _session_path(self) -> str:
+        """sshd's default PATH (which a session gets whatever the image's PATH is)."""
+        if self.isolated:
+            return DEFAULT_PATH
+        return f"{self._layout.bin_dir}:{DEFAULT_PATH}"
+
+    def _image_path(self) -> str:
+        """The PATH of the image's ENV: vastai/pytorch puts its venv's bin first."""
+        if has_image_venv(self.spec.image):
+            return f"{self._layout.venv}/bin:{self._session_path()}"
+        return self._session_path()
+
     def _environment(self) -> dict[str, str]:
-        """The container env: what its processes and (via SetEnv) plain ssh commands see."""
+        """The env SSH sessions see (via SetEnv; also written to /etc/environment): the renter's
+        env, with sshd's default PATH unless the renter gave one."""
         layout = self._layout
-        path = DEFAULT_PATH if self.isolated else f"{layout.bin_dir}:{DEFAULT_PATH}"
-        env = {"HOME": layout.home, "PATH": path, **self.spec.env}
+        env = {"HOME": layout.home, "PATH": self._session_path(), **self.spec.env}
         if not self.isolated:
             env[_MARKER] = str(self.state_dir.resolve())
         return env
 
     def _main_environment(self) -> dict[str, str]:
-        """The main process's env: the container env plus the marketplace's `main_env`."""
-        return {**self._environment(), **self.spec.main_env}
+        """The main process's env, as Docker gives it: the image's PATH (unless the renter's env
+        sets one) and the renter's env, plus the marketplace's `main_env`. The onstart script
+        inherits it; sessions do not."""
+        env = {**self._environment(), **self.spec.main_env}
+        if "PATH" not in self.spec.env:
+            env["PATH"] = self._image_path()
+        return env
 
     # -- running it -----------------------------------------------------------------------------
 

@@ -158,6 +158,8 @@ class InstanceFaults:
     bandwidth: float | None = None
     rtt_ms: float | None = None
     cut_connections: bool = False
+    # POST /instances/{id}/ssh/ answers success but the key never reaches authorized_keys.
+    drop_attach: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "bandwidth": _bandwidth,
     "rtt_ms": _rtt,
     "cut_connections": _flag,
+    "drop_attach": _flag,
     "gone": _flag,
     "count": _count,
 }

@@ -118,6 +118,7 @@ class Instance:
     boot_decided: bool = False  # the boot was started, or it failed for good
     boot_failure: str | None = None
     stuck_loading: bool = False
+    drop_attach: bool = False  # key attaches answer success but install nothing
     container: Container | None = None
     proxy: Relay | None = None
     direct: Relay | None = None
@@ -160,7 +161,7 @@ class Instance:
     def arm(self, given: Mapping[str, Any], now: float) -> None:
         """Attach instance faults (InstanceFaults field names); None removes a pending one."""
         for key, value in given.items():
-            if key in ("boot_failure", "stuck_loading", "bandwidth", "rtt_ms"):
+            if key in ("boot_failure", "stuck_loading", "bandwidth", "rtt_ms", "drop_attach"):
                 setattr(self, key, value)
                 continue
             self.events = [e for e in self.events if e.kind != key]
@@ -176,6 +177,7 @@ class Instance:
         self.events.clear()
         self.bandwidth = None
         self.rtt_ms = None
+        self.drop_attach = False  # later attaches work again; keys already dropped stay so
         if not self.boot_decided:
             self.boot_failure = None
             self.stuck_loading = False
@@ -329,6 +331,8 @@ class Instance:
             "label": self.label,
             "offer_id": self.offer["id"],
             "machine_id": self.offer.get("machine_id"),
+            "min_bid": self.offer.get("min_bid"),
+            "bid_price": self.launch.price,  # None: on demand
             "gpu_name": self.offer["gpu_name"],
             "num_gpus": self.offer["num_gpus"],
             "dph_total": self.dph_total,

@@ -458,11 +458,15 @@ class Market:
     # -- ssh keys -------------------------------------------------------------------------------
 
     def attach(self, raw_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Attach a key for later logins; with the `drop_attach` fault the answer is the same
+        but the key is never installed (the race the earlier plugin's authors met on Vast)."""
         key = _key_from(body)
         with self._lock:
             instance = self._alive(raw_id)
-            instance.keys.append(key)
-            container = instance.container
+            container = None
+            if not instance.drop_attach:
+                instance.keys.append(key)
+                container = instance.container
         if container is not None:
             container.add_authorized_key(key)
         return {"success": True, "msg": "SSH key attached successfully"}
