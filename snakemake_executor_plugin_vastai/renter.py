@@ -53,9 +53,7 @@ class OfferSearch:
     def __init__(self, market: Marketplace, order: str, ttl: float = SEARCH_TTL_SECONDS) -> None:
         self.market = market
         self.order = order
-        self._cache: TTLCache[tuple[str, int, bool], list[Offer]] = TTLCache(
-            maxsize=256, ttl=ttl
-        )
+        self._cache: TTLCache[tuple[str, int, bool], list[Offer]] = TTLCache(maxsize=256, ttl=ttl)
         self._lock = threading.Lock()  # guards the cache (not thread-safe) and the key locks
         self._key_locks: dict[tuple[str, int, bool], threading.Lock] = {}
 
