@@ -376,6 +376,10 @@ class Marketplace:
         response.raise_for_status()
         return response.json()
 
+    def reboot(self, instance_id: int) -> None:
+        """Restart the instance's container (keeps its disk and its place on the host)."""
+        self._call(f"reboot instance {instance_id}", lambda: self._sdk.reboot_instance(instance_id))
+
     def request_destroy(self, instance_id: int) -> None:
         """Send the destroy (retried on rate limits and server errors); gone is fine."""
         self._call(

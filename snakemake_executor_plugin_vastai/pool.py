@@ -70,6 +70,8 @@ RENT_BACKOFF_SECONDS = 1.0
 ORPHAN_WAIT_SECONDS = 60.0  # the first rent waits this long at most for the orphan reap
 SHUTDOWN_WAIT_SECONDS = 30.0  # for creates still in flight at teardown
 PREPARE_GRACE_SECONDS = 1800.0  # bootstrap (pip installs) on top of the boot timeout
+# A login that has not worked this long after "running" gets the instance one reboot.
+LOGIN_BEFORE_REBOOT_SECONDS = 60.0
 
 
 class Cancelled(InstanceFailure):
@@ -346,13 +348,37 @@ class Pool:
         self._wait_booted(instance, deadline)
         instance.running_at = time.time()
         self.ledger.running(instance.label)
-        instance.connect(self.key, deadline)
+        self._log_in(instance, deadline)
         self._advance(instance, State.BOOTING, State.BOOTSTRAPPING)
         instance.bootstrap(self.config.bootstrap)
         with self.table.locked():
             assert instance.slots is not None
             ready = State.IDLE if instance.slots.empty else State.BUSY
             self._advance(instance, State.BOOTSTRAPPING, ready)
+
+    def _log_in(self, instance: Instance, deadline: float) -> None:
+        """SSH login; a login that never works (Vast's proxy tunnel did not come up) is worth
+        one reboot before the host is given up, unless the image's log already says it has
+        no SSH server."""
+        first = min(deadline, time.monotonic() + LOGIN_BEFORE_REBOOT_SECONDS)
+        try:
+            instance.connect(self.key, first)
+            return
+        except InstanceFailure as error:
+            if instance.instance_id is None or self._log_says_no_sshd(instance):
+                raise
+            log.info("%s: %s; rebooting it once", instance.name, str(error).rstrip("."))
+        self.market.reboot(instance.instance_id)
+        deadline = time.monotonic() + self.config.boot_timeout
+        self._wait_booted(instance, deadline)
+        instance.connect(self.key, deadline)
+
+    def _log_says_no_sshd(self, instance: Instance) -> bool:
+        assert instance.instance_id is not None
+        try:
+            return NO_SSHD_MARKER in self.market.log_tail(instance.instance_id)
+        except VastaiError:
+            return False
 
     def _wait_booted(self, instance: Instance, deadline: float) -> None:
         """Until the reaper's list rounds show it running with an SSH endpoint; fail fast on

@@ -8,12 +8,15 @@ and (through the fixtures and the fake's ledger) that nothing is left billing.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from snakemake_executor_plugin_vastai.bootstrap import NO_SSHD_FIX, NO_SSHD_MARKER
 from tests.fakevast.faults import BOOT_FAILURES
 from tests.fakevast.harness import FakeVast
 from tests.workflows import (
@@ -31,6 +34,7 @@ from tests.workflows import (
 )
 
 ATTEMPT = "attempt=lambda wildcards, attempt: attempt"
+FLAT_OFFERS = Path(__file__).parent / "data" / "offers-1gpu-flat.json"
 # A lost host must be given up within one instance-list interval (30 s) plus a margin.
 LOST_HOST_NOTICED_S = 45
 
@@ -86,6 +90,48 @@ def test_a_machine_that_failed_to_boot_is_not_rented_again(
     excluded = run_summary(workdir)["excluded_hosts"]
     assert list(excluded) == [str(failed["machine_id"])]
     assert "did not boot" in excluded[str(failed["machine_id"])]
+
+
+REBOOT = "PUT /api/v0/instances/reboot/{id}/"
+
+
+def test_an_image_without_sshd_fails_with_its_log_and_the_fix(
+    fakevast: FakeVast, tmp_path: Path
+) -> None:
+    """Vast reports such an instance running, but no login ever works: the job's error quotes
+    the instance's log (where the onstart script said what is missing) and names the fix,
+    without a reboot that could not help."""
+    workdir = one_rule_workflow(tmp_path / "wf", "echo hi > {output}")
+
+    run = run_snakemake(
+        workdir, fakevast, "--vastai-image", "nossh/alpine:3.20", "--vastai-boot-timeout", "20",
+        jobs=1,
+    )  # fmt: skip
+
+    assert_failed(run.output, run.returncode)
+    message = only_job_error(run.output)
+    assert NO_SSHD_FIX in message, message
+    assert "Last lines of the instance's log" in message and NO_SSHD_MARKER in message, message
+    assert fakevast.ledger()["api_calls"].get(REBOOT, 0) == 0
+    assert_all_destroyed(fakevast, workdir)
+
+
+def test_a_proxy_tunnel_that_never_comes_up_gets_one_reboot(
+    fakevast_factory: Callable[..., FakeVast], tmp_path: Path
+) -> None:
+    offers = json.loads(FLAT_OFFERS.read_text())
+    no_direct_port = tmp_path / "offers.json"
+    no_direct_port.write_text(json.dumps([o | {"direct_port_count": 0} for o in offers]))
+    fake = fakevast_factory(boot_seconds=0, offers=no_direct_port)
+    fake.set_faults({"next_creates": {"count": 1, "proxy_down": True}})
+    workdir = one_rule_workflow(tmp_path / "wf", "echo hi > {output}")
+
+    run = run_snakemake(workdir, fake, "--vastai-boot-timeout", "15", jobs=1)
+
+    assert run.ok, run.output
+    assert "rebooting it once" in run.output
+    assert fake.ledger()["api_calls"][REBOOT] == 1
+    assert len(assert_all_destroyed(fake, workdir)) == 1
 
 
 def test_stuck_boot_hits_the_boot_timeout(fakevast: FakeVast, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Images as the fake serves them: ``vastai/pytorch`` is like the real one (a venv at /venv/main
 with a module no other Python has, its PATH only in the main process's environment, a session's
-PATH without it), ``bare/`` and other images have none of that. Real HTTP and SSH, no mocks."""
+PATH without it), ``bare/`` and other images have none of that, and ``nossh/`` images have no
+sshd and no apt-get at all. Real HTTP and SSH, no mocks."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import paramiko
 import pytest
 from vastai import VastAI
 
+from snakemake_executor_plugin_vastai.bootstrap import ONSTART_SCRIPT
 from tests.fakevast import container as container_module
-from tests.fakevast.clients import public_key, rent, run, sdk, ssh_login, wait_status
+from tests.fakevast.clients import public_key, rent, run, sdk, ssh_login, wait_for, wait_status
 from tests.fakevast.harness import FakeVast
 
 pytestmark = [
@@ -27,6 +29,8 @@ pytestmark = [
 ]
 
 PYTORCH = "vastai/pytorch:@vastai-automatic-tag"
+NO_SSHD = "nossh/alpine:3.20"
+NO_SSHD_MARKER = "snakemake-vastai: this image has no sshd and no apt-get"
 VENV_BIN = "/venv/main/bin"
 STUB = "vast_torch_stub"
 # What the onstart script (a child of the main process) sees: the image's PATH.
@@ -137,3 +141,41 @@ def test_the_venv_costs_a_few_milliseconds_per_instance(tmp_path: Path) -> None:
     for index in range(10):
         container_module._build_image_venv(tmp_path / f"venv-{index}", "/venv/main")
     assert (time.perf_counter() - start) / 10 < 0.1  # ~3 ms on an idle machine
+
+
+def test_image_without_sshd_runs_but_nothing_answers_ssh(vast: VastAI, ssh_key) -> None:
+    """A ``nossh/`` image reaches running with both endpoints advertised, but no sshd is behind
+    them; the plugin's onstart script finds neither sshd nor apt-get and says so in the log."""
+    probe = (
+        "for p in /usr/sbin/sshd /sbin/sshd /usr/bin/sshd /usr/bin/apt-get /bin/apt-get; do\n"
+        '  if [ -e "$p" ]; then echo "present: $p"; fi\n'
+        "done\n"
+        'echo "onstart done in $CONTAINER_ID"\n'
+    )
+    instance_id = rent(
+        vast,
+        query="gpu_name=RTX_4090 num_gpus=1 direct_port_count>=1",
+        runtype="ssh_direc ssh_proxy",
+        image=NO_SSHD,
+        onstart_cmd=ONSTART_SCRIPT + probe,
+    )
+    try:
+        vast.attach_ssh(instance_id, public_key(ssh_key))
+        row = wait_status(vast, instance_id, "running")
+        assert row["status_msg"] == "success, running nossh/alpine_3.20/ssh"
+        direct_port = int(row["ports"]["22/tcp"][0]["HostPort"])
+        for port in (row["ssh_port"], direct_port):
+            with pytest.raises((paramiko.SSHException, OSError, EOFError)):
+                ssh_login(row["ssh_host"], port, ssh_key, timeout=3).close()
+
+        def log() -> str:
+            text = vast.logs(instance_id, tail="1000")
+            assert isinstance(text, str), text
+            return text
+
+        assert wait_for(lambda: f"onstart done in {instance_id}" in log(), timeout=10), log()
+        text = log()
+        assert NO_SSHD_MARKER in text and "present:" not in text, text
+        assert vast.show_instance(instance_id)["actual_status"] == "running"
+    finally:
+        vast.destroy_instance(instance_id)

@@ -5,6 +5,9 @@ this machine's ``/`` (the upper layer lives in the instance's state dir). Jobs c
 packages, write ``/root/.ssh`` and leave ``nohup``'d processes behind for real, two instances
 never see each other's writes, and killing the namespace's PID 1 ends every process it holds.
 Without root, each instance falls back to an sshd of the current user in its own directory.
+
+An image whose name starts with ``nossh/`` has no OpenSSH and no apt-get: no sshd runs, the port
+the relays forward to has nothing listening, and (isolated) overlay whiteouts hide the binaries.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -39,6 +43,10 @@ BARE_IMAGE_PREFIX = "bare/"
 PYTORCH_IMAGE_PREFIX = "vastai/pytorch"
 IMAGE_VENV = "/venv/main"
 TORCH_STUB = "vast_torch_stub"
+# Like an image without OpenSSH and without apt (alpine, distroless, ...): neither exists in the
+# instance, and nothing listens behind its SSH endpoints, though Vast.ai reports it running.
+NO_SSHD_IMAGE_PREFIX = "nossh/"
+NO_SSHD_HIDDEN = ("sshd", "apt-get", "apt")
 _POLL_INTERVAL = 0.02
 _LOG_TAIL_CHARS = 2000
 # Unisolated instances cannot be told apart by namespace; this variable tags their processes.
@@ -73,6 +81,14 @@ config=$1 pid_file=$2 onstart=$3
 shift 3
 { (unset "$@"; exec /usr/sbin/sshd -D -e -f "$config"); [ -s "$pid_file" ] || kill -USR1 $$; } &
 while [ ! -s "$pid_file" ]; do sleep 0.05; done
+if [ -f "$onstart" ]; then /bin/sh "$onstart" & fi
+while :; do sleep 3600 & wait $!; done
+"""
+
+# The main process of an ssh-mode instance whose image has no sshd: what Vast.ai's init does
+# there, minus the sshd that is not there. $1 = onstart script.
+_NO_SSHD_INIT_SCRIPT = """\
+onstart=$1
 if [ -f "$onstart" ]; then /bin/sh "$onstart" & fi
 while :; do sleep 3600 & wait $!; done
 """
@@ -194,6 +210,11 @@ def image_python(image: str) -> str:
     return sys.executable
 
 
+def has_sshd(image: str) -> bool:
+    """Whether the image has OpenSSH's sshd (and apt-get); ``nossh/`` images have neither."""
+    return not image.startswith(NO_SSHD_IMAGE_PREFIX)
+
+
 def has_image_venv(image: str) -> bool:
     """Whether the image has its own Python venv at /venv/main (vastai/pytorch does)."""
     return image.startswith(PYTORCH_IMAGE_PREFIX)
@@ -265,7 +286,10 @@ class Container:
             _warn_unisolated()
         layout = _Layout.isolated if self.isolated else _Layout.unisolated
         self._layout = layout(self.state_dir)
+        # Where the relays forward to: sshd's port, or for an image without sshd a port held
+        # bound (not listening) by `_port_holder`, so that connections to it are refused.
         self.sshd_port: int | None = None
+        self._port_holder: socket.socket | None = None
         self._log_path = self.state_dir / "container.log"
         self._final_log = ""
         self._pending_keys = list(spec.authorized_keys)
@@ -330,6 +354,8 @@ class Container:
             self._final_log = self.log_text()
             self._destroyed = True
             self._stop_processes()
+            if self._port_holder is not None:
+                self._port_holder.close()
             if self.state_dir.exists():
                 shutil.rmtree(self.state_dir)
 
@@ -350,8 +376,10 @@ class Container:
             layout.write(f"{layout.bin_dir}/{name}", f'#!/bin/sh\nexec {python} "$@"\n', 0o755)
         if has_image_venv(self.spec.image):
             _build_image_venv(layout.host(layout.venv), layout.venv)
-        if self.spec.ssh:
+        if self.spec.ssh and has_sshd(self.spec.image):
             self._prepare_sshd()
+        elif self.spec.ssh:
+            self._prepare_no_sshd()
         self._prepared = True
 
     def _prepare_overlay(self) -> None:
@@ -359,7 +387,10 @@ class Container:
             (self.state_dir / name).mkdir(exist_ok=True)
         layout = self._layout
         layout.make_dir("/workspace")
-        layout.make_dir("/run/sshd")  # sshd's privilege-separation dir
+        if has_sshd(self.spec.image):
+            layout.make_dir("/run/sshd")  # sshd's privilege-separation dir
+        else:
+            self._hide_programs()
         # Opaque upper dirs hide the host's: the folder holding every instance's state (so no
         # instance sees another's files) and /root/.ssh (no key of the host's). The rest of
         # the host stays visible, as an image would be: the project's venv may well live in
@@ -380,6 +411,33 @@ class Container:
         self._generate_host_key(layout.host(layout.host_key))
         layout.write(layout.config, self._sshd_config())
         layout.write(layout.init, _INIT_SCRIPT, 0o755)
+        if self.spec.onstart:
+            layout.write(layout.onstart, self.spec.onstart, 0o755)
+
+    def _hide_programs(self) -> None:
+        """An image without OpenSSH and apt: an overlay whiteout (a character device 0:0 in the
+        upper layer, made before the mount) hides each of NO_SSHD_HIDDEN in /usr/sbin and in
+        every directory of the image's and the sessions' PATH. Directories are
+        resolved on this machine first (/sbin is a link to usr/sbin on a merged-/usr system),
+        so the whiteout lands in the real directory and the links stay links."""
+        paths = {self._main_environment()["PATH"], self._environment()["PATH"]}
+        dirs = {"/usr/sbin", *(d for path in paths for d in path.split(":") if d.startswith("/"))}
+        for inner in sorted({os.path.realpath(d) for d in dirs}):
+            for name in NO_SSHD_HIDDEN:
+                target = Path(inner, name)
+                if not os.path.lexists(target):
+                    continue
+                whiteout = self._layout.make_dir(inner) / name
+                if not os.path.lexists(whiteout):
+                    os.mknod(whiteout, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+
+    def _prepare_no_sshd(self) -> None:
+        """An ssh-mode instance of an image without sshd: its endpoints are published as
+        usual, but they lead to a port held bound with nothing listening (refused)."""
+        layout = self._layout
+        self._port_holder = _bound_socket()
+        self.sshd_port = self._port_holder.getsockname()[1]
+        layout.write(layout.init, _NO_SSHD_INIT_SCRIPT, 0o755)
         if self.spec.onstart:
             layout.write(layout.onstart, self.spec.onstart, 0o755)
 
@@ -449,6 +507,8 @@ class Container:
     def _main_command(self) -> list[str]:
         """The instance's main process, as the instance names it."""
         layout = self._layout
+        if self.spec.ssh and not has_sshd(self.spec.image):
+            return ["/bin/sh", layout.init, layout.onstart]
         if self.spec.ssh:
             main_only = list(self.spec.main_env)
             return [
@@ -491,7 +551,7 @@ class Container:
 
     def _is_started(self) -> bool:
         """sshd writes its pid file once it listens; the enter script marks the chroot."""
-        if self.spec.ssh:
+        if self.spec.ssh and has_sshd(self.spec.image):
             try:
                 return self._layout.host(self._layout.pid_file).stat().st_size > 0
             except FileNotFoundError:
@@ -605,16 +665,22 @@ def _sshd_setenv_token(name: str, value: str) -> str:
 _SSHD_PORTS = range(20000, 32768)
 
 
-def _free_port() -> int:
+def _bound_socket() -> socket.socket:
+    """A socket bound to a free port below the ephemeral range (not listening)."""
     for _ in range(200):
-        port = random.choice(_SSHD_PORTS)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", random.choice(_SSHD_PORTS)))
+        except OSError:
+            sock.close()
+            continue
+        return sock
     raise ContainerError("no free port for sshd below the ephemeral range")
+
+
+def _free_port() -> int:
+    with _bound_socket() as probe:
+        return probe.getsockname()[1]
 
 
 def _which(tool: str) -> str:

@@ -160,6 +160,8 @@ class InstanceFaults:
     cut_connections: bool = False
     # POST /instances/{id}/ssh/ answers success but the key never reaches authorized_keys.
     drop_attach: bool = False
+    # The proxy endpoint (ssh_host:ssh_port) closes every connection; a reboot heals it.
+    proxy_down: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "rtt_ms": _rtt,
     "cut_connections": _flag,
     "drop_attach": _flag,
+    "proxy_down": _flag,
     "gone": _flag,
     "count": _count,
 }

@@ -119,6 +119,7 @@ class Instance:
     boot_failure: str | None = None
     stuck_loading: bool = False
     drop_attach: bool = False  # key attaches answer success but install nothing
+    proxy_down: bool = False  # the proxy relay closes every connection, until a reboot
     container: Container | None = None
     proxy: Relay | None = None
     direct: Relay | None = None
@@ -161,7 +162,14 @@ class Instance:
     def arm(self, given: Mapping[str, Any], now: float) -> None:
         """Attach instance faults (InstanceFaults field names); None removes a pending one."""
         for key, value in given.items():
-            if key in ("boot_failure", "stuck_loading", "bandwidth", "rtt_ms", "drop_attach"):
+            if key in (
+                "boot_failure",
+                "stuck_loading",
+                "bandwidth",
+                "rtt_ms",
+                "drop_attach",
+                "proxy_down",
+            ):
                 setattr(self, key, value)
                 continue
             self.events = [e for e in self.events if e.kind != key]
@@ -178,6 +186,7 @@ class Instance:
         self.bandwidth = None
         self.rtt_ms = None
         self.drop_attach = False  # later attaches work again; keys already dropped stay so
+        self.proxy_down = False
         if not self.boot_decided:
             self.boot_failure = None
             self.stuck_loading = False
@@ -250,8 +259,11 @@ class Instance:
         self.status_msg = None
 
     def reboot(self, now: float, effects: Effects) -> None:
+        """Cuts live connections and reports `rebooting` for a while; a proxy tunnel that was
+        down (`proxy_down`) comes up, as a reboot re-registers the instance with the proxy."""
         self.actual_status = "rebooting"
         self.reboot_until = now + REBOOT_SECONDS
+        self.proxy_down = False
         effects.cut.extend(self.relays)
 
     def fail_create(self, message: str) -> None:

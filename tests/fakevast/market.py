@@ -139,9 +139,16 @@ class Market:
 
     def _track_link(self, instance: Instance, effects: Effects) -> None:
         """Queue the bandwidth cap and round-trip time in force for `instance` for its relays,
-        when they differ from what the relays were last given."""
+        when they differ from what the relays were last given; put its proxy relay down or up
+        as `proxy_down` says (a flag, set at once under the lock, so that no client sees the
+        instance's status and its proxy disagree; going down also cuts live proxy sessions)."""
         if not (instance.alive and instance.relays):
             return
+        proxy = instance.proxy
+        if proxy is not None and proxy.down != instance.proxy_down:
+            proxy.down = instance.proxy_down
+            if proxy.down:
+                effects.cut.append(proxy)
         rate = instance.bandwidth if instance.bandwidth is not None else self.faults.bandwidth
         if rate != instance.applied_bandwidth:
             instance.applied_bandwidth = rate
@@ -452,6 +459,7 @@ class Market:
             instance = self._alive(raw_id)
             if instance.actual_status == "running":
                 instance.reboot(time.time(), effects)
+                self._track_link(instance, effects)
         self._run(effects)
         return {"success": True}
 

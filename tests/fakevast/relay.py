@@ -246,6 +246,8 @@ class Relay:
         self.round_trips = round_trips if round_trips is not None else RoundTrips()
         self.bandwidth: float | None = None
         self.rtt_ms: float = 0.0
+        # A tunnel that is down: each new connection is accepted and closed at once.
+        self.down = False
         self._connections: set[_Connection] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -307,7 +309,11 @@ class Relay:
             ).start()
 
     def _open(self, client: socket.socket) -> None:
-        """Connect upstream; if the instance is unreachable, hang up on the client."""
+        """Connect upstream; if the relay is down or the instance unreachable, hang up on the
+        client."""
+        if self.down:
+            client.close()
+            return
         try:
             upstream = socket.create_connection(self.target, timeout=_CONNECT_TIMEOUT)
         except OSError:
@@ -315,7 +321,7 @@ class Relay:
             return
         upstream.settimeout(None)
         with self._lock:
-            if self._closed:
+            if self._closed or self.down:  # went down while connecting: not cut, so hang up
                 client.close()
                 upstream.close()
                 return
