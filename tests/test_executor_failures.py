@@ -68,6 +68,7 @@ def test_fatal_boot_error_fails_fast(fakevast: FakeVast, tmp_path: Path, status_
     assert_failed(run.output, run.returncode)
     message = only_job_error(run.output)
     assert status_msg in message and "boot timeout" not in message, message
+    assert f"Last lines of the instance's log:\n    {status_msg}" in message, message
     assert_all_destroyed(fakevast, workdir)
     assert not (workdir / "out.txt").exists()
 
@@ -145,6 +146,7 @@ def test_stuck_boot_hits_the_boot_timeout(fakevast: FakeVast, tmp_path: Path) ->
     assert_failed(run.output, run.returncode)
     message = only_job_error(run.output)
     assert "boot timeout" in message and "--vastai-boot-timeout" in message, message
+    assert "Last lines of the instance's log:\n    Pulling image" in message, message
     assert_all_destroyed(fakevast, workdir)
 
 

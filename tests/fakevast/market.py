@@ -533,7 +533,11 @@ class Market:
         with self._lock:
             instance = self._alive(raw_id, api_error(404, "invalid_id", "Invalid instance id."))
             container = instance.container
-        lines = (container.log_text() if container else "").splitlines(keepends=True)
+            daemon_says = instance.status_msg or ""
+        # Before its container runs, an instance's log is what the host's daemon says of it
+        # (the image pull, or Docker's error), as Vast shows it.
+        text = container.log_text() if container else daemon_says
+        lines = text.splitlines(keepends=True)
         pattern = body.get("filter")
         if pattern:
             lines = [line for line in lines if str(pattern) in line]
