@@ -58,6 +58,7 @@ rule train:
 """
 
 
+@pytest.mark.slow
 def test_an_outbid_job_finishes_on_another_instance_without_retries(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:

@@ -43,6 +43,7 @@ for path in places:
 """
 
 
+@pytest.mark.slow
 def test_a_killed_run_is_destroyed_by_its_own_instances(fakevast: FakeVast, tmp_path: Path) -> None:
     workdir = one_rule_workflow(tmp_path / "wf", f"{ANNOUNCE_START}; sleep 300; echo > {{output}}")
 

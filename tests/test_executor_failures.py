@@ -96,6 +96,7 @@ def test_a_machine_that_failed_to_boot_is_not_rented_again(
 REBOOT = "PUT /api/v0/instances/reboot/{id}/"
 
 
+@pytest.mark.slow
 def test_an_image_without_sshd_fails_with_its_log_and_the_fix(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:
@@ -117,6 +118,7 @@ def test_an_image_without_sshd_fails_with_its_log_and_the_fix(
     assert_all_destroyed(fakevast, workdir)
 
 
+@pytest.mark.slow
 def test_a_proxy_tunnel_that_never_comes_up_gets_one_reboot(
     fakevast_factory: Callable[..., FakeVast], tmp_path: Path
 ) -> None:
