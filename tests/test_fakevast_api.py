@@ -349,6 +349,7 @@ def oldest_sdk_python(
     return str(python)
 
 
+@pytest.mark.slow
 def test_oldest_supported_sdk(fakevast: FakeVast, oldest_sdk_python: str) -> None:
     report = _run_scenario(oldest_sdk_python, fakevast)
     assert report["version"] == "1.5.6"

@@ -174,6 +174,7 @@ def test_one_transient_fault_costs_a_retry_not_the_run(
     assert_all_destroyed(fakevast, workdir)
 
 
+@pytest.mark.slow
 def test_search_failing_for_good_fails_the_job_naming_the_cause(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:

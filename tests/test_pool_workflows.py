@@ -301,6 +301,7 @@ rule b:
 MAX_PRICE = 0.5
 
 
+@pytest.mark.slow
 def test_price_rise_above_the_cap_retires_the_instance_after_its_job(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:
