@@ -27,7 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import BenchmarkError, FakeBill, clean_env, plugin_summary, stop
+from benchmarks.measure import (
+    BenchmarkError,
+    FakeBill,
+    clean_env,
+    plugin_summary,
+    wait_or_stop,
+)
 from benchmarks.workflows import LOAD_SLEEP_SECONDS, Workflow, load_outputs
 from tests.fakevast.harness import FakeVast
 
@@ -229,13 +235,7 @@ def run_sampled(
         )  # fmt: skip
         sampler = peak.watch(process.pid, done)
         try:
-            code = process.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            stop(process)
-            raise BenchmarkError(f"Snakemake timed out after {limit:.0f} s; see {log}") from None
-        except BaseException:
-            stop(process)
-            raise
+            code = wait_or_stop(process, limit, log)
         finally:
             done.set()
             sampler.join(timeout=5)

@@ -238,19 +238,25 @@ def run_snakemake(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us only; we stop Snakemake in order
         )
-        try:
-            code = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            stop(process)
-            raise BenchmarkError(f"Snakemake timed out after {timeout:.0f} s; see {log}") from None
-        except BaseException:
-            stop(process)
-            raise
+        code = wait_or_stop(process, timeout, log)
         wall = time.monotonic() - start
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise BenchmarkError(f"Snakemake exited with {code}; see {log}:\n{tail}")
     return round(wall, 3)
+
+
+def wait_or_stop(process: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
+    """Snakemake's exit status; on timeout, Ctrl-C or SIGTERM it is stopped in order first
+    (a timeout is a BenchmarkError naming the log)."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(process)
+        raise BenchmarkError(f"Snakemake timed out after {timeout:.0f} s; see {log}") from None
+    except BaseException:
+        stop(process)
+        raise
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

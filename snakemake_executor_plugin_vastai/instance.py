@@ -60,6 +60,7 @@ class Instance:
     list_misses: int = 0  # list rounds that did not show it (while unknown)
     presumed_absent: bool = False  # unknown, and list rounds have missed it long enough
     destroy_error: str | None = None  # the last failed destroy; retried until confirmed
+    boot_log: str | None = None  # its log's last lines, once fetched for a boot error
 
     @property
     def name(self) -> str:

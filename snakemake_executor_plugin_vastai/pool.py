@@ -327,12 +327,7 @@ class Pool:
     def _with_boot_log(self, instance: Instance, error: Exception) -> InstanceFailure:
         """The boot error, with the last lines of the instance's own log (fetched before the
         destroy; secrets redacted) and the fix when the image turned out to lack sshd."""
-        tail = ""
-        if instance.instance_id is not None:
-            try:
-                tail = self.market.log_tail(instance.instance_id)
-            except VastaiError as failed:
-                log.debug("%s: no log: %s", instance.name, failed)
+        tail = self._boot_log(instance)
         message = str(error).rstrip(".")
         if NO_SSHD_MARKER in tail:
             message += f". {NO_SSHD_FIX}"
@@ -365,20 +360,25 @@ class Pool:
             instance.connect(self.key, first)
             return
         except InstanceFailure as error:
-            if instance.instance_id is None or self._log_says_no_sshd(instance):
+            if NO_SSHD_MARKER in self._boot_log(instance):
                 raise
             log.info("%s: %s; rebooting it once", instance.name, str(error).rstrip("."))
+        assert instance.instance_id is not None
         self.market.reboot(instance.instance_id)
         deadline = time.monotonic() + self.config.boot_timeout
         self._wait_booted(instance, deadline)
         instance.connect(self.key, deadline)
 
-    def _log_says_no_sshd(self, instance: Instance) -> bool:
-        assert instance.instance_id is not None
-        try:
-            return NO_SSHD_MARKER in self.market.log_tail(instance.instance_id)
-        except VastaiError:
-            return False
+    def _boot_log(self, instance: Instance) -> str:
+        """The last lines of the instance's log, fetched once per instance ("" if none)."""
+        if instance.boot_log is None:
+            instance.boot_log = ""
+            if instance.instance_id is not None:
+                try:
+                    instance.boot_log = self.market.log_tail(instance.instance_id)
+                except VastaiError as failed:
+                    log.debug("%s: no log: %s", instance.name, failed)
+        return instance.boot_log
 
     def _wait_booted(self, instance: Instance, deadline: float) -> None:
         """Until the reaper's list rounds show it running with an SSH endpoint; fail fast on

@@ -136,18 +136,23 @@ class Runner:
         self.listener.listen(64)
 
     def preload(self) -> None:
+        self._load((*PRELOAD, *self._lines(".modules")))
+        self.learned = os.path.exists(self.prefix + ".modules")
+        self.allowed = snakemake_modules()
+        if WARM_PARSER not in self._lines(".deny"):
+            self._warm_plugin_registries()
+
+    def _load(self, modules: tuple[str, ...] | list[str]) -> None:
+        """Import each module not yet loaded nor denied; one that starts a thread is denied
+        and this process starts afresh without it."""
         denied = set(self._lines(".deny"))
-        for module in (*PRELOAD, *self._lines(".modules")):
+        for module in modules:
             if module in denied or module in sys.modules:
                 continue
             with contextlib.suppress(Exception):
                 importlib.import_module(module)
             if threading.active_count() > 1:
                 self._deny(module)
-        self.learned = os.path.exists(self.prefix + ".modules")
-        self.allowed = snakemake_modules()
-        if WARM_PARSER not in denied:
-            self._warm_plugin_registries()
 
     def _warm_plugin_registries(self) -> None:
         """Building Snakemake's argument parser discovers every installed plugin, once per
@@ -246,12 +251,7 @@ class Runner:
     def _learn(self) -> None:
         """Load what the first job imported (Snakemake's own modules only), once."""
         self.learned = True
-        for module in self._lines(".modules"):
-            if module not in sys.modules:
-                with contextlib.suppress(Exception):
-                    importlib.import_module(module)
-                if threading.active_count() > 1:
-                    self._deny(module)
+        self._load(self._lines(".modules"))
 
     # -- the child ---------------------------------------------------------------------
 
