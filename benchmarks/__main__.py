@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from benchmarks import load
+from benchmarks import load, plot
 from benchmarks.measure import MODES, BenchmarkError, Case, CaseResult, run_case
 from benchmarks.report import document, header, render, write
 from benchmarks.workflows import load_workflow, standard_workflows
@@ -140,6 +140,8 @@ def main(argv: list[str]) -> int:
         code = run_standard(args, argv, stamp)
     if code == 0 and args.case in ("all", "load"):
         code = run_load(args, argv, stamp)
+    if code == 0 and not args.quick and args.output is None:
+        plot.main([])  # the README's figure, from the results files just written
     return code
 
 

@@ -64,6 +64,8 @@ class Executor(RemoteExecutor):
     _outcome_ready: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
+        from snakemake_executor_plugin_vastai.bootstrap import storage_providers
+        from snakemake_executor_plugin_vastai.credentials import forwarded_environment
         from snakemake_executor_plugin_vastai.run import RunContext
 
         settings: ExecutorSettings = self.workflow.executor_settings
@@ -73,7 +75,11 @@ class Executor(RemoteExecutor):
             self.context = RunContext.start(
                 settings=settings,
                 state_dir=Path(self.workflow.persistence.path) / "vastai",
-                envvars={} if settings.no_forward_credentials else dict(self.envvars()),
+                envvars=forwarded_environment(
+                    self.envvars(),
+                    storage_providers(self.workflow),
+                    automatic=not settings.no_forward_credentials,
+                ),
                 bootstrap_packages=self._storage_plugin_packages(),
                 sources=self._source_lists,
                 max_jobs=max(1, int(self.workflow.resource_settings.nodes or 1)),
@@ -94,9 +100,15 @@ class Executor(RemoteExecutor):
         from snakemake_executor_plugin_vastai.jobrun import JobRun, sentence
 
         if not self._demand_counted:  # the DAG is complete when the first job is submitted
-            self.context.count_demand(self.dag.needrun_jobs())
             self._demand_counted = True
             self._take_over_sigterm()
+            remote = [j for j in self.dag.needrun_jobs() if not j.is_local]
+            self.context.count_demand(remote)
+            try:
+                self.context.check_before_renting(remote, Path.cwd())
+                self.context.check_offers(remote)  # last: the first rents reuse its searches
+            except VastaiError as error:  # nothing is rented yet: stop the whole run
+                raise WorkflowError(str(error)) from None
         try:
             spec = self.context.job_spec(job, self.format_job_exec(job))
         except VastaiError as error:  # bad resources: fail this job, rent nothing
@@ -125,7 +137,7 @@ class Executor(RemoteExecutor):
             elif outcome.success:
                 self.report_job_success(job_info)
             elif outcome.cancelled and self._cancelling:
-                log.info("%s", outcome.message.strip())  # not a failure: the user stopped it
+                continue  # not a failure: the user stopped it, and cancel_jobs named it
             else:
                 context.pool.demand.returned(job_info.aux["run"].spec.counted)  # may be retried
                 self.report_job_error(job_info, msg=outcome.message, aux_logs=outcome.aux_logs)
@@ -165,7 +177,10 @@ class Executor(RemoteExecutor):
         for run in running:
             threading.Thread(target=run.kill_remote, name="vastai-kill", daemon=True).start()
         if running:
-            log.info("Cancelled %d job(s); destroying the run's instances", len(running))
+            names = ", ".join(run.spec.name for run in running)
+            log.info(
+                "Cancelled %d job(s): %s. Destroying the run's instances.", len(running), names
+            )
         self._teardown()
 
     def shutdown(self) -> None:
@@ -230,14 +245,23 @@ class Executor(RemoteExecutor):
         return getattr(rules, "is_preemptible", None)
 
     def _storage_plugin_packages(self) -> tuple[str, ...]:
-        provider = self.workflow.storage_settings.default_storage_provider
-        if not provider:
-            return ()
-        package = f"snakemake-storage-plugin-{provider}"
-        try:
-            return (f"{package}=={version(package)}",)
-        except PackageNotFoundError:
-            return (package,)
+        """Every storage plugin the workflow uses, pinned to the version here. One that is no
+        installed package here (a module on the path) has no version to pin nor any other
+        to choose: the image must bring it."""
+        from snakemake_executor_plugin_vastai.bootstrap import storage_providers
+
+        packages = []
+        for provider in storage_providers(self.workflow):
+            package = f"snakemake-storage-plugin-{provider.replace('_', '-')}"
+            try:
+                packages.append(f"{package}=={version(package)}")
+            except PackageNotFoundError:
+                log.warning(
+                    "The storage plugin %s is not an installed package here, so it is not "
+                    "installed on the instances; the image must have it",
+                    provider,
+                )
+        return tuple(packages)
 
 
 def local_path(path: object) -> str | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from importlib.metadata import distributions
 from importlib.resources import files
+from typing import Any
 
 from snakemake_executor_plugin_vastai.staging import REMOTE_BASE
 
@@ -24,6 +25,8 @@ from snakemake_executor_plugin_vastai.staging import REMOTE_BASE
 NO_PYTHON = 90
 NO_PIP = 91
 INSTALL_FAILED = 92
+INSTALLED_MARKER = "snakemake-vastai: installed the requirements"
+"""The bootstrap's line when it ran pip (only our own text is read back from a host)."""
 
 MESSAGES = {
     NO_PYTHON: "the image has neither python3 nor python on PATH; use an image with Python "
@@ -100,6 +103,7 @@ def onstart_script(public_key: str) -> str:
 
 
 STORAGE_PLUGIN_PREFIX = "snakemake-storage-plugin-"
+STORAGE_MODULE_PREFIX = "snakemake_storage_plugin_"
 # Exits 0 if the installed distribution argv[1] ("name==version") is that version. (No "pip"
 # in here: tests trace the bootstrap's python calls to see whether pip ran.)
 _HAS_VERSION = (
@@ -116,6 +120,19 @@ def local_storage_plugins() -> tuple[str, ...]:
         if name.startswith(STORAGE_PLUGIN_PREFIX):
             found[name] = f"{name}=={dist.version}"
     return tuple(sorted(found.values()))
+
+
+def storage_providers(workflow: Any) -> tuple[str, ...]:
+    """The storage plugins the workflow uses: the default provider, ``storage:`` directives
+    and ``storage.<name>(...)`` calls, by plugin name. (Snakemake's registry of them is not
+    part of the executor interface: read defensively.)"""
+    registered = getattr(workflow.storage_registry, "_storages", None) or {}
+    names = set()
+    for provider in registered.values():
+        module = type(provider).__module__.partition(".")[0]
+        if module.startswith(STORAGE_MODULE_PREFIX):
+            names.add(module.removeprefix(STORAGE_MODULE_PREFIX))
+    return tuple(sorted(names))
 
 
 def onhost_source(name: str) -> str:
@@ -199,11 +216,14 @@ class BootstrapPlan:
             )
         return "".join(lines)
 
+    @property
+    def requirements(self) -> tuple[str, ...]:
+        """What pip installs when the instance lacks any of it."""
+        return (f"snakemake=={self.snakemake_version}", *self.packages)
+
     def _install_script(self) -> str:
         want = shlex.quote(self.snakemake_version)
-        packages = " ".join(
-            shlex.quote(p) for p in (f"snakemake=={self.snakemake_version}", *self.packages)
-        )
+        packages = " ".join(shlex.quote(p) for p in self.requirements)
         pinned = " ".join(shlex.quote(p) for p in self.packages if "==" in p)
         # A package without a version cannot be checked, so it is always (re)installed.
         unpinned = "1" if any("==" not in p for p in self.packages) else ""
@@ -228,6 +248,7 @@ if [ -n "$install" ]; then
   "$py" -m pip --version >/dev/null 2>&1 || "$py" -m ensurepip >/dev/null 2>&1 || exit {NO_PIP}
   "$py" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \\
     {packages} || exit {INSTALL_FAILED}
+  echo {INSTALLED_MARKER}
 fi
 touch {marker}
 fi

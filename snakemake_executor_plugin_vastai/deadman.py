@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from snakemake_executor_plugin_vastai.bootstrap import HEARTBEAT
 from snakemake_executor_plugin_vastai.instance import Instance
 from snakemake_executor_plugin_vastai.logger import get_logger
-from snakemake_executor_plugin_vastai.remote import RemoteError
+from snakemake_executor_plugin_vastai.remote import RemoteError, error_detail
 
 log = get_logger(__name__)
 
@@ -49,7 +49,7 @@ class Heartbeat:
             assert instance.host is not None
             instance.host.run(f"touch {HEARTBEAT}", timeout=TOUCH_TIMEOUT_SECONDS)
         except (RemoteError, OSError) as error:
-            log.debug("%s: heartbeat failed: %s", instance.name, error)
+            log.debug("%s: heartbeat failed: %s", instance.name, error_detail(error, instance.name))
         finally:
             with self._lock:
                 self._beating.discard(instance.label)

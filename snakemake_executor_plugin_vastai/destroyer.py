@@ -18,6 +18,7 @@ from snakemake_executor_plugin_vastai.instance import Instance
 from snakemake_executor_plugin_vastai.ledger import Ledger
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Marketplace, MarketplaceError
+from snakemake_executor_plugin_vastai.progress import say
 from snakemake_executor_plugin_vastai.table import InstanceTable, State
 
 log = get_logger(__name__)
@@ -32,6 +33,7 @@ class Destroyer:
         self.ledger = ledger
         self.table = table
         self._in_progress: set[int] = set()  # ids of instances some thread is destroying
+        self._announced: set[str] = set()  # labels whose destroy was said (with its reason)
 
     def claim(self, instance: Instance) -> bool:
         """Mark for destruction so nobody leases it; False if it is past that already or
@@ -95,11 +97,8 @@ class Destroyer:
                     self.table.notify()
         for instance in found:
             assert instance.instance_id is not None
-            log.warning(
-                "The create whose answer was lost did happen: %s. Destroying it.", instance.name
-            )
             self.ledger.rented(instance.label, instance.instance_id)
-            self.finish(instance, "its create's answer was lost")
+            self.finish(instance, "its create's answer was lost, but it was created")
 
     def close_unknown(self, rows: Iterable[InstanceInfo]) -> None:
         """At teardown, after the last list round: an unknown create still not listed is
@@ -112,8 +111,7 @@ class Destroyer:
                 self.table.move(instance, State.GONE)
 
     def _destroy_now(self, instance: Instance, reason: str) -> bool:
-        if instance.instance_id is not None:
-            log.info("Destroying %s: %s", instance.name, reason)
+        self._announce(instance, reason)
         instance.close()
         if instance.instance_id is not None:
             try:
@@ -129,8 +127,20 @@ class Destroyer:
                 instance.destroy_error = str(error)
                 return False
         self.ledger.destroyed(instance.label)
+        if instance.destroy_error is not None:  # an error was reported: say it is settled
+            say("Destroyed %s after a failed attempt", instance.name)
         with self.table.locked():
             instance.gone_at = time.time()
             instance.destroy_error = None
             self.table.move(instance, State.GONE)
         return True
+
+    def _announce(self, instance: Instance, reason: str) -> None:
+        """The first attempt says why the instance goes; a retry only under --verbose."""
+        if instance.instance_id is None:
+            return
+        if instance.label in self._announced:
+            log.debug("Destroying %s again (%s)", instance.name, reason)
+            return
+        self._announced.add(instance.label)
+        say("Destroying %s: %s", instance.name, reason)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from snakemake_executor_plugin_vastai.bootstrap import (
+    INSTALLED_MARKER,
     SCRIPT_COMMAND,
     BootstrapPlan,
     explain_failure,
@@ -144,13 +145,15 @@ class Instance:
             raise InstanceFailure(f"{self.name} booted but SSH login failed: {error}") from None
         self.host = host
 
-    def bootstrap(self, plan: BootstrapPlan) -> None:
+    def bootstrap(self, plan: BootstrapPlan) -> bool:
+        """Prepare the instance; True if it had to install the plan's requirements."""
         assert self.host is not None
         result = self.host.run(SCRIPT_COMMAND, timeout=1800, stdin=plan.script().encode())
         if result.exit_code != 0:
             raise InstanceFailure(
                 f"{self.name}: {explain_failure(result.exit_code, result.stderr or result.stdout)}"
             )
+        return INSTALLED_MARKER in result.stdout.splitlines()
 
     def close(self) -> None:
         if self.host is not None:

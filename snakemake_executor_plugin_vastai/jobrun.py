@@ -26,7 +26,8 @@ from snakemake_executor_plugin_vastai.jobwire import (
 )
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.pool import Cancelled, Placement, Pool
-from snakemake_executor_plugin_vastai.remote import HostKeyMismatch, RemoteError
+from snakemake_executor_plugin_vastai.progress import short_name, transfer
+from snakemake_executor_plugin_vastai.remote import HostKeyMismatch, RemoteError, error_detail
 from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
 from snakemake_executor_plugin_vastai.staging import (
     REMOTE_BASE,
@@ -148,6 +149,8 @@ class JobRun:
         healthy = False
         host_fault = ""
         outcome = None
+        # An earlier run's job of the same tag left its log here: never shown as this one's.
+        self.spec.local_log.unlink(missing_ok=True)
         try:
             self.placement = self.pool.acquire(self.spec.request, self.spec.tag, self.spec.counted)
             self._check_cancelled()
@@ -169,8 +172,7 @@ class JobRun:
             if self._cancelled.is_set() or isinstance(error, Cancelled | JobCancelled):
                 outcome = Outcome(False, sentence(f"{self.spec.name} was cancelled"), True)
             else:
-                where = f" on {self.instance.name}" if self.instance else ""
-                outcome = self._failure(sentence(f"{self.spec.name} failed{where}: {error}"))
+                outcome = self._failure(sentence(f"{self.spec.name} failed{self._where(error)}"))
                 if isinstance(error, HOST_FAULTS):
                     host_fault = f"{self.spec.name} failed on it: {error}"
         except Exception as error:  # a bug must fail the job, not hang the run
@@ -197,6 +199,8 @@ class JobRun:
             self.sources(), self.spec.inputs
         )
         self._uploaded_bytes = staged.uploaded_bytes
+        where = f"to {short_name(instance)} for {self.spec.tag}"
+        transfer("Uploaded", staged.uploaded_bytes, staged.upload_seconds, where)
         self._check_cancelled()
         plan = self.pool.config.bootstrap
         request = JobRequest(self.job_dir, tuple(self.spec.outputs), tuple(self.spec.logs))
@@ -235,7 +239,7 @@ class JobRun:
         if time.monotonic() - since > UNREACHABLE_SECONDS:
             raise InstanceFailure(
                 f"{instance.name} has been unreachable over SSH for "
-                f"{UNREACHABLE_SECONDS:.0f} s ({error})"
+                f"{UNREACHABLE_SECONDS:.0f} s ({error_detail(error, instance.name)})"
             )
         try:
             self._remote.reattach()
@@ -260,7 +264,8 @@ class JobRun:
         """The results: outputs and logs after success, logs only after a failure. A required
         output that is missing or is no regular file fails the job, naming it."""
         assert self._remote is not None and self.instance is not None
-        deadline = time.monotonic() + UNREACHABLE_SECONDS
+        started = time.monotonic()
+        deadline = started + UNREACHABLE_SECONDS
         while True:
             try:
                 results = self._remote.results(self.digests)
@@ -269,6 +274,8 @@ class JobRun:
                 if time.monotonic() > deadline:
                     raise
                 self._reattach(self.instance, deadline - UNREACHABLE_SECONDS, error)
+        where = f"from {short_name(self.instance)} for {self.spec.tag}"
+        transfer("Downloaded", results.downloaded_bytes, time.monotonic() - started, where)
         self.instance.files.remember(digest for _, digest in results.stored)
         exit_code = self._remote.exit.code if self._remote.exit else None
         self.usage = RemoteUsage(
@@ -292,6 +299,15 @@ class JobRun:
                 + ", ".join(problems)
                 + " on the instance"
             )
+
+    def _where(self, error: BaseException) -> str:
+        """The end of a failure message: the error, naming the instance once (many errors
+        name it already)."""
+        if self.instance is None:
+            return f": {error}"
+        name = self.instance.name
+        detail = error_detail(error, name)
+        return f": {detail}" if name in detail else f" on {name}: {detail}"
 
     def _append_log(self, chunk: bytes) -> None:
         with open(self.spec.local_log, "ab") as handle:

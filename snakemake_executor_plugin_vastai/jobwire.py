@@ -21,11 +21,12 @@ import shlex
 import stat
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snakemake_executor_plugin_vastai.credentials import FileValue
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.remote import ExecStream, RemoteError, RemoteHost
 from snakemake_executor_plugin_vastai.staging import (
@@ -58,10 +59,14 @@ class ResultError(VastaiError):
 
 def env_file(env: dict[str, str]) -> str:
     """The job's environment as ``export`` lines; the runner and /bin/sh both read them."""
-    bad = [name for name in env if not _ENV_NAME.match(name)]
+    _check_names(env)
+    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
+
+
+def _check_names(names: Iterable[str]) -> None:
+    bad = [name for name in names if not _ENV_NAME.match(name)]
     if bad:
         raise ValueError(f"invalid environment variable names: {bad}")
-    return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in env.items())
 
 
 @dataclass(frozen=True)
@@ -73,11 +78,16 @@ class JobRequest:
     logs: tuple[str, ...]
 
     def start(self, staged: StagedJob, env: dict[str, str], command: str, runner: str) -> bytes:
+        """A FileValue in ``env`` goes as a file: the agent writes it (0600) into the job's
+        directory and sets the variable to its path."""
+        files = {name: str(value) for name, value in env.items() if isinstance(value, FileValue)}
+        _check_names(files)
         return self._encode(
             mode="start",
             sources=staged.sources,
             links=[list(link) for link in staged.links],
-            env=env_file(env),
+            env=env_file({name: value for name, value in env.items() if name not in files}),
+            files=sorted(files.items()),
             command=command,
             runner=runner,
         )

@@ -152,6 +152,12 @@ class Ledger:
         return events
 
 
+def recorded(directory: Path) -> list[InstanceRecord]:
+    """Every rent recorded in ``directory``, read without creating it: looking (``status``,
+    ``cost``) must leave a workdir as it was."""
+    return Ledger(directory).records() if (directory / "ledger.jsonl").is_file() else []
+
+
 class RunLock:
     """Held by a live run for its whole life: a run whose lock can be taken is dead.
 

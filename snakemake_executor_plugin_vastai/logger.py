@@ -8,7 +8,7 @@ import logging
 from collections.abc import MutableMapping
 from typing import Any
 
-SNAKEMAKE_LOGGER = "snakemake.logging"
+from snakemake_executor_plugin_vastai.redact import SNAKEMAKE_LOGGER, secret_filter
 
 
 class EagerLogger(logging.LoggerAdapter):
@@ -25,4 +25,7 @@ class EagerLogger(logging.LoggerAdapter):
 
 def get_logger(module: str) -> EagerLogger:
     name = f"{SNAKEMAKE_LOGGER}.vastai.{module.rsplit('.', 1)[-1]}"
-    return EagerLogger(logging.getLogger(name), {})
+    logger = logging.getLogger(name)
+    if secret_filter() not in logger.filters:
+        logger.addFilter(secret_filter())
+    return EagerLogger(logger, {})

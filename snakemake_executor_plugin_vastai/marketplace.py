@@ -8,22 +8,28 @@ answers become small dataclasses, and every message is scrubbed of secrets.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.logger import get_logger
+from snakemake_executor_plugin_vastai.redact import MIN_SECRET_CHARS
 from snakemake_executor_plugin_vastai.settings import DEFAULT_API_URL
 
 T = TypeVar("T")
 log = get_logger(__name__)
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-GARBLED = (ValueError, KeyError, TypeError)  # what the SDK raises on an unreadable answer
+# What the SDK raises on an unreadable answer (AttributeError: it calls dict methods on it).
+GARBLED = (ValueError, KeyError, TypeError, AttributeError)
+WRONG_SHAPE = "not the shape the Vast.ai API sends"
 FATAL_BOOT_MESSAGES = (
     "oci runtime create failed",
     "toomanyrequests",
@@ -56,6 +62,29 @@ class OfferGone(MarketplaceError):
 class CreateOutcomeUnknown(MarketplaceError):
     """The create request may have taken effect but its answer was lost (a server error or
     a broken connection): only the instance list, by label, can tell."""
+
+
+class ApiUnreachable(MarketplaceError):
+    """No answer at all (connection refused, unknown host, timeout): a matter of the network
+    or the URL, never of the key. ``what``: the call; ``hint``: the fix, when known."""
+
+    def __init__(self, url: str, reason: str, what: str = "", hint: str = "") -> None:
+        doing = f" ({what})" if what else ""
+        super().__init__(_join(f"Cannot reach the Vast.ai API at {url}{doing}: {reason}.", hint))
+        self.url = url
+        self.reason = reason
+
+
+class GarbledAnswer(MarketplaceError):
+    """An answer the Vast.ai API would not send (not JSON, or the wrong shape): a proxy or
+    server fault, or a URL that points at some other server."""
+
+    def __init__(self, url: str, reason: str, what: str = "", hint: str = "") -> None:
+        doing = f" ({what})" if what else ""
+        text = f"The Vast.ai API at {url} sent an answer that cannot be read{doing}: {reason}."
+        super().__init__(_join(text, hint))
+        self.url = url
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -115,7 +144,7 @@ class Offer:
         return (
             f"offer {self.id}{kind}: {self.num_gpus}x {self.gpu_name}, {self.cpu_cores:g} cores, "
             f"{self.cpu_ram_mb / 1000:g} GB RAM, {self.geolocation or 'unknown location'}, "
-            f"${self.dph_total:.3f}/h"
+            f"reliability {self.reliability:.1%}, ${self.dph_total:.3f}/h"
         )
 
 
@@ -169,25 +198,82 @@ class InstanceInfo:
         )
 
 
-def resolve_api_key(explicit: str | None) -> str:
-    """The key from the option, ``VAST_API_KEY`` or the vastai CLI's key files, in that order."""
-    if explicit:
-        return explicit.strip()
-    if os.environ.get("VAST_API_KEY"):
-        return os.environ["VAST_API_KEY"].strip()
+@dataclass(frozen=True)
+class ApiOptions:
+    """How the program the user ran spells its key and URL options, so that a message names
+    a flag the user can actually pass, and what a failed check means for their work."""
+
+    key_flag: str
+    url_flag: str
+    outcome: str = ""  # appended to every failure message of the key and URL checks
+
+    def fix_url(self) -> str:
+        return f"{self.url_flag} / VAST_URL"
+
+
+PLUGIN_OPTIONS = ApiOptions("--vastai-api-key", "--vastai-api-url", "Nothing was rented.")
+HELPER_OPTIONS = ApiOptions("--api-key", "--api-url")
+# Below the command-line flag, in the order they count. The SNAKEMAKE_ names are the ones
+# Snakemake derives for the plugin's env_var settings; the helper reads them too.
+KEY_VARIABLES = ("SNAKEMAKE_VASTAI_API_KEY", "VAST_API_KEY")
+URL_VARIABLES = ("SNAKEMAKE_VASTAI_API_URL", "VAST_URL")
+
+
+def _join(*parts: str) -> str:
+    return " ".join(part for part in parts if part)
+
+
+def key_files() -> tuple[Path, Path]:
+    """Where the vastai CLI keeps the key (``vastai set api-key``), newest convention first."""
     config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    for path in (config_home / "vastai" / "vast_api_key", Path.home() / ".vast_api_key"):
-        if path.is_file() and path.read_text().strip():
-            return path.read_text().strip()
+    return config_home / "vastai" / "vast_api_key", Path.home() / ".vast_api_key"
+
+
+def _stored_keys() -> Iterator[tuple[str, str]]:
+    """(origin, key) of every key source below the flag, in order; read lazily."""
+    for name in KEY_VARIABLES:
+        yield name, os.environ.get(name, "").strip()
+    for path in key_files():
+        yield f"the key file {path}", path.read_text().strip() if path.is_file() else ""
+
+
+def resolve_api_key(explicit: str | None, options: ApiOptions = PLUGIN_OPTIONS) -> str:
+    """The key from the flag, SNAKEMAKE_VASTAI_API_KEY, VAST_API_KEY or the vastai CLI's key
+    files, in that order: the plugin and the helper read the same sources."""
+    if explicit and explicit.strip():
+        return explicit.strip()
+    for _, key in _stored_keys():
+        if key:
+            return key
     raise AuthError(
-        "No Vast.ai API key found. Pass --vastai-api-key, or set SNAKEMAKE_VASTAI_API_KEY or "
-        "VAST_API_KEY, or run 'vastai set api-key <key>'. Nothing was rented."
+        _join(
+            f"No Vast.ai API key found. Pass {options.key_flag}, or set "
+            f"{' or '.join(KEY_VARIABLES)}, or run 'vastai set api-key <key>'.",
+            options.outcome,
+        )
     )
 
 
-def resolve_api_url(explicit: str | None) -> str:
-    """The option wins, then the SDK's own ``VAST_URL``, then Vast.ai itself."""
-    url = explicit or os.environ.get("VAST_URL") or DEFAULT_API_URL
+def key_origin(key: str, options: ApiOptions = PLUGIN_OPTIONS) -> str:
+    """Where ``key`` came from, for messages (never the key itself). Found by value because
+    the plugin gets its key from Snakemake, which has already merged the flag with
+    SNAKEMAKE_VASTAI_API_KEY: the first stored source holding it, else the flag."""
+    return next((origin for origin, held in _stored_keys() if held == key), options.key_flag)
+
+
+def resolve_api_url(explicit: str | None, options: ApiOptions = PLUGIN_OPTIONS) -> str:
+    """The flag, SNAKEMAKE_VASTAI_API_URL, the SDK's own VAST_URL, then Vast.ai itself."""
+    stored = (os.environ.get(name, "").strip() for name in URL_VARIABLES)
+    url = next((u for u in (explicit or "", *stored) if u.strip()), DEFAULT_API_URL).strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise MarketplaceError(
+            _join(
+                f"The Vast.ai API URL {url!r} is not an http:// or https:// URL with a host. "
+                f"Check {options.fix_url()}.",
+                options.outcome,
+            )
+        )
     return url.rstrip("/")
 
 
@@ -236,7 +322,7 @@ class Marketplace:
 
     def add_secret(self, value: str) -> None:
         """Scrub this value too from every message (e.g. forwarded credentials)."""
-        if value:
+        if len(value) >= MIN_SECRET_CHARS:
             self._secrets.append(value)
 
     def redact(self, text: str) -> str:
@@ -247,9 +333,36 @@ class Marketplace:
 
     # -- calls ---------------------------------------------------------------------------
 
-    def check_credentials(self) -> None:
-        """Fail the run at start, before anything is rented, when the key is rejected."""
-        self._call("check the API key", self._sdk.show_user)
+    def check_credentials(self, options: ApiOptions = PLUGIN_OPTIONS) -> None:
+        """Stop at start, before anything is rented, with one message naming the one thing to
+        fix: the network, the URL, or the key (and where that key came from)."""
+        url = self.redact(self.api_url)
+        wrong_url = _join(f"Is {url} the Vast.ai API? Check {options.fix_url()}.", options.outcome)
+        try:
+            user = self._call("check the API key", self._sdk.show_user)
+        except ApiUnreachable as error:
+            network = f"Check the network, or {options.fix_url()}."
+            raise ApiUnreachable(url, error.reason, hint=_join(network, options.outcome)) from None
+        except GarbledAnswer as error:
+            raise GarbledAnswer(url, error.reason, hint=wrong_url) from None
+        except MarketplaceError as error:
+            if isinstance(error, AuthError) or error.status == 403:
+                origin = key_origin(self._secrets[0], options)
+                fix = f"Check that key, or pass another with {options.key_flag}."
+                raise AuthError(
+                    _join(
+                        f"Vast.ai rejected the API key from {origin} (HTTP {error.status}).",
+                        fix,
+                        options.outcome,
+                    ),
+                    error.status,
+                ) from None
+            if error.status in (404, 405):  # no user endpoint there: not the Vast.ai API
+                reason = f"HTTP {error.status} for the user account"
+                raise GarbledAnswer(url, reason, hint=wrong_url) from None
+            raise MarketplaceError(_join(str(error), options.outcome), error.status) from None
+        if not isinstance(user, dict):
+            raise GarbledAnswer(url, WRONG_SHAPE, hint=wrong_url)
 
     def search(
         self,
@@ -432,8 +545,8 @@ class Marketplace:
                 body = _json_body(response)
                 if status == 401 or body.get("error") == "auth_error":
                     raise AuthError(
-                        f"Vast.ai rejected the API key ({what}: HTTP {status}). Check "
-                        "--vastai-api-key / VAST_API_KEY. Nothing was rented by this call.",
+                        f"Vast.ai rejected the API key ({what}: HTTP {status}). Nothing was "
+                        "rented by this call.",
                         status,
                     ) from None
                 if gone_is_ok and status == 404:
@@ -455,17 +568,22 @@ class Marketplace:
                 wait = max(wait, _retry_after(response))
                 log.debug("Vast.ai API %s: HTTP %s, retrying in %.1f s", what, status, wait)
                 time.sleep(wait)
-            except (requests.ConnectionError, requests.Timeout, *GARBLED) as error:
+            except (requests.RequestException, *GARBLED) as error:
                 # No answer, or a garbled one (not JSON, or not the shape the SDK indexes,
-                # as a proxy or a server fault sends): retried like a server error.
-                wait = next(delays, None) if retry_server_errors else None
+                # as a proxy or a server fault sends): retried like a server error. A request
+                # that could not even be sent (a malformed URL) is not retried.
+                unsent = _unsent(error)
+                wait = next(delays, None) if retry_server_errors and not unsent else None
                 if wait is None:
-                    if isinstance(error, GARBLED):
-                        text = f"Vast.ai API: unreadable answer ({what}): {error!r}"
-                    else:
-                        text = f"Vast.ai API unreachable at {self.api_url} ({what}): {error}"
-                    raise MarketplaceError(self.redact(text)) from None
+                    raise self._no_answer(error, what) from None
                 time.sleep(wait)
+
+    def _no_answer(self, error: Exception, what: str) -> MarketplaceError:
+        """The error for a call that got no usable answer: none at all, or a garbled one."""
+        url = self.redact(self.api_url)
+        if isinstance(error, GARBLED) and not _unsent(error):
+            return GarbledAnswer(url, self.redact(_garble_reason(error)), what)
+        return ApiUnreachable(url, self.redact(_network_reason(error)), what)
 
 
 def _json_body(response: Any) -> dict[str, Any]:
@@ -481,3 +599,50 @@ def _retry_after(response: Any) -> float:
         return min(float(response.headers.get("Retry-After", 0)), 60.0)
     except (TypeError, ValueError):
         return 0.0
+
+
+def _unsent(error: BaseException) -> bool:
+    """A request that could not be sent at all (requests' own ValueErrors for a bad URL),
+    as opposed to one that got no answer or a garbled one."""
+    import requests
+
+    transient = (requests.ConnectionError, requests.Timeout, requests.JSONDecodeError)
+    return isinstance(error, requests.RequestException) and not isinstance(error, transient)
+
+
+def _network_reason(error: BaseException) -> str:
+    """Why no connection came about, in the words of its root cause ("connection refused",
+    "host name not found (...)", "timed out"): each has another fix."""
+    import requests
+
+    if isinstance(error, requests.Timeout):
+        return "timed out"
+    for cause in _causes(error):
+        if isinstance(cause, socket.gaierror):
+            return f"host name not found ({cause.strerror})"
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror[0].lower() + cause.strerror[1:]
+    return str(error) or type(error).__name__
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """The error and all it wraps, outermost first: requests and urllib3 nest the socket's
+    own error in ``args``, ``reason`` and ``__cause__``."""
+    queue, seen = [error], set()
+    while queue:
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        wrapped = [*current.args, getattr(current, "reason", None), current.__cause__]
+        queue += [w for w in wrapped if isinstance(w, BaseException)]
+
+
+def _garble_reason(error: BaseException) -> str:
+    """What was wrong with an answer, briefly: not JSON, a part missing, or another shape."""
+    if isinstance(error, json.JSONDecodeError):
+        return "not JSON"
+    if isinstance(error, KeyError):
+        return f"no {error.args[0]!r} in it"
+    return WRONG_SHAPE

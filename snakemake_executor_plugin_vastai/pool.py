@@ -40,6 +40,7 @@ from snakemake_executor_plugin_vastai.marketplace import (
     Marketplace,
     MarketplaceError,
 )
+from snakemake_executor_plugin_vastai.progress import BootProgress, count, say, short_name
 from snakemake_executor_plugin_vastai.remote import RemoteError
 from snakemake_executor_plugin_vastai.renter import (
     CapRefusal,
@@ -154,6 +155,16 @@ def retire_reason(instance: Instance, now: float, config: PoolConfig, demand: De
     return None
 
 
+def unprepared_reason(instance: Instance, error: BaseException) -> str:
+    """Why an instance that never became ready is destroyed, in a few words (the job's
+    error says the rest)."""
+    if isinstance(error, Cancelled):
+        return "the run is shutting down"
+    if instance.state is State.BOOTSTRAPPING:
+        return "its bootstrap failed"
+    return "it did not boot"
+
+
 def pending_rent_for(instances: Iterable[Instance], wanted: Signature) -> bool:
     """Is a rent of this job's kind under way? Its machine may have room for the job too."""
     return any(i.state is State.RENTING and i.signature.same_kind(wanted) for i in instances)
@@ -202,6 +213,7 @@ class Pool:
             self.excluded,
         )
         self.orphans_reaped = threading.Event()  # set by the reaper once orphans are sent off
+        self.boot_progress = BootProgress(market.redact)
         self._closing = False
         self._serial = itertools.count(1)
         self._last_refresh = 0.0
@@ -218,6 +230,7 @@ class Pool:
         wanted, needs = request.signature(), request.needs()
         counted = list(counted)
         lost_creates = 0
+        said_refusal = ""
         while True:
             step = self._next_step(wanted, needs, tag, counted)
             if isinstance(step, Placement):
@@ -236,7 +249,9 @@ class Pool:
                 with self.table.locked():
                     if not will_free_up(self.table.all(), wanted, needs):
                         raise
-                log.info("%s Waiting for one of the run's instances.", refusal)
+                if str(refusal) != said_refusal:  # once, not every round of the wait
+                    said_refusal = str(refusal)
+                    say("%s Waiting for one of the run's instances.", refusal)
                 self.table.wait(WAIT_SECONDS)
             except CreateOutcomeUnknown as error:
                 lost_creates += 1
@@ -276,10 +291,15 @@ class Pool:
         assert instance.slots is not None
         if instance.slots.empty:
             instance.busy_since = time.time()
+        beside = len(instance.slots.leases)
         lease = instance.slots.take(needs)
         if instance.state is State.IDLE:
             self.table.move(instance, State.BUSY)
-            log.info("Reusing %s for %s (no rent, no boot)", instance.name, tag)
+            say("Reusing %s for %s (no rent, no boot)", short_name(instance), tag)
+        else:
+            still = " (still booting)" if instance.state in STARTING else ""
+            jobs = count(beside, "job")
+            say("Packing %s onto %s%s beside %s", tag, short_name(instance), still, jobs)
         self.ledger.job_ran(instance.label, tag)
         return Placement(instance, lease)
 
@@ -302,6 +322,8 @@ class Pool:
         with self.table.locked():
             self._check_open()
         placement = Placement(reserved, self.renter.rent(reserved, request))
+        assert reserved.offer is not None
+        say("Rented %s for %s, %s", short_name(reserved), tag, reserved.offer.describe())
         self.demand.submitted(counted)  # placed: no longer a job still to come
         counted.clear()
         self.ledger.job_ran(reserved.label, tag)
@@ -321,7 +343,7 @@ class Pool:
             instance.failure = str(error)
             if booting:
                 self.excluded.exclude(instance.offer, f"its instance did not boot: {error}")
-            self.destroyer.destroy(instance, "it could not be prepared")
+            self.destroyer.destroy(instance, unprepared_reason(instance, error))
             raise error from None
 
     def _with_boot_log(self, instance: Instance, error: Exception) -> InstanceFailure:
@@ -345,11 +367,21 @@ class Pool:
         self.ledger.running(instance.label)
         self._log_in(instance, deadline)
         self._advance(instance, State.BOOTING, State.BOOTSTRAPPING)
-        instance.bootstrap(self.config.bootstrap)
+        self._bootstrap(instance)
         with self.table.locked():
             assert instance.slots is not None
             ready = State.IDLE if instance.slots.empty else State.BUSY
             self._advance(instance, State.BOOTSTRAPPING, ready)
+
+    def _bootstrap(self, instance: Instance) -> None:
+        """Said at its start and end: a first install of Snakemake can take minutes."""
+        booted = time.time() - instance.rented_at
+        say("Instance %s booted in %.1f s; bootstrapping", instance.instance_id, booted)
+        started = time.monotonic()
+        installed = instance.bootstrap(self.config.bootstrap)
+        took = time.monotonic() - started
+        what = f" (installed {', '.join(self.config.bootstrap.requirements)})" if installed else ""
+        say("Instance %s bootstrapped in %.1f s%s", instance.instance_id, took, what)
 
     def _log_in(self, instance: Instance, deadline: float) -> None:
         """SSH login; a login that never works (Vast's proxy tunnel did not come up) is worth
@@ -362,7 +394,7 @@ class Pool:
         except InstanceFailure as error:
             if NO_SSHD_MARKER in self._boot_log(instance):
                 raise
-            log.info("%s: %s; rebooting it once", instance.name, str(error).rstrip("."))
+            log.info("%s; rebooting it once", str(error).rstrip("."))  # the error names it
         assert instance.instance_id is not None
         self.market.reboot(instance.instance_id)
         deadline = time.monotonic() + self.config.boot_timeout
@@ -419,7 +451,7 @@ class Pool:
         limit = self.config.boot_timeout + PREPARE_GRACE_SECONDS
         if not self.table.wait_for(lambda: instance.state not in STARTING, timeout=limit):
             instance.failure = f"{instance.name} was not ready after {limit:.0f} s"
-            self.destroyer.destroy(instance, instance.failure)
+            self.destroyer.destroy(instance, f"it was not ready after {limit:.0f} s")
         with self.table.locked():
             if instance.state in READY:
                 return
@@ -504,6 +536,7 @@ class Pool:
         self._last_refresh = time.monotonic()
         rows = self.market.list_instances()
         by_id = {row.id: row for row in rows}
+        now = time.time()
         with self.table.locked():
             for instance in self.table.all():
                 if instance.instance_id is None or instance.state in (State.GONE, State.UNKNOWN):
@@ -515,6 +548,8 @@ class Pool:
                 if instance.lost_reason and instance.state in USABLE:
                     self.table.move(instance, State.LOST)
                     self.excluded.exclude(instance.offer, instance.lost_reason)
+                elif instance.state is State.BOOTING:
+                    self.boot_progress.observe(instance, now)
             self.table.notify()
         self.destroyer.settle_unknown(rows)
 

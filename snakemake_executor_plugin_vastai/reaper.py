@@ -4,7 +4,7 @@ Why a scheduler of its own: the TTL of an idle instance must expire even while S
 status loop has nothing to report, and orphan reaping at start must not delay the first
 job. APScheduler's background thread runs the pool's sweep every second (no API call unless
 something goes, or the instance list is due); the decisions live in ``pool`` as pure
-functions.
+functions. The same scheduler says the running total of dollars once a minute.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from snakemake_executor_plugin_vastai.ledger import Ledger, run_id_of, run_is_al
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Marketplace, MarketplaceError
 from snakemake_executor_plugin_vastai.pool import Pool
+from snakemake_executor_plugin_vastai.progress import SPEND_TICK_SECONDS, SpendTicker
 
 log = get_logger(__name__)
 
@@ -119,6 +120,7 @@ class Reaper:
         self.state_dir = state_dir
         self.run_id = run_id
         self._scheduler = BackgroundScheduler(daemon=True)
+        self._ticker = SpendTicker()
 
     def start(self, deadman: float = 0.0) -> None:
         """``deadman``: the instances' dead-man time; 0 sends no heartbeat."""
@@ -134,6 +136,9 @@ class Reaper:
                 max_instances=1,
                 coalesce=True,
             )
+        self._scheduler.add_job(
+            self._tick, "interval", seconds=SPEND_TICK_SECONDS, max_instances=1, coalesce=True
+        )
         self._scheduler.add_job(self._reap_orphans, max_instances=1)  # once, right away
         self._scheduler.start()
 
@@ -156,6 +161,13 @@ class Reaper:
             self.pool.sweep()
         except Exception:
             log.exception("the pool sweep failed")
+
+    def _tick(self) -> None:
+        """The running total of dollars; a failure costs a line, never the reaper."""
+        try:
+            self._ticker.tick(self.pool.instances(), self.pool.spend())
+        except Exception:
+            log.exception("the running total failed")
 
     def _reap_orphans(self) -> None:
         """Runs once at start; the pool's first rent waits until its destroys are sent."""

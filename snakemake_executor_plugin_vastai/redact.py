@@ -13,6 +13,8 @@ from typing import Any
 
 SNAKEMAKE_LOGGER = "snakemake.logging"
 MASK = "***"
+MIN_SECRET_CHARS = 4
+"""Shorter values are not masked: replacing them would garble ordinary text."""
 
 
 class SecretFilter(logging.Filter):
@@ -40,13 +42,22 @@ class SecretFilter(logging.Filter):
         return True
 
 
-def hide_in_snakemake_logs(secret: str) -> None:
-    """From now on, ``secret`` appears in no record of Snakemake's logger (idempotent)."""
-    if len(secret) < 4:  # masking a short string would garble ordinary text
-        return
+_SHARED = SecretFilter()
+
+
+def secret_filter() -> SecretFilter:
+    """The one filter of the process, on Snakemake's logger. Python runs a logger's filters
+    only on records logged to that very logger, never on its children's, so each of the
+    plugin's own loggers carries it too (``logger.get_logger``)."""
     logger = logging.getLogger(SNAKEMAKE_LOGGER)
-    found = next((f for f in logger.filters if isinstance(f, SecretFilter)), None)
-    if found is None:
-        found = SecretFilter()
-        logger.addFilter(found)
-    found.secrets.add(secret)
+    if _SHARED not in logger.filters:
+        logger.addFilter(_SHARED)
+    return _SHARED
+
+
+def hide_in_snakemake_logs(secret: str) -> None:
+    """From now on, ``secret`` appears in no record of Snakemake's logger or the plugin's
+    (idempotent)."""
+    if len(secret) < MIN_SECRET_CHARS:
+        return
+    secret_filter().secrets.add(secret)

@@ -104,7 +104,8 @@ class Endpoint:
 
 
 class RemoteError(Exception):
-    """An SSH-level failure; the message names the instance and what failed."""
+    """An SSH-level failure; the message names what failed, and the instance unless the
+    caller names it (a failed first login: the instance wraps it)."""
 
 
 class HostKeyMismatch(RemoteError):
@@ -165,6 +166,7 @@ class RemoteHost:
         with self._lock:
             self._closed = False
             if self._transport is None or not self._transport.is_active():
+                log.debug("%s: connecting via %s", self.name, ", ".join(map(str, self.endpoints)))
                 self._connect_locked(deadline)
 
     def close(self) -> None:
@@ -195,8 +197,8 @@ class RemoteHost:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RemoteError(
-                    f"{self.name}: could not connect via "
-                    f"{', '.join(map(str, self.endpoints))} in time; last error from {last}"
+                    f"could not connect via {', '.join(map(str, self.endpoints))} in time; "
+                    f"last error from {last}"
                 )
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
@@ -242,7 +244,7 @@ class RemoteHost:
             if self._closed:
                 raise RemoteError(f"{self.name}: connection was closed")
             if self._transport is None or not self._transport.is_active():
-                log.info("%s: SSH connection lost; reconnecting", self.name)
+                log.debug("%s: SSH connection lost; reconnecting", self.name)
                 self._connect_locked(time.monotonic() + budget)
             assert self._transport is not None
             return self._transport
@@ -438,6 +440,12 @@ def _mkdirs(sftp: paramiko.SFTPClient, path: str) -> None:
     except OSError:
         if not stat.S_ISDIR(sftp.stat(path).st_mode or 0):
             raise
+
+
+def error_detail(error: BaseException, host_name: str) -> str:
+    """An error's text without a leading "<host name>: ", for a message that names the host
+    itself (each message names its instance once)."""
+    return str(error).removeprefix(f"{host_name}: ")
 
 
 def _describe(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from cachetools import TTLCache
 
 from snakemake_executor_plugin_vastai.caps import Caps, rent_refusal
+from snakemake_executor_plugin_vastai.diagnosis import diagnose, market_search
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.hosts import ExcludedHosts
 from snakemake_executor_plugin_vastai.instance import Instance
@@ -35,10 +36,12 @@ from snakemake_executor_plugin_vastai.table import InstanceTable, State
 log = get_logger(__name__)
 
 SEARCH_TTL_SECONDS = 5.0  # concurrent rents of one signature share one search
+DIAGNOSIS_TTL_SECONDS = 300.0  # how long a no-offer diagnosis is reused
 
 
 class NoOfferError(VastaiError):
-    """No offer matches a job's request; the message says which filters to relax."""
+    """No offer matches a job's request; the message is the diagnosis: which single
+    change to the request would find offers, and at what price."""
 
 
 class CapRefusal(VastaiError):
@@ -110,6 +113,10 @@ class Renter:
         self.spend = spend
         self.excluded = excluded
         self._offers_in_flight: set[int] = set()  # our own concurrent rents never race
+        self._diagnoses: TTLCache[tuple[str, int, bool], str] = TTLCache(
+            maxsize=64, ttl=DIAGNOSIS_TTL_SECONDS
+        )
+        self._diagnosis_lock = threading.Lock()
 
     def rent(self, reserved: Instance, request: ResourceRequest) -> Lease:
         """Rent an offer for ``reserved`` (state renting). On return it is booting, and the
@@ -118,18 +125,12 @@ class Renter:
         NoOfferError or CapRefusal (nothing rented; the reservation is still renting, for
         the caller to release or retry), or CreateOutcomeUnknown (the reservation is now
         unknown and stays counted until list rounds settle it)."""
-        query = " ".join(filter(None, (request.offer_query(), self.excluded.query_clause())))
+        query = self.offer_query(request)
         log.debug("Offer query for %s: %s (order %s)", request.rule, query, self.search.order)
         refusal = None
         offers: list[Offer] = []
         for fresh in (False, True):  # the shared copy first; once more afresh if exhausted
-            offers = self.search.offers(
-                query, request.disk_gb, fresh=fresh, interruptible=request.interruptible
-            )
-            offers = [o for o in offers if self.excluded.allows(o)]  # excluded since searched
-            if request.interruptible:
-                bids = (o.with_bid(self.plan.bid_factor, request.max_price) for o in offers)
-                offers = [bid for bid in bids if bid is not None]
+            offers = self.candidates(request, fresh)
             for offer in offers:
                 claimed, why = self._claim(reserved, offer, request)
                 refusal = refusal or why
@@ -141,11 +142,42 @@ class Renter:
         if refusal is not None:
             raise CapRefusal(f"No new instance for {request.rule}: {refusal}")
         if not offers:
-            raise NoOfferError(no_offer_message(request, query))
+            raise NoOfferError(self._diagnosis(request, query))
         raise NoOfferError(
             f"all {len(offers)} matching offers for {request.rule} were taken before they "
             "could be rented"
         )
+
+    def offer_query(self, request: ResourceRequest) -> str:
+        """The request's offer query, less the hosts this run will not rent from again."""
+        return " ".join(filter(None, (request.offer_query(), self.excluded.query_clause())))
+
+    def candidates(self, request: ResourceRequest, fresh: bool = False) -> list[Offer]:
+        """The offers the request could rent now, first by the run's order: the shared
+        search, less the hosts excluded since, priced as bids if it is interruptible."""
+        offers = self.search.offers(
+            self.offer_query(request),
+            request.disk_gb,
+            fresh=fresh,
+            interruptible=request.interruptible,
+        )
+        offers = [o for o in offers if self.excluded.allows(o)]  # excluded since searched
+        if request.interruptible:
+            bids = (o.with_bid(self.plan.bid_factor, request.max_price) for o in offers)
+            offers = [bid for bid in bids if bid is not None]
+        return offers
+
+    def _diagnosis(self, request: ResourceRequest, query: str) -> str:
+        """Why nothing matches, kept for a while: a job that waits for one of the run's
+        instances asks again every second, and a diagnosis costs a dozen searches."""
+        key = (query, request.disk_gb, request.interruptible)
+        with self._diagnosis_lock:
+            known = self._diagnoses.get(key)
+            if known is None:
+                search = market_search(self.market, self.excluded.query_clause())
+                known = diagnose(request, search, query=query).message
+                self._diagnoses[key] = known
+            return known
 
     def _claim(
         self, reserved: Instance, offer: Offer, request: ResourceRequest
@@ -214,8 +246,7 @@ class Renter:
             reserved.busy_since = time.time()
             lease = reserved.slots.take(request.needs())
             self.table.move(reserved, State.BOOTING)
-        log.info("Rented %s: %s", reserved.name, offer.describe())
-        return lease
+        return lease  # the pool says what was rented, for which job
 
     def _look_up(self, label: str) -> int | None:
         """One immediate look by label after a lost answer; the reaper keeps looking."""
@@ -234,25 +265,3 @@ class Renter:
             "if it exists",
             reserved.label,
         )
-
-
-def no_offer_message(request: ResourceRequest, query: str) -> str:
-    relax = [
-        hint
-        for present, hint in (
-            (request.gpu_name, "another gpu_model (or none)"),
-            (request.num_gpus > 1, "fewer GPUs"),
-            (request.max_price, "a higher --vastai-max-price"),
-            (request.geolocation, "a wider --vastai-geolocation"),
-            (request.reliability, "a lower --vastai-reliability"),
-            (request.datacenter_only, "--vastai-no-datacenter"),
-            (request.mem_gb, "less mem_mb"),
-            (request.cpu_cores, "fewer threads"),
-            (request.extra_query, "fewer extra filters (--vastai-search-query / vastai_query)"),
-        )
-        if present
-    ]
-    return (
-        f"No Vast.ai offer matches {request.rule} (query: {query}). "
-        f"Try relaxing: {', '.join(relax) or 'the request'}."
-    )

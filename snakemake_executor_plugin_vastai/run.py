@@ -17,6 +17,7 @@ from typing import Any
 
 from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan
 from snakemake_executor_plugin_vastai.caps import Caps
+from snakemake_executor_plugin_vastai.credentials import secrets
 from snakemake_executor_plugin_vastai.jobrun import JobSpec
 from snakemake_executor_plugin_vastai.ledger import Ledger, RunLock, new_run_id
 from snakemake_executor_plugin_vastai.logger import get_logger
@@ -26,6 +27,7 @@ from snakemake_executor_plugin_vastai.marketplace import (
     resolve_api_url,
 )
 from snakemake_executor_plugin_vastai.pool import Pool, PoolConfig
+from snakemake_executor_plugin_vastai.preflight import preflight
 from snakemake_executor_plugin_vastai.reaper import Reaper
 from snakemake_executor_plugin_vastai.resources import (
     ResourceError,
@@ -36,7 +38,14 @@ from snakemake_executor_plugin_vastai.resources import (
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 from snakemake_executor_plugin_vastai.sshkey import RunKey
 from snakemake_executor_plugin_vastai.staging import DigestCache, SourceBundle, select_sources
+from snakemake_executor_plugin_vastai.startchecks import (
+    PlannedJob,
+    cpu_only_notice,
+    not_git_warning,
+    refuse_outside_outputs,
+)
 from snakemake_executor_plugin_vastai.summary import run_cost
+from snakemake_executor_plugin_vastai.table import State
 
 log = get_logger(__name__)
 
@@ -77,7 +86,7 @@ class RunContext:
         validate_settings(settings)
         api_url = resolve_api_url(settings.api_url)
         market = Marketplace(resolve_api_key(settings.api_key), api_url)
-        for value in envvars.values():
+        for value in secrets(envvars):
             market.add_secret(value)
         market.check_credentials()
         run_id = new_run_id()
@@ -132,13 +141,7 @@ class RunContext:
         request = ResourceRequest.from_job(job, self.settings, self.is_preemptible)
         members = list(job.jobs) if job.is_group() else [job]
         tag = job_tag(job)
-        outputs, logs = [], []
-        for member in members:
-            outputs += [str(f) for f in member.output if not is_storage(f)]
-            logs += [str(f) for f in member.log if not is_storage(f)]
-            benchmark = getattr(member, "benchmark", None)
-            if benchmark and not is_storage(benchmark):
-                outputs.append(str(benchmark))
+        outputs, logs = returned_files(job)
         return JobSpec(
             name=describe(job),
             tag=tag,
@@ -146,8 +149,8 @@ class RunContext:
             command=command,
             env=self.envvars,
             inputs=[str(f) for f in job.input if not is_storage(f)],
-            outputs=sorted(set(outputs)),
-            logs=sorted(set(logs)),
+            outputs=outputs,
+            logs=logs,
             local_log=Path(".snakemake/auxiliary/vastai-logs") / f"{tag}.log",
             max_runtime=float(self.settings.max_runtime),
             counted=tuple(self._signatures(members)),
@@ -156,10 +159,16 @@ class RunContext:
     def count_demand(self, jobs: Any) -> None:
         """Tell the pool what the workflow still wants (every remote job yet to run), and
         note their ``deploy`` globs before the source bundle is packed."""
-        requests = self._requests(j for j in jobs if not j.is_local)
+        requests = self._requests(jobs)
         for request in requests:
             self.rule_deploy.update(request.deploy)
         self.pool.demand.reset(r.signature() for r in requests)
+
+    def check_offers(self, jobs: Any) -> None:
+        """Search once per distinct offer query of the remote jobs, through the pool's
+        shared search (the first rents reuse the answers). Raises Unrentable, with a
+        diagnosis per rule, when some rule matches no offer: nothing is rented yet."""
+        preflight(jobs, self.pool.renter, self.settings, self.is_preemptible)
 
     def _signatures(self, jobs: Any) -> list[Signature]:
         return [request.signature() for request in self._requests(jobs)]
@@ -172,6 +181,25 @@ class RunContext:
             except ResourceError:
                 continue  # reported when that job is submitted
         return found
+
+    def check_before_renting(self, jobs: Any, workdir: Path) -> None:
+        """Refuse what cannot work remotely and say what may surprise, once per run, before
+        the first rent. Raises OutsideWorkdirError."""
+        planned = []
+        for job in jobs:
+            outputs, logs = returned_files(job)
+            try:
+                request = ResourceRequest.from_job(job, self.settings, self.is_preemptible)
+            except ResourceError:
+                continue  # reported when that job is submitted
+            planned.append(PlannedJob(request.rule, (*outputs, *logs), request.gpus > 0))
+        refuse_outside_outputs(planned, workdir)
+        notice = cpu_only_notice(planned)
+        if notice:
+            log.info("%s", notice)  # may well be meant: said once, not as a warning
+        warning = not_git_warning(workdir, list(self.source_bundle().files))
+        if warning:
+            log.warning("%s", warning)
 
     def source_bundle(self) -> SourceBundle:
         """Packed on first use (the DAG is complete by then), then shared by every job."""
@@ -187,6 +215,7 @@ class RunContext:
         try:
             self.pool.shutdown()  # first: every destroy goes out before anything else waits
             self.reaper.stop()
+            self._report_teardown()
             self._report_cost()
         finally:
             self._settle_key()
@@ -202,6 +231,23 @@ class RunContext:
         else:
             self.key.remove()
 
+    def _report_teardown(self) -> None:
+        """One line the user can trust: every instance of the run is gone, or which may not
+        be and what to do."""
+        if self.settings.keep_instances:
+            return  # the pool has said what it kept
+        rented = [i for i in self.pool.instances() if i.instance_id or i.state is State.UNKNOWN]
+        doubtful = [i for i in rented if i.state is not State.GONE]
+        if doubtful:
+            log.error(
+                "%d instance(s) of this run may still be billing (%s). Run 'snakemake-vastai "
+                "reap' to destroy them.",
+                len(doubtful),
+                ", ".join(i.name for i in doubtful),
+            )
+        elif rented:
+            log.info("All %d instance(s) of this run are destroyed; none is billing.", len(rented))
+
     def _report_cost(self) -> None:
         cost = run_cost(
             self.run_id, self.pool.instances(), time.time(), self.pool.excluded.snapshot()
@@ -209,6 +255,20 @@ class RunContext:
         if cost.instances:
             path = cost.write(self.state_dir)
             log.info("%s\n  (details: %s)", cost.render(), path)
+
+
+def returned_files(job: Any) -> tuple[list[str], list[str]]:
+    """(outputs and benchmark files, logs) of a job or group job that come back over SSH;
+    files in a storage provider travel there instead."""
+    members = list(job.jobs) if job.is_group() else [job]
+    outputs, logs = set(), set()
+    for member in members:
+        outputs.update(str(f) for f in member.output if not is_storage(f))
+        logs.update(str(f) for f in member.log if not is_storage(f))
+        benchmark = getattr(member, "benchmark", None)
+        if benchmark and not is_storage(benchmark):
+            outputs.add(str(benchmark))
+    return sorted(outputs), sorted(logs)
 
 
 def job_tag(job: Any) -> str:

@@ -88,8 +88,9 @@ class ExecutorSettings(ExecutorSettingsBase):
     no_forward_credentials: bool = field(
         default=False,
         metadata={
-            "help": "Do not forward the workflow's environment variables (--envvars, "
-            "storage credentials) to the instances."
+            "help": "Do not forward this machine's cloud credentials (AWS_*, AZURE_STORAGE_*, "
+            "the Google credentials file) to the jobs. What the workflow declares (envvars:, "
+            "--envvars, storage plugin settings) still goes."
         },
     )
     keep_instances: bool = field(

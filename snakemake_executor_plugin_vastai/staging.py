@@ -15,6 +15,7 @@ import hashlib
 import os
 import tarfile
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -185,6 +186,15 @@ class StagedJob:
     links: tuple[tuple[str, str], ...]  # (digest, path in the job directory)
     uploaded_bytes: int
     reused_files: int
+    upload_seconds: float  # spent uploading (a slow transfer is worth a line)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file sent to the instance's store."""
+
+    size: int
+    seconds: float
 
 
 def expand_local(paths: Iterable[str]) -> list[str]:
@@ -214,25 +224,30 @@ class Stager:
 
     def prepare(self, sources: SourceBundle, inputs: list[str]) -> StagedJob:
         uploaded = reused = 0
+        seconds = 0.0
         links = []
         for local, digest in [
             (sources.archive, sources.digest),
             *((Path(p), self.digests.digest(p)) for p in expand_local(inputs)),
         ]:
             sent = self._ensure(local, digest)
-            uploaded += sent
-            reused += not sent
+            if sent is None:
+                reused += 1
+            else:
+                uploaded += sent.size
+                seconds += sent.seconds
             if local != sources.archive:
                 links.append((digest, str(PurePosixPath(*local.parts))))
-        return StagedJob(sources.digest, tuple(links), uploaded, reused)
+        return StagedJob(sources.digest, tuple(links), uploaded, reused, seconds)
 
-    def _ensure(self, local: Path, digest: str) -> int:
-        """Bytes uploaded: 0 when the store has the file. It goes up under an upload name the
-        agent renames, so a broken upload never poses as the file."""
+    def _ensure(self, local: Path, digest: str) -> Upload | None:
+        """The upload, or None when the store has the file. It goes up under an upload name
+        the agent renames, so a broken upload never poses as the file."""
         with self.held.one_at_a_time(digest):
             with self.held.lock:
                 if digest in self.held.digests:
-                    return 0
+                    return None
+            started = time.monotonic()
             self.host.put_file(local, f"{STORE}/{digest}.partial")
             self.held.remember([digest])
-            return local.stat().st_size
+            return Upload(local.stat().st_size, time.monotonic() - started)

@@ -153,3 +153,26 @@ def test_partial_runs_get_their_own_results_file() -> None:
         "tiny/local",
         "tiny/pool",
     ]
+
+
+def test_the_readme_figure_is_drawn_from_both_results_files(tmp_path: Path) -> None:
+    from benchmarks.plot import bars, draw
+
+    standard = {
+        "cases": [
+            {"workflow": "chain", "jobs": 3, "mode": "local", "wall_seconds": 3.0, "dollars": 0},
+            {"workflow": "chain", "jobs": 3, "mode": "pool", "wall_seconds": 9.0, "dollars": 0.01},
+        ]
+    }
+    load = {
+        "load": {"jobs": 60},
+        "variants": [{"variant": "pack", "wall_seconds": 20.0, "dollars": 0.2}],
+    }
+    found = bars(standard, load)
+    assert [(b.group, b.mode, b.dollars) for b in found] == [
+        ("chain of 3", "local", None),
+        ("chain of 3", "pool", 0.01),
+        ("load: 60 jobs", "pack", 0.2),
+    ]
+    image = draw(found, tmp_path / "figure.png")
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

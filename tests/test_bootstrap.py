@@ -12,6 +12,7 @@ import snakemake
 
 from snakemake_executor_plugin_vastai.bootstrap import (
     INSTALL_FAILED,
+    INSTALLED_MARKER,
     MESSAGES,
     NO_PIP,
     NO_PYTHON,
@@ -49,6 +50,7 @@ def test_image_with_this_snakemake_needs_no_pip(fakevast: FakeVast, ssh_key: par
         first = bootstrap(host, plan)
         assert first.exit_code == 0, first.stderr
         assert pip_log(host) == ""
+        assert INSTALLED_MARKER not in first.stdout
         assert has(host, plan.marker)
 
         again = bootstrap(host, plan)

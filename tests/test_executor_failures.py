@@ -280,11 +280,24 @@ BAD_INPUTS = {
     ),
     "no such GPU": BadInput(
         resources="gpu=1, gpu_model='H200'",
-        fragments=("No Vast.ai offer matches make", "gpu_name=H200", "another gpu_model"),
+        fragments=(
+            "No H200 offer",
+            "for rule make.",
+            "No offer lists a GPU named H200",
+            "Without resource `gpu_model` (now H200)",
+            "Nothing was rented.",
+        ),
+        per_job=False,
     ),
     "price cap too low": BadInput(
         options=("--vastai-max-price", "0.001"),
-        fragments=("No Vast.ai offer matches make", "dph_total<=0.001", "--vastai-max-price"),
+        fragments=(
+            "No offer under $0.001/h",
+            "for rule make.",
+            "With `--vastai-max-price 0.61` (now 0.001)",
+            "Nothing was rented.",
+        ),
+        per_job=False,
     ),
 }
 

@@ -3,6 +3,7 @@ create that must not be repeated, auth, gone offers, confirmed destroys and secr
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,12 @@ import pytest
 
 from snakemake_executor_plugin_vastai.marketplace import (
     FATAL_BOOT_MESSAGES,
+    HELPER_OPTIONS,
+    KEY_VARIABLES,
+    PLUGIN_OPTIONS,
+    URL_VARIABLES,
+    WRONG_SHAPE,
+    ApiOptions,
     AuthError,
     CreateOutcomeUnknown,
     InstanceInfo,
@@ -19,6 +26,8 @@ from snakemake_executor_plugin_vastai.marketplace import (
     MarketplaceError,
     OfferGone,
     RetryPolicy,
+    _network_reason,
+    key_origin,
     resolve_api_key,
     resolve_api_url,
 )
@@ -26,7 +35,8 @@ from snakemake_executor_plugin_vastai.settings import DEFAULT_API_URL
 from tests.fakevast.clients import DEFAULT_IMAGE
 from tests.fakevast.faults import BOOT_FAILURES
 from tests.fakevast.harness import FakeVast
-from tests.instances import DISK_GB, QUERY, is_running, market_for, rent, wait_for
+from tests.instances import DISK_GB, FAST_RETRY, QUERY, is_running, market_for, rent, wait_for
+from tests.notvast import WEB_PAGE, not_vast, unused_port
 
 SEARCH = "POST /api/v0/bundles/"
 CREATE = "PUT /api/v0/asks/{id}/"
@@ -181,7 +191,7 @@ def test_secrets_are_scrubbed_from_transport_errors() -> None:
     api_key = "key-SECRET-7"
     market = Marketplace(api_key, "http://127.0.0.1:9/tok-SECRET-8", RetryPolicy(attempts=2))
     market.add_secret("tok-SECRET-8")
-    with pytest.raises(MarketplaceError, match="unreachable") as caught:
+    with pytest.raises(MarketplaceError, match="Cannot reach the Vast") as caught:
         market.list_instances()
     assert "SECRET" not in str(caught.value)
     assert market.redact(f"k={api_key} t=tok-SECRET-8") == "k=*** t=***"
@@ -317,7 +327,8 @@ def key_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Pa
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
-    monkeypatch.delenv("VAST_API_KEY", raising=False)
+    for name in KEY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     return {"xdg": xdg / "vastai" / "vast_api_key", "home": home / ".vast_api_key"}
 
 
@@ -326,20 +337,46 @@ def write_key(path: Path, key: str) -> None:
     path.write_text(f"  {key}\n")
 
 
-@pytest.mark.parametrize("winner", ["option", "env", "xdg", "home"])
+KEY_ORDER = ["option", "SNAKEMAKE_VASTAI_API_KEY", "VAST_API_KEY", "xdg", "home"]
+
+
+def provide_keys(
+    present: list[str], key_sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> str | None:
+    """Put a key ``from-<source>`` into each present source; returns the option's value."""
+    for name in present:
+        if name in KEY_VARIABLES:
+            monkeypatch.setenv(name, f" from-{name} ")
+        elif name in key_sources:
+            write_key(key_sources[name], f"from-{name}")
+    return " from-option\n" if "option" in present else None
+
+
+@pytest.mark.parametrize("winner", KEY_ORDER)
 def test_resolve_api_key_order(
     key_sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch, winner: str
 ) -> None:
     """Every source below the winner is present too, and loses."""
-    order = ["option", "env", "xdg", "home"]
-    present = order[order.index(winner) :]
-    if "env" in present:
-        monkeypatch.setenv("VAST_API_KEY", " from-env ")
-    for name in ("xdg", "home"):
-        if name in present:
-            write_key(key_sources[name], f"from-{name}")
-    explicit = " from-option\n" if "option" in present else None
+    explicit = provide_keys(KEY_ORDER[KEY_ORDER.index(winner) :], key_sources, monkeypatch)
     assert resolve_api_key(explicit) == f"from-{winner}"
+    assert resolve_api_key(explicit, HELPER_OPTIONS) == f"from-{winner}"
+
+
+@pytest.mark.parametrize("winner", KEY_ORDER)
+def test_key_origin_names_the_source_and_never_the_key(
+    key_sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch, winner: str
+) -> None:
+    explicit = provide_keys(KEY_ORDER[KEY_ORDER.index(winner) :], key_sources, monkeypatch)
+    key = resolve_api_key(explicit)
+    expected = {
+        "option": "--vastai-api-key",
+        "xdg": f"the key file {key_sources['xdg']}",
+        "home": f"the key file {key_sources['home']}",
+    }.get(winner, winner)
+    assert key_origin(key) == expected
+    assert key not in key_origin(key)
+    if winner == "option":
+        assert key_origin(key, HELPER_OPTIONS) == "--api-key"
 
 
 def test_xdg_defaults_to_dot_config(
@@ -351,28 +388,151 @@ def test_xdg_defaults_to_dot_config(
     assert resolve_api_key(None) == "from-dot-config"
 
 
-def test_missing_key_says_where_to_put_one(key_sources: dict[str, Path]) -> None:
+@pytest.mark.parametrize(
+    ("options", "flag", "other_flag", "outcome"),
+    [
+        (PLUGIN_OPTIONS, "--vastai-api-key", "--api-key", "Nothing was rented."),
+        (HELPER_OPTIONS, "--api-key", "--vastai-api-key", ""),
+    ],
+    ids=["plugin", "helper"],
+)
+def test_missing_key_names_the_flag_of_the_program_run(
+    key_sources: dict[str, Path], options: ApiOptions, flag: str, other_flag: str, outcome: str
+) -> None:
     write_key(key_sources["xdg"], "")  # an empty key file is no key
     with pytest.raises(AuthError) as caught:
-        resolve_api_key(None)
-    message = str(caught.value)
-    for hint in ("--vastai-api-key", "VAST_API_KEY", "vastai set api-key", "Nothing was rented"):
-        assert hint in message
+        resolve_api_key(None, options)
+    assert (
+        str(caught.value)
+        == (
+            f"No Vast.ai API key found. Pass {flag}, or set SNAKEMAKE_VASTAI_API_KEY or "
+            f"VAST_API_KEY, or run 'vastai set api-key <key>'. {outcome}"
+        ).strip()
+    )
+    assert other_flag not in str(caught.value)
 
 
 @pytest.mark.parametrize(
-    ("option", "env", "expected"),
+    ("option", "snakemake_env", "vast_env", "expected"),
     [
-        ("http://option:1/", "http://env:2", "http://option:1"),
-        (None, "http://env:2//", "http://env:2"),
-        (None, None, DEFAULT_API_URL),
+        ("http://option:1/", "http://snakemake:3", "http://env:2", "http://option:1"),
+        (None, "http://snakemake:3/", "http://env:2", "http://snakemake:3"),
+        (None, None, "http://env:2//", "http://env:2"),
+        (None, None, None, DEFAULT_API_URL),
     ],
 )
 def test_resolve_api_url(
-    monkeypatch: pytest.MonkeyPatch, option: str | None, env: str | None, expected: str
+    monkeypatch: pytest.MonkeyPatch,
+    option: str | None,
+    snakemake_env: str | None,
+    vast_env: str | None,
+    expected: str,
 ) -> None:
-    if env is None:
-        monkeypatch.delenv("VAST_URL", raising=False)
-    else:
-        monkeypatch.setenv("VAST_URL", env)
+    for name, value in zip(URL_VARIABLES, (snakemake_env, vast_env), strict=True):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     assert resolve_api_url(option) == expected
+
+
+@pytest.mark.parametrize("url", ["console.vast.ai", "ftp://example.org", "http://"])
+def test_an_api_url_that_is_no_http_url_is_refused(url: str) -> None:
+    with pytest.raises(MarketplaceError) as caught:
+        resolve_api_url(url, HELPER_OPTIONS)
+    assert str(caught.value) == (
+        f"The Vast.ai API URL {url!r} is not an http:// or https:// URL with a host. "
+        "Check --api-url / VAST_URL."
+    )
+
+
+# -- the credential check: one message naming the one thing to fix ----------------------------
+
+
+def checked(url: str, options: ApiOptions = PLUGIN_OPTIONS, key: str = WRONG_KEY) -> str:
+    """The message of the start-up check against ``url`` (with retries measured in ms)."""
+    market = Marketplace(key, url, FAST_RETRY)
+    with pytest.raises(MarketplaceError) as caught:
+        market.check_credentials(options)
+    assert key not in str(caught.value)
+    return str(caught.value)
+
+
+def test_refused_connection_names_the_network_and_the_url() -> None:
+    url = f"http://127.0.0.1:{unused_port()}"
+    assert checked(url) == (
+        f"Cannot reach the Vast.ai API at {url}: connection refused. Check the network, or "
+        "--vastai-api-url / VAST_URL. Nothing was rented."
+    )
+    assert checked(url, HELPER_OPTIONS) == (
+        f"Cannot reach the Vast.ai API at {url}: connection refused. Check the network, or "
+        "--api-url / VAST_URL."
+    )
+
+
+def test_unknown_host_names_the_network_and_the_url() -> None:
+    message = checked("http://vast.invalid", HELPER_OPTIONS)  # .invalid never resolves
+    assert message.startswith("Cannot reach the Vast.ai API at http://vast.invalid: host name ")
+    assert message.endswith(". Check the network, or --api-url / VAST_URL.")
+    assert "key" not in message
+
+
+def test_a_timeout_is_named_as_such() -> None:
+    """The SDK waits 120 s for an answer, so the reason is drawn from a real timeout here."""
+    import requests
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        with pytest.raises(requests.Timeout) as caught:
+            requests.get(f"http://127.0.0.1:{silent.getsockname()[1]}/", timeout=0.2)
+    assert _network_reason(caught.value) == "timed out"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "reason"),
+    [
+        (200, WEB_PAGE, "text/html", "not JSON"),
+        (200, b"[1, 2]", "application/json", WRONG_SHAPE),
+        (404, WEB_PAGE, "text/html", "HTTP 404 for the user account"),
+    ],
+    ids=["web-page", "wrong-shape", "no-such-endpoint"],
+)
+def test_an_answer_that_is_not_the_vast_api_says_so(
+    status: int, body: bytes, content_type: str, reason: str
+) -> None:
+    with not_vast(status, body, content_type) as server:
+        message = checked(server.url, HELPER_OPTIONS)
+    assert message == (
+        f"The Vast.ai API at {server.url} sent an answer that cannot be read: {reason}. Is "
+        f"{server.url} the Vast.ai API? Check --api-url / VAST_URL."
+    )
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_rejected_key_names_where_it_came_from(
+    key_sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    monkeypatch.setenv("VAST_API_KEY", WRONG_KEY)
+    body = b'{"success": false, "error": "auth_error", "msg": "Invalid user key"}'
+    with not_vast(status, body, "application/json") as server:
+        message = checked(server.url)
+    assert message == (
+        f"Vast.ai rejected the API key from VAST_API_KEY (HTTP {status}). Check that key, or "
+        "pass another with --vastai-api-key. Nothing was rented."
+    )
+
+
+def test_a_rejected_key_from_the_fake(
+    fakevast: FakeVast, key_sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_key(key_sources["home"], WRONG_KEY)
+    assert checked(fakevast.url, HELPER_OPTIONS) == (
+        f"Vast.ai rejected the API key from the key file {key_sources['home']} (HTTP 401). "
+        "Check that key, or pass another with --api-key."
+    )
+    assert fakevast.ledger()["api_calls"] == {"GET /api/v0/users/current/": 1}
+
+
+def test_the_right_key_passes_the_check(fakevast: FakeVast) -> None:
+    Marketplace(fakevast.api_key, fakevast.url, FAST_RETRY).check_credentials(HELPER_OPTIONS)

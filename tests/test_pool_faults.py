@@ -382,7 +382,9 @@ def test_ctrl_c_is_reported_as_cancelled(fakevast: FakeVast, tmp_path: Path) -> 
 
     assert returncode != 0, output
     assert "Error in rule nap" not in output, output
-    assert "cancelled" in output.lower(), output
+    cancelled = [line for line in output.splitlines() if "Cancelled 2 job(s)" in line]
+    assert len(cancelled) == 1 and cancelled[0].count("rule nap (jobid") == 2, output
+    assert "All 1 instance(s) of this run are destroyed; none is billing." in output, output
     leaked = [line for line in output.splitlines() if any(text in line for text in SCRIPT_TEXT)]
     assert leaked == [], leaked
     assert_all_destroyed(fakevast, workdir)

@@ -38,6 +38,7 @@ LOG_FILE = "job.log"
 EXIT_FILE = "exit_code"
 CLAIM_DIR = ".claimed"  # made by whoever starts the job: the runner or this agent, never both
 PID_FILE = "pid"
+SECRET_PREFIX = ".secret-"  # a file-valued variable's file (a credential): gone when the job ends
 
 CHUNK = 256 * 1024
 LOG_SECONDS = 1.0  # how often a running job's new output is sent
@@ -129,9 +130,37 @@ def prepare(request: dict) -> str:
         target = os.path.join(job_dir, relative)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copy(place_blob(digest), target)
-    write_private(os.path.join(job_dir, ENV_FILE), request["env"])
+    exports = write_secret_files(job_dir, request["files"])
+    write_private(os.path.join(job_dir, ENV_FILE), request["env"] + exports)
     write_private(os.path.join(job_dir, SCRIPT_FILE), request["command"])
     return job_dir
+
+
+def write_secret_files(job_dir: str, files: list) -> str:
+    """Each file-valued variable's content as a private file in the job directory; returns
+    the ``export`` lines that point the variables at them."""
+    if not files:
+        return ""
+    import shlex  # here: most jobs have no such file, and every ms of start counts
+
+    lines = []
+    for name, content in files:
+        path = os.path.join(job_dir, SECRET_PREFIX + name)
+        write_private(path, content)
+        lines.append(f"export {name}={shlex.quote(path)}\n")
+    return "".join(lines)
+
+
+def remove_secret_files(job_dir: str) -> None:
+    """The job has ended: its credential files go at once, before its results are sent."""
+    try:
+        names = os.listdir(job_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith(SECRET_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(job_dir, name))
 
 
 # -- starting ----------------------------------------------------------------------------------
@@ -413,6 +442,7 @@ def run(request: dict, frames: Frames) -> None:
         child, offset = None, request.get("log_offset", 0)
     tail = LogTail(job_dir, offset, frames)
     wait_for_exit(pid, tail)
+    remove_secret_files(job_dir)
     code, cpu = exit_of(job_dir, child)
     tail.send_new()
     frames.send_json(b"X", {"code": code, "cpu_seconds": cpu})

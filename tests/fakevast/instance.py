@@ -104,6 +104,7 @@ class Instance:
     launch: LaunchSpec
     created_at: float
     keys: list[str]  # account keys at create time plus every key pushed or attached since
+    request: Mapping[str, Any] = field(default_factory=dict)  # the create's body, as sent
     dph_base: float = field(init=False)
     dph_total: float = field(init=False)
     label: str | None = field(init=False)
@@ -349,6 +350,8 @@ class Instance:
             "num_gpus": self.offer["num_gpus"],
             "dph_total": self.dph_total,
             "image": self.launch.image,
+            "create_request": dict(self.request),
+            "extra_env": [[k, v] for k, v in self.launch.env.items()],
             "created_at": self.created_at,
             "running_at": self.running_at,
             "ended_at": self.ended_at,

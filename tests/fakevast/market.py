@@ -347,6 +347,7 @@ class Market:
                 launch=launch,
                 created_at=now,
                 keys=[k.public_key for k in self._keys],
+                request=dict(body),
             )
             instance.arm({f.name: getattr(faults, f.name) for f in fields(InstanceFaults)}, now)
             self._next_id += 1

@@ -1,0 +1,116 @@
+"""``python -m benchmarks.plot [--standard F] [--load F] [--output PNG]``: the README's figure.
+
+Wall time and dollars per workflow and mode, drawn from the results files the benchmark
+wrote, so the picture can never disagree with the tables beside it. ``python -m benchmarks``
+redraws it after every complete run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display here or in CI: render to a file only
+
+from matplotlib import pyplot  # after use(): the backend must be chosen first
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODE_LABELS = {
+    "local": "local Snakemake",
+    "ttl0": "one instance per job",
+    "pool": "warm pool",
+    "pack": "pool + packing",
+    "no-pack": "pool, --vastai-no-pack",
+}
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One measured case: its group on the x axis, its mode, and the two figures."""
+
+    group: str
+    mode: str
+    wall_seconds: float
+    dollars: float | None
+
+
+def bars(standard: dict[str, Any] | None, load: dict[str, Any] | None) -> list[Bar]:
+    """The cases of both results files as bars; local runs cost nothing on Vast.ai."""
+    found = []
+    for case in (standard or {}).get("cases", []):
+        title = f"{case['workflow']} of {case['jobs']}"
+        dollars = None if case["mode"] == "local" else case.get("dollars")
+        found.append(Bar(title, case["mode"], case["wall_seconds"], dollars))
+    if load:
+        title = f"load: {load['load']['jobs']} jobs" if "load" in load else "load"
+        for variant in load.get("variants", []):
+            found.append(
+                Bar(title, variant["variant"], variant["wall_seconds"], variant["dollars"])
+            )
+    return found
+
+
+def draw(found: list[Bar], output: Path) -> Path:
+    """Two panels (wall seconds, dollars on a log scale: a per-job instance costs tens of
+    times the pool), one cluster of bars per workflow, one colour per mode."""
+    groups = list(dict.fromkeys(bar.group for bar in found))
+    modes = list(dict.fromkeys(bar.mode for bar in found))
+    colours = dict(zip(modes, pyplot.get_cmap("tab10").colors, strict=False))
+    figure, (wall, cost) = pyplot.subplots(1, 2, figsize=(12, 4.5))
+    labelled: set[str] = set()
+    for spot, group in enumerate(groups):
+        cluster = [bar for bar in found if bar.group == group]
+        width = 0.8 / len(cluster)
+        for index, bar in enumerate(cluster):
+            x = spot + (index - (len(cluster) - 1) / 2) * width
+            label = None if bar.mode in labelled else mode_label(bar.mode)
+            labelled.add(bar.mode)
+            wall.bar(x, bar.wall_seconds, width, color=colours[bar.mode], label=label)
+            if bar.dollars:
+                cost.bar(x, bar.dollars, width, color=colours[bar.mode])
+    cost.set_yscale("log")
+    for axes, title in ((wall, "wall time (s)"), (cost, "Vast.ai bill ($, fake prices, log)")):
+        axes.set_xticks(range(len(groups)), groups)
+        axes.set_title(title)
+        axes.grid(axis="y", alpha=0.3)
+    wall.legend(fontsize="small")
+    figure.suptitle("snakemake-executor-plugin-vastai: the same workflows, by mode (2-core VM)")
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=100)
+    pyplot.close(figure)
+    return output
+
+
+def mode_label(mode: str) -> str:
+    if mode.startswith("pool-rtt"):
+        return f"warm pool, {mode.removeprefix('pool-rtt')} ms RTT"
+    return MODE_LABELS.get(mode, mode)
+
+
+def read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__)
+    parser.add_argument("--standard", type=Path, default=RESULTS / "full.json")
+    parser.add_argument("--load", type=Path, default=RESULTS / "load.json")
+    parser.add_argument("--output", type=Path, default=RESULTS / "overview.png")
+    args = parser.parse_args(argv)
+    found = bars(read(args.standard), read(args.load))
+    if not found:
+        print(f"no results in {args.standard} or {args.load}", file=sys.stderr)
+        return 1
+    print(f"plot: {draw(found, args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
