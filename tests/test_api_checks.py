@@ -36,6 +36,7 @@ def assert_stopped_once(run: SnakemakeRun, message: str) -> None:
     assert run.output.count(message.split(":")[0]) == 1, run.output
 
 
+@pytest.mark.slow
 def test_an_unreachable_api_url_names_the_network_not_the_key(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:

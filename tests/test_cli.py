@@ -281,6 +281,7 @@ def test_a_missing_key_names_the_helpers_flag(home: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_an_unreachable_url_names_the_network_and_the_url(home: Path) -> None:
     url = f"http://127.0.0.1:{unused_port()}"
     assert_one_line_error(

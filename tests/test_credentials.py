@@ -290,15 +290,20 @@ def secret_values(local: dict[str, str]) -> list[str]:
     return [local[name] for name in (*names, "DECLARED_TOKEN")] + [google["private_key"]]
 
 
-def test_each_credential_kind_reaches_the_job_and_no_record_or_log(
-    fakevast: FakeVast, tmp_path: Path
-) -> None:
+def credentials_workflow(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The workflow whose jobs write what they see, and this machine's environment for it."""
     workdir = write_workflow(
         tmp_path / "wf",
         CREDENTIALS_SNAKEFILE,
         {"snakemake_storage_plugin_gcs/__init__.py": STAND_IN_GCS_PLUGIN},
     )
-    local = local_environment(tmp_path)
+    return workdir, local_environment(tmp_path)
+
+
+def test_each_credential_kind_reaches_the_job_and_no_record_or_log(
+    fakevast: FakeVast, tmp_path: Path
+) -> None:
+    workdir, local = credentials_workflow(tmp_path)
     run = run_snakemake(
         workdir, fakevast, "--vastai-no-runner", "--envvars", "CLI_TOKEN", env=local
     )
@@ -319,12 +324,7 @@ def test_each_credential_kind_reaches_the_job_and_no_record_or_log(
 def test_no_forward_credentials_keeps_only_what_the_workflow_declares(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:
-    workdir = write_workflow(
-        tmp_path / "wf",
-        CREDENTIALS_SNAKEFILE,
-        {"snakemake_storage_plugin_gcs/__init__.py": STAND_IN_GCS_PLUGIN},
-    )
-    local = local_environment(tmp_path)
+    workdir, local = credentials_workflow(tmp_path)
     run = run_snakemake(
         workdir,
         fakevast,

@@ -192,6 +192,7 @@ def test_host_goes_offline_mid_job(fakevast: FakeVast, tmp_path: Path, retries: 
         assert len(instances) == 1
 
 
+@pytest.mark.slow
 def test_failed_job_is_retried_on_a_new_instance(fakevast: FakeVast, tmp_path: Path) -> None:
     """--retries works as with any executor (attempt 2 sees attempt=2), and the retry does
     not run on the instance its failed attempt used."""

@@ -60,6 +60,7 @@ def test_signal_mid_job_destroys_everything(fakevast: FakeVast, tmp_path: Path, 
     assert_all_destroyed(fakevast, workdir)
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_the_destroy_is_rate_limited(fakevast: FakeVast, tmp_path: Path) -> None:
     """Vast.ai answers a burst of destroys with 429: the plugin must retry until the instance
     is gone before it exits, whichever thread began the destroy."""

@@ -198,6 +198,7 @@ def test_search_failing_for_good_fails_the_job_naming_the_cause(
 MAX_TOTAL_PRICE = 1.25  # three $0.40/h instances fit ($1.20/h), four do not ($1.60/h)
 
 
+@pytest.mark.slow
 def test_max_total_price_holds_at_every_rent(
     fakevast_factory: Callable[..., FakeVast], tmp_path: Path
 ) -> None:
@@ -220,6 +221,7 @@ def test_max_total_price_holds_at_every_rent(
 BUDGET = 0.15  # one $0.40/h instance: 15 min = $0.10 fits; two ($0.20 per 15 min) do not
 
 
+@pytest.mark.slow
 def test_budget_for_one_instance_runs_every_job_on_it(
     fakevast_factory: Callable[..., FakeVast], tmp_path: Path
 ) -> None:
@@ -261,6 +263,7 @@ rule nap:
 """
 
 
+@pytest.mark.slow
 def test_rerun_destroys_the_killed_runs_instances_before_renting(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:

@@ -241,6 +241,7 @@ rule b2:
 )
 
 
+@pytest.mark.slow
 def test_two_signatures_never_share_an_instance(fakevast: FakeVast, tmp_path: Path) -> None:
     """Pool of 2 (--jobs 2): every job finds the other model's instance idle and must not
     take it. Checked three ways: the instances' tokens, the GPUs the fake rented, and the
@@ -344,6 +345,7 @@ rule nap:
 """
 
 
+@pytest.mark.slow
 def test_next_run_reaps_the_instance_of_a_killed_run(fakevast: FakeVast, tmp_path: Path) -> None:
     """kill -9 leaves the instance billing (nothing in the process survives); the next run
     in the workdir sees the dead run's free lock, destroys its instance at start, and works."""

@@ -123,6 +123,7 @@ def test_a_run_whose_rules_all_have_offers_rents_as_usual(
     assert_all_destroyed(fakevast, workdir)
 
 
+@pytest.mark.slow
 def test_a_search_failing_during_the_check_does_not_stop_the_run(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:

@@ -114,6 +114,7 @@ def test_a_run_says_what_it_rents_ships_packs_and_destroys(
     assert_nothing_said_twice(run.output)
 
 
+@pytest.mark.slow
 def test_quiet_hides_the_progress_and_verbose_adds_queries_and_ssh_detail(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:
@@ -132,6 +133,7 @@ def test_quiet_hides_the_progress_and_verbose_adds_queries_and_ssh_detail(
     assert_all_destroyed(fakevast, workdir)
 
 
+@pytest.mark.slow
 def test_a_rerun_that_fails_before_its_job_starts_shows_no_old_log(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:

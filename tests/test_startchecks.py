@@ -16,6 +16,7 @@ from snakemake_executor_plugin_vastai.startchecks import (
     not_git_warning,
     refuse_outside_outputs,
 )
+from tests.fakevast.harness import FakeVast
 from tests.workflows import (
     assert_all_destroyed,
     assert_nothing_rented,
@@ -82,7 +83,9 @@ rule escape:
 """
 
 
-def test_a_run_with_an_output_outside_is_refused_before_any_rent(tmp_path: Path, fakevast) -> None:
+def test_a_run_with_an_output_outside_is_refused_before_any_rent(
+    tmp_path: Path, fakevast: FakeVast
+) -> None:
     workflow = write_workflow(tmp_path / "wf", ESCAPE)
     run = run_snakemake(workflow, fakevast)
     assert not run.ok, run.output
@@ -110,7 +113,7 @@ rule train:
 """
 
 
-def test_a_run_names_gpu_less_rules_once(tmp_path: Path, fakevast) -> None:
+def test_a_run_names_gpu_less_rules_once(tmp_path: Path, fakevast: FakeVast) -> None:
     workflow = write_workflow(tmp_path / "wf", MIXED)
     run = run_snakemake(workflow, fakevast)
     assert run.ok, run.output
@@ -121,7 +124,9 @@ def test_a_run_names_gpu_less_rules_once(tmp_path: Path, fakevast) -> None:
     assert_all_destroyed(fakevast, workflow)
 
 
-def test_a_workflow_outside_git_is_warned_about_at_start(tmp_path: Path, fakevast) -> None:
+def test_a_workflow_outside_git_is_warned_about_at_start(
+    tmp_path: Path, fakevast: FakeVast
+) -> None:
     workflow = write_workflow(tmp_path / "wf", MIXED.replace("localrules: all", ""))
     shutil.rmtree(workflow / ".git")
     run = run_snakemake(workflow, fakevast)
