@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,6 +99,20 @@ def test_declared_variables_go_even_when_automatic_forwarding_is_off(tmp_path: P
     assert isinstance(on[GOOGLE_FILE], FileValue)  # the file, not the path only here
 
 
+@contextmanager
+def snakemake_records() -> Iterator[list[logging.LogRecord]]:
+    """The records Snakemake's logger hands its handlers (after its filters) meanwhile."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("snakemake.logging")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_forwarded_secrets_are_masked_in_snakemake_logs_but_places_are_not() -> None:
     token = f"declared-{secrets.token_hex(6)}"
     private = f"google-private-{secrets.token_hex(6)}"
@@ -104,13 +120,8 @@ def test_forwarded_secrets_are_masked_in_snakemake_logs_but_places_are_not() -> 
     forwarded_environment({"MY_TOKEN": token}, [], automatic=True, environ=AWS)
     forwarded_environment({GOOGLE_FILE: google}, [], automatic=False, environ={})
 
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("snakemake.logging")
-    logger.addHandler(handler)
-    try:
-        logger.warning(
+    with snakemake_records() as records:
+        logging.getLogger("snakemake.logging").warning(
             "job saw %s %s %s in %s via %s",
             token,
             AWS["AWS_SECRET_ACCESS_KEY"],
@@ -118,8 +129,6 @@ def test_forwarded_secrets_are_masked_in_snakemake_logs_but_places_are_not() -> 
             AWS["AWS_REGION"],
             AWS["AWS_ENDPOINT_URL_S3"],
         )
-    finally:
-        logger.removeHandler(handler)
     message = records[0].getMessage()
     assert token not in message and AWS["AWS_SECRET_ACCESS_KEY"] not in message
     assert private not in message
@@ -133,15 +142,8 @@ def test_the_plugins_own_loggers_mask_secrets_too() -> None:
 
     token = f"declared-{secrets.token_hex(6)}"
     forwarded_environment({"MY_TOKEN": token}, [], automatic=False, environ={})
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    parent = logging.getLogger("snakemake.logging")
-    parent.addHandler(handler)
-    try:
+    with snakemake_records() as records:
         get_logger("some_module_of_the_plugin").warning("job saw %s", token)
-    finally:
-        parent.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["job saw ***"]
 
 
