@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.progress import count
 
 SHOWN_FILES = 8
 """How many shipped files the not-a-git-repository warning lists by name."""
@@ -73,11 +74,11 @@ def not_git_warning(workdir: Path, shipped: list[str]) -> str | None:
         return None
     shown = ", ".join(shipped[:SHOWN_FILES])
     more = f" and {len(shipped) - SHOWN_FILES} more" if len(shipped) > SHOWN_FILES else ""
-    count = f"{len(shipped)} file" + ("s" if len(shipped) != 1 else "")
     return (
         f"{workdir.resolve()} is not a git repository, so only the workflow's own sources go "
-        f"to the instances ({count}: {shown}{more}). Files a job reads that are "
-        "neither inputs nor among these (modules, helper scripts) will be missing remotely: "
+        f"to the instances ({count(len(shipped), 'file')}: {shown}{more}). Files a job reads "
+        "that are neither inputs nor among these (modules, helper scripts) will be missing "
+        "remotely: "
         "make the directory a git repository and `git add` them, or name them with "
         "--vastai-deploy-paths."
     )
