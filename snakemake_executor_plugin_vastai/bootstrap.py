@@ -11,14 +11,18 @@ one bootstrapped before, marked by a file) costs one round trip and no pip.
 
 from __future__ import annotations
 
+import ast
+import base64
 import hashlib
 import shlex
+import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib.metadata import distributions
 from importlib.resources import files
 from typing import Any
 
+from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.staging import REMOTE_BASE
 
 # Exit codes of the bootstrap script, so the executor can tell the user what is missing.
@@ -43,6 +47,7 @@ NO_SSHD_FIX = (
     "The image has no SSH server and no apt-get to install one: use an image with OpenSSH "
     "(sshd), e.g. the default vastai/pytorch, or install openssh-server in your image"
 )
+MAX_ONSTART_CHARS = 4048  # Vast.ai's limit on a create's onstart (vast-api.md, create)
 ONSTART_SCRIPT = f"""\
 if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then
   if command -v apt-get >/dev/null 2>&1; then
@@ -89,17 +94,46 @@ HEARTBEAT = f"{REMOTE_BASE}/heartbeat"
 _HEREDOC_END = "SNAKEMAKE_VASTAI_END_OF_FILE"
 
 
-def onstart_script(public_key: str) -> str:
+def onstart_script(public_key: str, plan: BootstrapPlan) -> str:
     """The onstart script for one run: the run's public key goes into root's authorized_keys
     too, because attaching a key through the API is racy on a live instance (a public key is
-    no secret, so it may travel in the create request)."""
+    no secret, so it may travel in the create request); then the dead-man switch starts,
+    before sshd, so an instance whose run dies before logging in still ends itself."""
     line = shlex.quote(public_key)
-    return (
+    script = (
         "mkdir -p /root/.ssh && chmod 700 /root/.ssh && "
         f"(grep -qxF {line} /root/.ssh/authorized_keys 2>/dev/null || "
         f"echo {line} >> /root/.ssh/authorized_keys) && chmod 600 /root/.ssh/authorized_keys\n"
+        + plan.watchdog_at_boot()
         + ONSTART_SCRIPT
     )
+    if len(script) > MAX_ONSTART_CHARS:
+        raise VastaiError(
+            f"The onstart script would be {len(script)} characters, over Vast.ai's limit of "
+            f"{MAX_ONSTART_CHARS}: the API URL ({len(plan.api_url)} characters) is too long "
+            "for the dead-man switch it carries. Use a shorter URL, or --vastai-deadman 0."
+        )
+    return script
+
+
+def compact_source(source: str) -> str:
+    """A program's source without docstrings and comments (same code), so that it fits in
+    the onstart script, which Vast.ai caps at 4,048 characters."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        first = body[0] if isinstance(body, list) and body else None
+        value = first.value if isinstance(first, ast.Expr) else None
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree) + "\n"
+
+
+# Writes argv[2] (base64 of zlib) to argv[1]: the watchdog travels packed in the onstart script.
+_UNPACK = (
+    "import sys,zlib,base64;"
+    "open(sys.argv[1],'wb').write(zlib.decompress(base64.b64decode(sys.argv[2])))"
+)
 
 
 STORAGE_PLUGIN_PREFIX = "snakemake-storage-plugin-"
@@ -215,6 +249,26 @@ class BootstrapPlan:
                 f"setsid nohup {PYTHON} {quoted}.py {quoted} >> {quoted}.log 2>&1 < /dev/null &\n"
             )
         return "".join(lines)
+
+    def watchdog_at_boot(self) -> str:
+        """Onstart lines that start the watchdog from the container's first second, under the
+        name the bootstrap uses: the bootstrap then finds it guarding (its lock is held) and
+        adopts it, with the same period and the same heartbeat file. "" when it is off."""
+        if not self.deadman:
+            return ""
+        name = f"watchdog-{self.key}"
+        packed = base64.b64encode(
+            zlib.compress(compact_source(onhost_source("watchdog")).encode(), 9)
+        )
+        return (
+            f"d=~root/{REMOTE_BASE}; mkdir -p $d; p=\n"
+            "for c in /venv/main/bin/python3 python3 python; do "
+            "command -v $c >/dev/null 2>&1 && { p=$c; break; }; done\n"
+            f'[ -n "$p" ] && cd $d && "$p" -c {shlex.quote(_UNPACK)} {name}.py {packed.decode()} '
+            f'&& {{ setsid nohup "$p" -I -S {name}.py {self.deadman:g} '
+            f"{shlex.quote(self.api_url)} >> {name}.log 2>&1 < /dev/null & }}\n"
+            "cd /\n"
+        )
 
     @property
     def requirements(self) -> tuple[str, ...]:

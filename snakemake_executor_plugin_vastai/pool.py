@@ -206,7 +206,7 @@ class Pool:
                 config.run_id,
                 config.caps,
                 exclusive=not config.pack,
-                onstart=onstart_script(key.public_line),
+                onstart=onstart_script(key.public_line, config.bootstrap),
                 bid_factor=config.bid_factor,
             ),
             self.spend,

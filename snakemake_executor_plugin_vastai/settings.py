@@ -161,9 +161,11 @@ class ExecutorSettings(ExecutorSettingsBase):
         metadata={
             "help": "Seconds an instance waits for a sign of life from this run before it "
             "destroys itself (with its own scoped key; yours never goes to a host), so a "
-            "killed run or a lost laptop stops billing. 0: off (as with "
-            "--vastai-keep-instances). Default 600: a network blip or a short suspend "
-            "survives it; a dead run costs at most ten minutes per instance."
+            "killed run or a lost laptop stops billing. The clock starts with the instance's "
+            "container, before the first login: an instance this run has not logged in to "
+            "within that time is lost to the run. 0: off (as with --vastai-keep-instances). "
+            "Default 600: a network blip or a short suspend survives it; a dead run costs at "
+            "most the image pull plus ten minutes per instance."
         },
     )
     no_runner: bool = field(

@@ -13,14 +13,18 @@ import snakemake
 from snakemake_executor_plugin_vastai.bootstrap import (
     INSTALL_FAILED,
     INSTALLED_MARKER,
+    MAX_ONSTART_CHARS,
     MESSAGES,
     NO_PIP,
     NO_PYTHON,
     SCRIPT_COMMAND,
     BootstrapPlan,
     explain_failure,
+    onstart_script,
 )
+from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.remote import CommandResult, RemoteHost
+from snakemake_executor_plugin_vastai.sshkey import RunKey
 from tests.fakevast.harness import FakeVast
 from tests.instances import logged_in
 
@@ -119,3 +123,22 @@ def test_explain_failure_keeps_the_last_lines() -> None:
     stderr = "\n".join(f"line {n}" for n in range(100))
     tail = explain_failure(INSTALL_FAILED, stderr).split(":\n", 1)[1].splitlines()
     assert tail == [f"line {n}" for n in range(85, 100)]
+
+
+def test_the_onstart_script_carries_the_watchdog_within_vasts_limit(tmp_path) -> None:
+    key = RunKey.create(tmp_path, "run-1").public_line
+    plan = BootstrapPlan(version("snakemake"), deadman=600, api_url="https://console.vast.ai")
+
+    script = onstart_script(key, plan)
+
+    assert len(script) <= MAX_ONSTART_CHARS
+    assert f"watchdog-{plan.key}.py 600 https://console.vast.ai" in script
+    assert "watchdog" not in onstart_script(key, BootstrapPlan("9.1.0", deadman=0))
+
+
+def test_an_onstart_script_over_the_limit_is_refused_before_renting(tmp_path) -> None:
+    key = RunKey.create(tmp_path, "run-1").public_line
+    plan = BootstrapPlan("9.1.0", deadman=600, api_url="https://example.org/" + "x" * 3000)
+
+    with pytest.raises(VastaiError, match=r"over Vast\.ai's limit of 4048.*--vastai-deadman 0"):
+        onstart_script(key, plan)

@@ -4,6 +4,7 @@ heartbeat stops; a healthy run is never touched; the user's API key never reache
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from tests.workflows import (
 )
 
 DEADMAN = 20
+BOOT_SECONDS = 10
+FLAT_OFFERS = Path(__file__).parent / "data" / "offers-1gpu-flat.json"
 # Looks for a secret (read from stdin, so it is in no argv) in every process's environment and
 # command line and in every file the plugin put on the instance. (The fake's instances see this
 # machine's own files underneath, which may hold the test key: those are not searched.)
@@ -58,6 +61,58 @@ def test_a_killed_run_is_destroyed_by_its_own_instances(fakevast: FakeVast, tmp_
     assert rows and all(row["destroyed_by"] == "container" for row in rows), rows
 
 
+def kill_when(fake: FakeVast, run: object, status: str) -> None:
+    """SIGKILL the run the moment the fake shows its (only) instance in ``status``."""
+    fake.wait_for(
+        lambda: any(row["status"] == status for row in fake.alive_instances()),
+        timeout=60,
+        interval=0.1,
+    )
+    run.kill()
+    run.wait(timeout=30)
+
+
+def assert_ended_by_itself(fake: FakeVast, within: float) -> None:
+    fake.wait_for(lambda: not fake.alive_instances(), timeout=within, interval=1)
+    rows = rented(fake)
+    assert rows and all(row["destroyed_by"] == "container" for row in rows), rows
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_its_instance_loads_leaves_nothing_billing(
+    fakevast_factory, tmp_path: Path
+) -> None:
+    """The image pull is when users give up: the watchdog starts with the container, before
+    any login, and counts the silence from its first second."""
+    fake = fakevast_factory(boot_seconds=BOOT_SECONDS)
+    workdir = one_rule_workflow(tmp_path / "wf", "echo hi > {output}")
+
+    with running_snakemake(workdir, fake, "--vastai-deadman", str(DEADMAN), jobs=1) as run:
+        kill_when(fake, run, "loading")
+
+    assert_ended_by_itself(fake, within=BOOT_SECONDS + DEADMAN + 30)
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_first_login_leaves_nothing_billing(
+    fakevast_factory, tmp_path: Path
+) -> None:
+    """Running, but the run never logged in (Vast's proxy tunnel is down, so it waits to
+    reboot): nothing on the instance has heard of the run, and it still ends itself."""
+    offers = json.loads(FLAT_OFFERS.read_text())
+    no_direct_port = tmp_path / "offers.json"
+    no_direct_port.write_text(json.dumps([o | {"direct_port_count": 0} for o in offers]))
+    fake = fakevast_factory(boot_seconds=0, offers=no_direct_port)
+    fake.set_faults({"next_creates": {"count": 1, "proxy_down": True}})
+    workdir = one_rule_workflow(tmp_path / "wf", "echo hi > {output}")
+
+    with running_snakemake(workdir, fake, "--vastai-deadman", str(DEADMAN), jobs=1) as run:
+        kill_when(fake, run, "running")
+
+    assert not list((workdir / ".snakemake/auxiliary/vastai-logs").glob("*")), "a job started"
+    assert_ended_by_itself(fake, within=DEADMAN + 30)
+
+
 @pytest.mark.slow
 def test_a_long_healthy_job_is_never_touched(fakevast: FakeVast, tmp_path: Path) -> None:
     """A 90 s job, four and a half deadman periods: the heartbeat keeps its instance alive
@@ -91,6 +146,9 @@ def test_the_users_key_is_nowhere_on_the_instance(fakevast: FakeVast, tmp_path: 
             stdin.write("CONTAINER_API_KEY=\n")  # the search itself works: PID 1 has this one
             stdin.channel.shutdown_write()
             control = stdout.read().decode().split()
+            # Started by the onstart script, adopted by the bootstrap: one, not two.
+            _, stdout, _ = client.exec_command("pgrep -cf 'watchdog-[^ ]*[.]py'")
+            watchdogs = stdout.read().decode().strip()
         finally:
             client.close()
         run.terminate()
@@ -98,4 +156,5 @@ def test_the_users_key_is_nowhere_on_the_instance(fakevast: FakeVast, tmp_path: 
 
     assert found == []
     assert "/proc/1/environ" in control
+    assert watchdogs == "1", watchdogs
     assert_all_destroyed(fakevast, workdir)

@@ -1,4 +1,5 @@
-"""The dead-man switch, one per instance, started by the bootstrap as
+"""The dead-man switch, one per instance, started by the onstart script in the container's
+first second (and again by the bootstrap, which then finds it running and leaves it) as
 ``python -I -S watchdog-<key>.py <deadman seconds> <api url>``.
 
 Why: when the controlling Snakemake dies by ``kill -9`` or the laptop loses power, nobody is
@@ -80,11 +81,15 @@ def end_instance(api_url: str, credentials: tuple[str, str]) -> None:
         os.kill(1, signal.SIGKILL)
 
 
-def heartbeat_age() -> float:
+def silence(started: float) -> float:
+    """Seconds since the last sign of life: the newer of the heartbeat and this watchdog's
+    start, so a run that never logged in (still pulling, or dead before the bootstrap) counts
+    as silent from the container's first second."""
     try:
-        return time.time() - os.stat(HEARTBEAT).st_mtime
+        last = max(os.stat(HEARTBEAT).st_mtime, started)
     except FileNotFoundError:
-        return float("inf")
+        last = started
+    return time.time() - last
 
 
 def main() -> int:
@@ -98,11 +103,12 @@ def main() -> int:
     if credentials is None:  # not a Vast container: PID 1 may be a real machine's init
         say("no CONTAINER_ID/CONTAINER_API_KEY in /proc/1/environ; not guarding")
         return 0
+    started = time.time()
     say(f"guarding: no heartbeat for {deadman:g} s ends this instance")
     check = max(1.0, min(10.0, deadman / 4))
-    while heartbeat_age() <= deadman:
+    while silence(started) <= deadman:
         time.sleep(check)
-    say(f"no heartbeat for {heartbeat_age():.0f} s: the run that rented this instance is gone")
+    say(f"no heartbeat for {silence(started):.0f} s: the run that rented this instance is gone")
     end_instance(api_url, credentials)
     return 0
 
