@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
@@ -53,6 +53,8 @@ common_settings = CommonSettings(
     init_seconds_before_status_checks=0,
 )
 
+# Signals that never interrupt a teardown once it has begun.
+SHIELDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Status rounds read local state only (no API call); a job's outcome wakes the round at once,
 # so this is only the longest a round waits.
 STATUS_SECONDS = 1.0
@@ -69,6 +71,10 @@ class Executor(RemoteExecutor):
         from snakemake_executor_plugin_vastai.run import RunContext
 
         settings: ExecutorSettings = self.workflow.executor_settings
+        # The jobs whose outcome Snakemake has not had yet (for cancel_jobs): a job's state is
+        # let go once it has, so a run holds at most --jobs of them, however many it runs.
+        self._runs: set[JobRun] = set()
+        self._runs_lock = threading.Lock()  # run_job, the status thread and cancel_jobs
         self._teardown_lock = threading.Lock()
         self._torn_down = False
         try:
@@ -89,7 +95,6 @@ class Executor(RemoteExecutor):
             raise WorkflowError(str(error)) from None
         self._demand_counted = False
         self._cancelling = False
-        self._runs: list[JobRun] = []
         atexit.register(self._teardown)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, self._on_hangup)
@@ -121,7 +126,8 @@ class Executor(RemoteExecutor):
             self.context.digests,
             self._wake_status_round,
         )
-        self._runs.append(run)
+        with self._runs_lock:
+            self._runs.add(run)
         self.report_job_submission(SubmittedJobInfo(job, external_jobid=spec.tag, aux={"run": run}))
         # A daemon thread per job (Snakemake caps them at --jobs): interpreter exit must
         # never wait for a boot in progress, or the atexit teardown would come too late.
@@ -131,15 +137,19 @@ class Executor(RemoteExecutor):
         # Only local state is read here: the reaper's thread makes the instance list call.
         context = getattr(self, "context", None)  # the status thread starts before __post_init__
         for job_info in active_jobs:
-            outcome = job_info.aux["run"].outcome
+            run: JobRun = job_info.aux["run"]
+            outcome = run.outcome
             if outcome is None:
                 yield job_info
-            elif outcome.success:
+                continue
+            with self._runs_lock:
+                self._runs.discard(run)
+            if outcome.success:
                 self.report_job_success(job_info)
             elif outcome.cancelled and self._cancelling:
                 continue  # not a failure: the user stopped it, and cancel_jobs named it
             else:
-                context.pool.demand.returned(job_info.aux["run"].spec.counted)  # may be retried
+                context.pool.demand.returned(run.spec.counted)  # may be retried
                 self.report_job_error(job_info, msg=outcome.message, aux_logs=outcome.aux_logs)
 
     async def sleep(self) -> None:
@@ -171,7 +181,8 @@ class Executor(RemoteExecutor):
         alongside, best effort, and never hold the destroys up. ``active_jobs`` can be
         partial (it is empty during a status round), so all of ours are cancelled."""
         self._cancelling = True
-        running = [run for run in getattr(self, "_runs", []) if run.outcome is None]
+        with self._runs_lock:
+            running = [run for run in self._runs if run.outcome is None]
         for run in running:
             run.cancel()
         for run in running:
@@ -195,6 +206,7 @@ class Executor(RemoteExecutor):
             if self._torn_down or not hasattr(self, "context"):
                 return
             self._torn_down = True
+        shielded = self._shield_teardown()
         try:
             self.context.close()
         except Exception as error:
@@ -203,6 +215,27 @@ class Executor(RemoteExecutor):
                 "reap' to destroy what may be left.",
                 error,
             )
+        finally:
+            for signum, handler in shielded.items():
+                signal.signal(signum, handler)
+
+    def _shield_teardown(self) -> dict[int, Any]:
+        """While the teardown runs, a second Ctrl-C, SIGTERM or SIGHUP (a user closing the
+        terminal after Ctrl-C) is said and ignored: interrupting it would skip destroys and
+        the settling of lost creates. Returns the handlers to put back afterwards."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {signum: signal.signal(signum, self._during_teardown) for signum in SHIELDED}
+
+    def _during_teardown(self, signum: int, frame: object) -> None:
+        from snakemake_executor_plugin_vastai.pool import TEARDOWN_SECONDS
+
+        log.warning(
+            "%s: still destroying this run's Vast.ai instances; that is not interrupted (it "
+            "ends within %.0f s)",
+            signal.Signals(signum).name,
+            TEARDOWN_SECONDS,
+        )
 
     def _take_over_sigterm(self) -> None:
         """SIGTERM stops the run at once, like Ctrl-C, instead of Snakemake's graceful wait
@@ -218,6 +251,8 @@ class Executor(RemoteExecutor):
         raise KeyboardInterrupt  # Snakemake's own cancel path: cancel_jobs, then shutdown
 
     def _on_hangup(self, signum: int, frame: object) -> None:
+        if self._torn_down:
+            return  # the teardown has run or runs: never interrupt it
         log.warning("SIGHUP: destroying every Vast.ai instance of this run")
         self._teardown()
         raise SystemExit(128 + signum)

@@ -11,6 +11,7 @@ while. The ledger entry stays open until one of these is settled, so a later run
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 
@@ -25,6 +26,7 @@ log = get_logger(__name__)
 
 UNKNOWN_GRACE_SECONDS = 5.0  # an unknown create missing from lists this long stops counting
 UNKNOWN_MIN_MISSES = 2  # ... and from at least this many list rounds
+ROUND_SECONDS = 90.0  # a reaper round waits this long at most for the destroys it sent
 
 
 class Destroyer:
@@ -67,10 +69,13 @@ class Destroyer:
                 self.table.notify()
 
     def retry_failed(self) -> None:
-        """The reaper's round: try again every destroy that failed earlier."""
-        for instance in self.table.in_states(frozenset({State.DESTROYING})):
-            if instance.destroy_error is not None and id(instance) not in self._in_progress:
-                self.finish(instance, "retrying a failed destroy")
+        """The reaper's round: try again, side by side, every destroy that failed earlier."""
+        due = [
+            (instance, "retrying a failed destroy")
+            for instance in self.table.in_states(frozenset({State.DESTROYING}))
+            if instance.destroy_error is not None and id(instance) not in self._in_progress
+        ]
+        self.finish_all(due, time.monotonic() + ROUND_SECONDS)
 
     def settle_unknown(self, rows: Iterable[InstanceInfo], now: float | None = None) -> None:
         """One list round's verdict on every create whose answer was lost."""
@@ -102,17 +107,35 @@ class Destroyer:
 
     def close_unknown(self, rows: Iterable[InstanceInfo]) -> None:
         """At teardown, after the last list round: an unknown create still not listed is
-        taken as never made, and its ledger entry closed."""
+        taken as never made, and its ledger entry closed. Only one still unknown under the
+        lock: one that a list round found meanwhile is being destroyed, and is gone only
+        when the marketplace says so."""
         self.settle_unknown(rows, now=float("inf"))
         for instance in self.table.in_states(frozenset({State.UNKNOWN})):
+            with self.table.locked():
+                if instance.state is not State.UNKNOWN:
+                    continue
+                self.table.move(instance, State.GONE)
             log.info("The lost create %s never appeared; counting it as not made", instance.label)
             self.ledger.destroyed(instance.label)
-            with self.table.locked():
-                self.table.move(instance, State.GONE)
+
+    def finish_all(self, doomed: Iterable[tuple[Instance, str]], deadline: float) -> None:
+        """Destroy claimed instances side by side, each on a daemon thread of its own, and
+        wait for them until ``deadline`` (monotonic) at most: a hung destroy never holds up
+        the others, nor the end of the process (what is left stays ``destroying``)."""
+        threads = [
+            threading.Thread(target=self.finish, args=pair, name="vastai-destroy", daemon=True)
+            for pair in doomed
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _destroy_now(self, instance: Instance, reason: str) -> bool:
+        """The destroy first; closing the SSH connection (which may wait on a reconnect)
+        and the ledger come after, and neither can keep a destroyed instance from gone."""
         self._announce(instance, reason)
-        instance.close()
         if instance.instance_id is not None:
             try:
                 self.market.destroy(instance.instance_id)
@@ -126,7 +149,11 @@ class Destroyer:
                     )
                 instance.destroy_error = str(error)
                 return False
-        self.ledger.destroyed(instance.label)
+        threading.Thread(target=instance.close, name="vastai-ssh-close", daemon=True).start()
+        try:
+            self.ledger.destroyed(instance.label)
+        except OSError as error:  # a later reap finds it gone: no harm, only a stale record
+            log.warning("Could not record that %s is destroyed: %s", instance.name, error)
         if instance.destroy_error is not None:  # an error was reported: say it is settled
             say("Destroyed %s after a failed attempt", instance.name)
         with self.table.locked():

@@ -57,6 +57,7 @@ class Instance:
     vanished: bool = False  # listed once, then no longer: destroyed outside this run
     failure: str | None = None  # why it could not be prepared: told to the jobs waiting on it
     retiring: str | None = None  # why it takes no new job and goes once its jobs are done
+    creating: bool = False  # its create request has been sent (renting: an answer is due)
     unknown_since: float | None = None  # when its create's answer was lost
     list_misses: int = 0  # list rounds that did not show it (while unknown)
     presumed_absent: bool = False  # unknown, and list rounds have missed it long enough
@@ -74,13 +75,7 @@ class Instance:
         self.dph_total = offer.dph_total
         self.signature = capacity_signature
         self.slots = SlotBook(
-            Capacity(
-                gpus=offer.num_gpus,
-                cores=offer.cpu_cores,
-                mem_gb=offer.cpu_ram_mb / 1000,
-                disk_gb=float(capacity_signature.disk_gb),
-            ),
-            exclusive=exclusive,
+            machine_capacity(offer, capacity_signature.disk_gb), exclusive=exclusive
         )
 
     def cost(self, now: float) -> float:
@@ -158,6 +153,16 @@ class Instance:
     def close(self) -> None:
         if self.host is not None:
             self.host.close()
+
+
+def machine_capacity(offer: Offer, disk_gb: float) -> Capacity:
+    """What an instance on this offer has for its jobs, with the disk the rent asks for."""
+    return Capacity(
+        gpus=offer.num_gpus,
+        cores=offer.cpu_cores,
+        mem_gb=offer.cpu_ram_mb / 1000,
+        disk_gb=float(disk_gb),
+    )
 
 
 def ssh_endpoints(info: InstanceInfo) -> list[Endpoint]:

@@ -27,6 +27,8 @@ T = TypeVar("T")
 log = get_logger(__name__)
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+DESTROY_BUDGET_SECONDS = 60.0  # sending and confirming one destroy, retries included
+PAUSE_SLICE_SECONDS = 0.25  # a retry's wait looks this often whether to give up
 # What the SDK raises on an unreadable answer (AttributeError: it calls dict methods on it).
 GARBLED = (ValueError, KeyError, TypeError, AttributeError)
 WRONG_SHAPE = "not the shape the Vast.ai API sends"
@@ -62,6 +64,11 @@ class OfferGone(MarketplaceError):
 class CreateOutcomeUnknown(MarketplaceError):
     """The create request may have taken effect but its answer was lost (a server error or
     a broken connection): only the instance list, by label, can tell."""
+
+
+class Abandoned(MarketplaceError):
+    """A call refused before any effect (a rate limit, or no answer to a call that is safe to
+    repeat) that the caller asked to stop retrying: the run is closing, or a deadline passed."""
 
 
 class ApiUnreachable(MarketplaceError):
@@ -391,6 +398,7 @@ class Marketplace:
         label: str,
         onstart: str,
         price: float | None = None,
+        give_up: Callable[[], bool] | None = None,
     ) -> int:
         """Create an instance; returns its id (``price``: a bid, making it interruptible).
         ``OfferGone`` means: try the next offer.
@@ -398,7 +406,8 @@ class Marketplace:
         A create is not idempotent, so it is never blindly retried: after a transport or
         server error it raises ``CreateOutcomeUnknown`` and the unique label tells, later,
         whether the instance exists after all. A rate limit (429) is refused before any
-        effect, so that one is retried here.
+        effect, so that one is retried here, until ``give_up`` says so (``Abandoned``:
+        nothing was created).
         """
 
         def create() -> dict[str, Any]:
@@ -414,7 +423,7 @@ class Marketplace:
             )
 
         try:
-            answer = self._call("rent", create, retry_server_errors=False)
+            answer = self._call("rent", create, retry_server_errors=False, give_up=give_up)
         except OfferGone:
             raise
         except MarketplaceError as error:
@@ -444,10 +453,14 @@ class Marketplace:
         rows = self._call("list instances", self._sdk.show_instances)
         return [InstanceInfo.from_api(row) for row in rows]
 
-    def show(self, instance_id: int) -> InstanceInfo | None:
+    def show(
+        self, instance_id: int, give_up: Callable[[], bool] | None = None
+    ) -> InstanceInfo | None:
         """One instance, or None once it is gone."""
         row = self._call(
-            f"show instance {instance_id}", lambda: self._sdk.show_instance(instance_id)
+            f"show instance {instance_id}",
+            lambda: self._sdk.show_instance(instance_id),
+            give_up=give_up,
         )
         return InstanceInfo.from_api(row) if row else None
 
@@ -493,32 +506,38 @@ class Marketplace:
         """Restart the instance's container (keeps its disk and its place on the host)."""
         self._call(f"reboot instance {instance_id}", lambda: self._sdk.reboot_instance(instance_id))
 
-    def request_destroy(self, instance_id: int) -> None:
+    def request_destroy(self, instance_id: int, give_up: Callable[[], bool] | None = None) -> None:
         """Send the destroy (retried on rate limits and server errors); gone is fine."""
         self._call(
             f"destroy instance {instance_id}",
             lambda: self._sdk.destroy_instance(instance_id),
             gone_is_ok=True,
+            give_up=give_up,
         )
 
-    def destroy(self, instance_id: int, confirm_timeout: float = 60.0) -> None:
-        """Destroy and confirm the instance is gone; an already-gone instance is fine."""
-        deadline = time.monotonic() + confirm_timeout
+    def destroy(self, instance_id: int, budget: float = DESTROY_BUDGET_SECONDS) -> None:
+        """Destroy and confirm the instance is gone; an already-gone instance is fine. Every
+        retry stops within ``budget`` seconds: past it, MarketplaceError says it may bill."""
+        deadline = time.monotonic() + budget
+
+        def late() -> bool:
+            return time.monotonic() > deadline
+
         while True:
             try:
-                self.request_destroy(instance_id)
+                self.request_destroy(instance_id, give_up=late)
             except MarketplaceError:
-                if time.monotonic() > deadline:
+                if late():
                     raise
             try:
-                if self.show(instance_id) is None:
+                if self.show(instance_id, give_up=late) is None:
                     return
             except MarketplaceError:
-                if time.monotonic() > deadline:
+                if late():
                     raise
-            if time.monotonic() > deadline:
+            if late():
                 raise MarketplaceError(
-                    f"instance {instance_id} is still listed {confirm_timeout:.0f} s after "
+                    f"instance {instance_id} is still listed {budget:.0f} s after "
                     "destroy; check the Vast.ai console, it may still be billing"
                 )
             time.sleep(1.0)
@@ -532,7 +551,9 @@ class Marketplace:
         *,
         retry_server_errors: bool = True,
         gone_is_ok: bool = False,
+        give_up: Callable[[], bool] | None = None,
     ) -> T:
+        """``give_up``: asked before each retry; True ends the retries with ``Abandoned``."""
         import requests
 
         delays = iter(self._retry.delays())
@@ -567,7 +588,7 @@ class Marketplace:
                     ) from None
                 wait = max(wait, _retry_after(response))
                 log.debug("Vast.ai API %s: HTTP %s, retrying in %.1f s", what, status, wait)
-                time.sleep(wait)
+                self._pause(wait, what, status, give_up)
             except (requests.RequestException, *GARBLED) as error:
                 # No answer, or a garbled one (not JSON, or not the shape the SDK indexes,
                 # as a proxy or a server fault sends): retried like a server error. A request
@@ -576,7 +597,20 @@ class Marketplace:
                 wait = next(delays, None) if retry_server_errors and not unsent else None
                 if wait is None:
                     raise self._no_answer(error, what) from None
-                time.sleep(wait)
+                self._pause(wait, what, 0, give_up)
+
+    def _pause(
+        self, seconds: float, what: str, status: int, give_up: Callable[[], bool] | None
+    ) -> None:
+        """The wait before a retry, cut short (``Abandoned``) as soon as ``give_up`` says so."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if give_up is not None and give_up():
+                raise Abandoned(f"Vast.ai API: stopped retrying to {what} (HTTP {status})", status)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, PAUSE_SLICE_SECONDS))
 
     def _no_answer(self, error: Exception, what: str) -> MarketplaceError:
         """The error for a call that got no usable answer: none at all, or a garbled one."""

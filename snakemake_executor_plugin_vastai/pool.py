@@ -17,7 +17,6 @@ import itertools
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -29,7 +28,11 @@ from snakemake_executor_plugin_vastai.bootstrap import (
 )
 from snakemake_executor_plugin_vastai.caps import Caps
 from snakemake_executor_plugin_vastai.demand import Demand
-from snakemake_executor_plugin_vastai.destroyer import UNKNOWN_GRACE_SECONDS, Destroyer
+from snakemake_executor_plugin_vastai.destroyer import (
+    ROUND_SECONDS,
+    UNKNOWN_GRACE_SECONDS,
+    Destroyer,
+)
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.hosts import ExcludedHosts
 from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure
@@ -56,6 +59,7 @@ from snakemake_executor_plugin_vastai.table import (
     READY,
     STARTING,
     USABLE,
+    Cancelled,
     InstanceTable,
     State,
 )
@@ -70,16 +74,15 @@ RENT_ATTEMPTS = 3  # creates whose answer was lost, per job, before it fails
 RENT_BACKOFF_SECONDS = 1.0
 ORPHAN_WAIT_SECONDS = 60.0  # the first rent waits this long at most for the orphan reap
 SHUTDOWN_WAIT_SECONDS = 30.0  # for creates still in flight at teardown
+TEARDOWN_SECONDS = 120.0  # the whole teardown; what is not confirmed gone by then is named
 PREPARE_GRACE_SECONDS = 1800.0  # bootstrap (pip installs) on top of the boot timeout
 # A login that has not worked this long after "running" gets the instance one reboot.
 LOGIN_BEFORE_REBOOT_SECONDS = 60.0
 
 
-class Cancelled(InstanceFailure):
-    """The run is shutting down: the job was cancelled, it did not fail."""
-
-
 LOGGED_IN = (State.BOOTSTRAPPING, State.IDLE, State.BUSY)
+# Instances that will be idle (and so evictable) later: a job under a price cap waits for them.
+BUSY_OR_COMING = frozenset({State.RENTING, State.BOOTING, State.BOOTSTRAPPING, State.BUSY})
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,6 @@ class Pool:
         )
         self.orphans_reaped = threading.Event()  # set by the reaper once orphans are sent off
         self.boot_progress = BootProgress(market.redact)
-        self._closing = False
         self._serial = itertools.count(1)
         self._last_refresh = 0.0
 
@@ -246,8 +248,14 @@ class Pool:
                 with self._reservation(step):
                     return self._rent_and_prepare(step, request, tag, counted)
             except (NoOfferError, CapRefusal) as refusal:
+                price_bound = isinstance(refusal, CapRefusal)
+                if price_bound and self._evict_idle("the run's price cap needs room for a job"):
+                    continue
                 with self.table.locked():
-                    if not will_free_up(self.table.all(), wanted, needs):
+                    instances = self.table.all()
+                    if not will_free_up(instances, wanted, needs) and not (
+                        price_bound and any(i.state in BUSY_OR_COMING for i in instances)
+                    ):
                         raise
                 if str(refusal) != said_refusal:  # once, not every round of the wait
                     said_refusal = str(refusal)
@@ -261,13 +269,23 @@ class Pool:
                     ) from None
                 self.table.wait(RENT_BACKOFF_SECONDS * lost_creates)
 
+    def _evict_idle(self, reason: str) -> bool:
+        """Destroy the least recently used idle instance (of another kind: one of the job's
+        own kind with room would have taken it) to make room under a cap; False if none."""
+        with self.table.locked():
+            victim = least_recently_used(self.table.all())
+            if victim is None or not self.destroyer.claim(victim):
+                return False
+        self.destroyer.finish(victim, reason)
+        return True
+
     def _next_step(
         self, wanted: Signature, needs: Needs, tag: str, counted: list[Signature]
     ) -> Placement | Instance | None:
         """Under the lock: a placement, a reservation (renting), an eviction (destroying),
         or None to wait for the table to change."""
         with self.table.locked():
-            self._check_open()
+            self.table.check_open()
             instances = self.table.all()
             chosen = pick_instance(instances, wanted, needs)
             if chosen is not None:
@@ -306,13 +324,21 @@ class Pool:
     @contextmanager
     def _reservation(self, reserved: Instance) -> Iterator[Instance]:
         """A rent's reservation counts toward every cap from the start; released on every
-        path that rents nothing. A create with a lost answer stays (as unknown)."""
+        path that rents nothing. A create with a lost answer stays (as unknown). One that
+        was created but escapes with an error before it is ready (a ledger write that
+        failed, say) is destroyed, never dropped: nobody else would prepare it."""
         try:
             yield reserved
-        finally:
+        except BaseException as error:
             with self.table.locked():
                 if reserved.state is State.RENTING:
                     self.table.drop_reservation(reserved)
+                unprepared = reserved.state in STARTING
+                if unprepared:
+                    reserved.failure = reserved.failure or str(error)
+            if unprepared:
+                self.destroyer.destroy(reserved, unprepared_reason(reserved, error))
+            raise
 
     def _rent_and_prepare(
         self, reserved: Instance, request: ResourceRequest, tag: str, counted: list[Signature]
@@ -320,7 +346,7 @@ class Pool:
         if not self.orphans_reaped.wait(ORPHAN_WAIT_SECONDS):
             log.warning("The search for instances of dead earlier runs is slow; renting anyway")
         with self.table.locked():
-            self._check_open()
+            self.table.check_open()
         placement = Placement(reserved, self.renter.rent(reserved, request))
         assert reserved.offer is not None
         say("Rented %s for %s, %s", short_name(reserved), tag, reserved.offer.describe())
@@ -334,16 +360,19 @@ class Pool:
         """Boot, log in, bootstrap; on any failure (a teardown meanwhile included) the
         instance is destroyed and the jobs placed on it while it booted hear why."""
         try:
-            self._check_open()
+            self.table.check_open()
             self._boot_and_bootstrap(instance)
         except BaseException as error:
+            reason = unprepared_reason(instance, error)
             booting = instance.state is State.BOOTING and not isinstance(error, Cancelled)
-            if booting and isinstance(error, InstanceFailure | RemoteError):
-                error = self._with_boot_log(instance, error)
+            claimed = self.destroyer.claim(instance)  # nobody places a job on it any more
+            if booting and claimed and isinstance(error, InstanceFailure | RemoteError):
+                error = self._with_boot_log(instance, error)  # a teardown destroys meanwhile
             instance.failure = str(error)
             if booting:
                 self.excluded.exclude(instance.offer, f"its instance did not boot: {error}")
-            self.destroyer.destroy(instance, unprepared_reason(instance, error))
+            if claimed:
+                self.destroyer.finish(instance, reason)
             raise error from None
 
     def _with_boot_log(self, instance: Instance, error: Exception) -> InstanceFailure:
@@ -418,7 +447,7 @@ class Pool:
         self._last_refresh = 0.0  # a new instance is booting: look soon
         self.table.wait_for(
             lambda: (
-                self._closing
+                self.table.closing
                 or instance.state is not State.BOOTING
                 or instance.booted()
                 or instance.boot_failure() is not None
@@ -426,7 +455,7 @@ class Pool:
             timeout=max(0.0, deadline - time.monotonic()),
         )
         with self.table.locked():
-            self._check_open()
+            self.table.check_open()
             if instance.state is not State.BOOTING:
                 raise InstanceFailure(f"{instance.name} was destroyed while booting")
             failure = instance.boot_failure()
@@ -458,8 +487,7 @@ class Pool:
             if instance.slots is not None and placement.lease in instance.slots.leases:
                 instance.slots.give_back(placement.lease)
             reason = instance.failure or f"{instance.name} was destroyed before it was ready"
-        if self._closing:
-            raise Cancelled("the run is shutting down")
+        self.table.check_open()
         raise InstanceFailure(reason)
 
     # -- taking back -----------------------------------------------------------------------
@@ -517,8 +545,7 @@ class Pool:
                     continue
                 if reason is not None and self.destroyer.claim(instance):
                     doomed.append((instance, reason))
-        for instance, reason in doomed:
-            self.destroyer.finish(instance, reason)
+        self.destroyer.finish_all(doomed, time.monotonic() + ROUND_SECONDS)
         self.destroyer.retry_failed()
 
     def refresh_due(self) -> bool:
@@ -568,51 +595,60 @@ class Pool:
 
     # -- teardown --------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
+    def shutdown(self, budget: float = TEARDOWN_SECONDS) -> None:
         """Destroy everything, all destroys sent at once, then settle creates still in
-        flight and creates whose answer was lost. Idempotent."""
-        with self.table.locked():
-            self._closing = True
-            self.table.notify()
+        flight and creates whose answer was lost; all within ``budget`` seconds, after which
+        whatever is not confirmed gone is left for the run's report to name. Idempotent."""
+        deadline = time.monotonic() + budget
+        self.table.close()  # from here on no rent starts and every waiting job wakes
         if self.config.keep_instances:
             self._warn_kept()
             return
-        self._destroy_all()
-        if not self.table.wait_for(
+        self._destroy_all(deadline)
+        self.table.wait_for(
             lambda: not self.table.in_states(frozenset({State.RENTING})),
-            timeout=SHUTDOWN_WAIT_SECONDS,
-        ):
-            log.error("A create was still in flight at teardown; 'snakemake-vastai reap' finds it")
-        self._destroy_all()  # whatever a create still in flight made meanwhile
-        self._settle_unknown_at_teardown()
-        self._destroy_all()  # failed destroys: one more try each
+            timeout=max(0.0, min(SHUTDOWN_WAIT_SECONDS, deadline - time.monotonic())),
+        )
+        self._destroy_all(deadline)  # whatever a create still in flight made meanwhile
+        self._settle_creates_at_teardown(deadline)
+        self._destroy_all(deadline)  # failed destroys: one more try each
 
-    def _destroy_all(self) -> None:
+    def _destroy_all(self, deadline: float) -> None:
         with self.table.locked():
             for instance in self.table.all():
                 self.destroyer.claim(instance)
             doomed = self.table.in_states(frozenset({State.DESTROYING}))
-        if doomed:
-            with ThreadPoolExecutor(max_workers=min(64, len(doomed))) as workers:
-                list(workers.map(lambda i: self.destroyer.finish(i, "the run is over"), doomed))
+        self.destroyer.finish_all(((i, "the run is over") for i in doomed), deadline)
 
-    def _settle_unknown_at_teardown(self) -> None:
+    def _settle_creates_at_teardown(self, deadline: float) -> None:
+        """Creates whose answer was lost, and creates still without an answer: the instance
+        list says, by label, whether they made an instance; any it shows is destroyed."""
         unknown = self.table.in_states(frozenset({State.UNKNOWN}))
-        if not unknown:
+        in_flight = [i for i in self.table.in_states(frozenset({State.RENTING})) if i.creating]
+        if not unknown and not in_flight:
             return
-        newest = max(i.unknown_since or 0.0 for i in unknown)
-        time.sleep(max(0.0, newest + UNKNOWN_GRACE_SECONDS - time.monotonic()))
+        newest = max((i.unknown_since or 0.0 for i in unknown), default=0.0)
+        grace = min(newest + UNKNOWN_GRACE_SECONDS, deadline) - time.monotonic()
+        time.sleep(max(0.0, grace))
         try:
             rows = self.market.list_instances()
         except MarketplaceError as error:
             log.error(
-                "Could not check whether %d create(s) with lost answers happened: %s. Run "
+                "Could not check whether %d create(s) without an answer happened: %s. Run "
                 "'snakemake-vastai reap' to be sure.",
-                len(unknown),
+                len(unknown) + len(in_flight),
                 error,
             )
             return
         self.destroyer.close_unknown(rows)
+        made = {row.label: row.id for row in rows}
+        for reservation in in_flight:
+            if reservation.label in made:  # its answer has not come back yet: destroy by id
+                say("Destroying %s: created while the run was closing", reservation.label)
+                try:
+                    self.market.request_destroy(made[reservation.label])
+                except MarketplaceError as error:
+                    log.error("Could not destroy %s: %s", reservation.label, error)
 
     def _warn_kept(self) -> None:
         kept = [i for i in self.table.all() if i.instance_id and i.state is not State.GONE]
@@ -635,7 +671,3 @@ class Pool:
                 instance.dph_total,
                 cap,
             )
-
-    def _check_open(self) -> None:
-        if self._closing:
-            raise Cancelled("the run is shutting down")

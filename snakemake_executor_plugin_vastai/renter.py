@@ -20,18 +20,19 @@ from snakemake_executor_plugin_vastai.caps import Caps, rent_refusal
 from snakemake_executor_plugin_vastai.diagnosis import diagnose, market_search
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.hosts import ExcludedHosts
-from snakemake_executor_plugin_vastai.instance import Instance
+from snakemake_executor_plugin_vastai.instance import Instance, machine_capacity
 from snakemake_executor_plugin_vastai.ledger import Ledger
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.marketplace import (
+    Abandoned,
     CreateOutcomeUnknown,
     Marketplace,
     Offer,
     OfferGone,
 )
 from snakemake_executor_plugin_vastai.resources import ResourceRequest
-from snakemake_executor_plugin_vastai.slots import Lease
-from snakemake_executor_plugin_vastai.table import InstanceTable, State
+from snakemake_executor_plugin_vastai.slots import Lease, SlotBook
+from snakemake_executor_plugin_vastai.table import Cancelled, InstanceTable, State
 
 log = get_logger(__name__)
 
@@ -46,6 +47,12 @@ class NoOfferError(VastaiError):
 
 class CapRefusal(VastaiError):
     """Every matching offer would take the run past a price cap or the budget."""
+
+
+def holds(offer: Offer, request: ResourceRequest) -> bool:
+    """Could the offer's machine ever run the job (its cores, RAM, GPUs and disk)? A search
+    filter and the slots may read a field differently (a fractional core share, say)."""
+    return SlotBook(machine_capacity(offer, request.disk_gb)).could_ever_fit(request.needs())
 
 
 class OfferSearch:
@@ -129,8 +136,11 @@ class Renter:
         log.debug("Offer query for %s: %s (order %s)", request.rule, query, self.search.order)
         refusal = None
         offers: list[Offer] = []
+        too_small = 0
         for fresh in (False, True):  # the shared copy first; once more afresh if exhausted
-            offers = self.candidates(request, fresh)
+            found = self.candidates(request, fresh)
+            offers = [o for o in found if holds(o, request)]
+            too_small = len(found) - len(offers)
             for offer in offers:
                 claimed, why = self._claim(reserved, offer, request)
                 refusal = refusal or why
@@ -141,6 +151,12 @@ class Renter:
                 break
         if refusal is not None:
             raise CapRefusal(f"No new instance for {request.rule}: {refusal}")
+        if not offers and too_small:
+            raise NoOfferError(
+                f"the {too_small} offer(s) matching {request.rule} have less than the job "
+                f"needs ({request.needs()}) once shared out; ask for fewer threads or less "
+                "memory, or another GPU"
+            )
         if not offers:
             raise NoOfferError(self._diagnosis(request, query))
         raise NoOfferError(
@@ -185,6 +201,7 @@ class Renter:
         """Price the reservation at this offer if the caps allow it and no other job of ours
         is renting the same offer: (claimed, the cap's refusal if any)."""
         with self.table.locked():
+            self.table.check_open()  # a teardown has begun: no create may start after it
             if offer.id in self._offers_in_flight:
                 return False, None
             others = sum(i.dph_total for i in self.table.counted() if i is not reserved)
@@ -215,6 +232,7 @@ class Renter:
     def _create(self, reserved: Instance, request: ResourceRequest, offer: Offer) -> Lease | None:
         """The job's lease once created (booting); None when the offer was gone."""
         self.ledger.rent_requested(reserved.label, self.plan.run_id, offer.id, offer.dph_total)
+        reserved.creating = True
         try:
             instance_id = self.market.rent(
                 offer.id,
@@ -223,13 +241,15 @@ class Renter:
                 label=reserved.label,
                 onstart=self.plan.onstart,
                 price=offer.bid_price,
+                give_up=lambda: self.table.closing,
             )
+        except Abandoned:  # refused before any effect, and the run is closing
+            self._nothing_created(reserved)
+            raise Cancelled("the run is shutting down") from None
         except OfferGone as gone:
             log.info("%s is gone (%s); trying the next offer", offer.describe(), gone)
             self.search.drop(offer.id)
-            self.ledger.destroyed(reserved.label)  # nothing was created under this label
-            with self.table.locked():
-                reserved.dph_total = 0.0
+            self._nothing_created(reserved)
             return None
         except CreateOutcomeUnknown:
             found = self._look_up(reserved.label)
@@ -239,14 +259,20 @@ class Renter:
                 raise
             instance_id = found
         self.search.drop(offer.id)
-        self.ledger.rented(reserved.label, instance_id)
         with self.table.locked():
             assert reserved.slots is not None
             reserved.instance_id = instance_id
             reserved.busy_since = time.time()
-            lease = reserved.slots.take(request.needs())
-            self.table.move(reserved, State.BOOTING)
+            self.table.move(reserved, State.BOOTING)  # it exists: destroyed or kept, not dropped
+            lease = reserved.slots.take(request.needs())  # in the same step: no job goes first
+        self.ledger.rented(reserved.label, instance_id)
         return lease  # the pool says what was rented, for which job
+
+    def _nothing_created(self, reserved: Instance) -> None:
+        self.ledger.destroyed(reserved.label)  # nothing was created under this label
+        with self.table.locked():
+            reserved.dph_total = 0.0
+            reserved.creating = False
 
     def _look_up(self, label: str) -> int | None:
         """One immediate look by label after a lost answer; the reaper keeps looking."""

@@ -6,6 +6,7 @@ with a clear message before anything is rented (the credential check is one chea
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ from typing import Any
 from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan
 from snakemake_executor_plugin_vastai.caps import Caps
 from snakemake_executor_plugin_vastai.credentials import secrets
+from snakemake_executor_plugin_vastai.instance import Instance
 from snakemake_executor_plugin_vastai.jobrun import JobSpec
 from snakemake_executor_plugin_vastai.ledger import Ledger, RunLock, new_run_id
 from snakemake_executor_plugin_vastai.logger import get_logger
@@ -236,17 +238,9 @@ class RunContext:
         be and what to do."""
         if self.settings.keep_instances:
             return  # the pool has said what it kept
-        rented = [i for i in self.pool.instances() if i.instance_id or i.state is State.UNKNOWN]
-        doubtful = [i for i in rented if i.state is not State.GONE]
-        if doubtful:
-            log.error(
-                "%d instance(s) of this run may still be billing (%s). Run 'snakemake-vastai "
-                "reap' to destroy them.",
-                len(doubtful),
-                ", ".join(i.name for i in doubtful),
-            )
-        elif rented:
-            log.info("All %d instance(s) of this run are destroyed; none is billing.", len(rented))
+        level, message = teardown_report(self.pool.instances())
+        if message:
+            log.log(level, "%s", message)
 
     def _report_cost(self) -> None:
         cost = run_cost(
@@ -255,6 +249,29 @@ class RunContext:
         if cost.instances:
             path = cost.write(self.state_dir)
             log.info("%s\n  (details: %s)", cost.render(), path)
+
+
+def teardown_report(instances: list[Instance]) -> tuple[int, str]:
+    """(log level, line) on what the teardown left: every instance that was or may have been
+    created is confirmed gone, or these may still bill; "" when nothing was rented."""
+    rented = [
+        i
+        for i in instances
+        if i.instance_id or i.state is State.UNKNOWN or (i.creating and i.state is State.RENTING)
+    ]
+    doubtful = [i for i in rented if i.state is not State.GONE]
+    if doubtful:
+        return logging.ERROR, (
+            f"{len(doubtful)} instance(s) of this run may still be billing "
+            f"({', '.join(i.name for i in doubtful)}). Run 'snakemake-vastai reap' to destroy "
+            "them."
+        )
+    if rented:
+        return (
+            logging.INFO,
+            f"All {len(rented)} instance(s) of this run are destroyed; none is billing.",
+        )
+    return logging.INFO, ""
 
 
 def returned_files(job: Any) -> tuple[list[str], list[str]]:

@@ -137,7 +137,9 @@ class ExecutorSettings(ExecutorSettingsBase):
         default=None,
         metadata={
             "help": "Highest $/h summed over all instances of the run (booting and idle "
-            "included): no new rent above it, idle instances are evicted first."
+            "included): no new rent above it. A job it stops evicts the least recently used "
+            "idle instance of another kind, or waits while the run's busy instances may "
+            "free room."
         },
     )
     budget: Optional[float] = field(

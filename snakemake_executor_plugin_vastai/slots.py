@@ -23,6 +23,12 @@ class Needs:
     mem_gb: float = 0.0
     disk_gb: float = 0.0
 
+    def __str__(self) -> str:
+        return (
+            f"{self.gpus} GPU(s), {self.cores:g} core(s), {self.mem_gb:g} GB RAM, "
+            f"{self.disk_gb:g} GB disk"
+        )
+
 
 @dataclass(frozen=True)
 class Capacity:

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from snakemake_executor_plugin_vastai.errors import VastaiError
+
 if TYPE_CHECKING:
     from snakemake_executor_plugin_vastai.instance import Instance
 
@@ -57,12 +59,28 @@ class IllegalTransition(RuntimeError):
     """A move the transition map forbids: a bug in the plugin, never a user error."""
 
 
+class Cancelled(VastaiError):
+    """The run is shutting down: the job was cancelled, it did not fail."""
+
+
 class InstanceTable:
-    """The run's instances and the one lock (a condition) that guards all of them."""
+    """The run's instances and the one lock (a condition) that guards all of them, and
+    whether the run is closing: once it is, no new rent may start."""
 
     def __init__(self) -> None:
         self.changed = threading.Condition(threading.RLock())
         self._instances: list[Instance] = []
+        self.closing = False
+
+    def close(self) -> None:
+        """Teardown has begun: every waiter wakes, and no rent starts from now on."""
+        with self.changed:
+            self.closing = True
+            self.changed.notify_all()
+
+    def check_open(self) -> None:
+        if self.closing:
+            raise Cancelled("the run is shutting down")
 
     @contextmanager
     def locked(self) -> Iterator[None]:

@@ -213,7 +213,7 @@ def test_destroy_confirms_the_instance_is_gone(
     if failures:
         fakevast.set_faults({"http": [{"status": 503, "count": failures, "endpoint": DELETE}]})
     shows_before = calls(fakevast, SHOW)
-    market.destroy(instance_id, confirm_timeout=20)
+    market.destroy(instance_id, budget=20)
     assert fakevast.alive_instances() == []
     assert calls(fakevast, DELETE) == failures + 1
     assert calls(fakevast, SHOW) > shows_before, "destroy must look whether it worked"

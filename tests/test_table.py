@@ -34,6 +34,7 @@ from snakemake_executor_plugin_vastai.table import (
     STARTING,
     TRANSITIONS,
     USABLE,
+    Cancelled,
     IllegalTransition,
     InstanceTable,
     State,
@@ -41,7 +42,7 @@ from snakemake_executor_plugin_vastai.table import (
 from tests.fakevast.harness import FakeVast
 from tests.test_pool_decisions import REQUEST_4090
 
-EXPECTED = (InstanceFailure, NoOfferError, CapRefusal, MarketplaceError)
+EXPECTED = (InstanceFailure, NoOfferError, CapRefusal, MarketplaceError, Cancelled)
 """What a step may legitimately meet; anything else (IllegalTransition above all) fails."""
 
 REQUESTS = [
