@@ -34,6 +34,7 @@ from snakemake_executor_plugin_vastai.marketplace import (
     InstanceInfo,
     Marketplace,
     MarketplaceError,
+    pacing_wanted,
     resolve_api_key,
     resolve_api_url,
 )
@@ -163,7 +164,9 @@ def market(args: argparse.Namespace) -> Marketplace:
     """The API with the plugin's key and URL sources, checked first: a wrong key or URL is
     named as such, and not as a failure of whatever came next."""
     api = Marketplace(
-        resolve_api_key(args.api_key, HELPER_OPTIONS), resolve_api_url(args.api_url, HELPER_OPTIONS)
+        resolve_api_key(args.api_key, HELPER_OPTIONS),
+        resolve_api_url(args.api_url, HELPER_OPTIONS),
+        paced=pacing_wanted(),
     )
     api.check_credentials(HELPER_OPTIONS)
     return api

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.logger import get_logger
+from snakemake_executor_plugin_vastai.pacer import Pacer, Unpaced, book_path
 from snakemake_executor_plugin_vastai.redact import MIN_SECRET_CHARS
 from snakemake_executor_plugin_vastai.settings import DEFAULT_API_URL
 
@@ -27,6 +28,10 @@ T = TypeVar("T")
 log = get_logger(__name__)
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# A rate limit that comes despite the pacer (another machine or tool on the same key) is
+# waited out this long: more than search's 60 s window.
+RATE_LIMIT_BUDGET_SECONDS = 90.0
+UNPACED_ENV = "SNAKEMAKE_VASTAI_UNPACED"
 DESTROY_BUDGET_SECONDS = 60.0  # sending and confirming one destroy, retries included
 PAUSE_SLICE_SECONDS = 0.25  # a retry's wait looks this often whether to give up
 # What the SDK raises on an unreadable answer (AttributeError: it calls dict methods on it).
@@ -69,6 +74,18 @@ class CreateOutcomeUnknown(MarketplaceError):
 class Abandoned(MarketplaceError):
     """A call refused before any effect (a rate limit, or no answer to a call that is safe to
     repeat) that the caller asked to stop retrying: the run is closing, or a deadline passed."""
+
+
+class QuotaExhausted(MarketplaceError):
+    """Vast.ai's daily search quota for this key is used up: retrying only burns requests."""
+
+    def __init__(self, reset: str) -> None:
+        super().__init__(
+            "Vast.ai's daily offer-search quota for this API key is used up "
+            f"(it resets {reset}). No new instance can be rented until then; jobs already "
+            "running finish. Rerun after the reset.",
+            429,
+        )
 
 
 class ApiUnreachable(MarketplaceError):
@@ -318,12 +335,21 @@ class RetryPolicy:
 class Marketplace:
     """Typed, retrying, secret-scrubbing access to the Vast.ai API for one run."""
 
-    def __init__(self, api_key: str, api_url: str, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        api_key: str,
+        api_url: str,
+        retry: RetryPolicy | None = None,
+        paced: bool = False,
+    ) -> None:
+        """``paced``: keep to Vast.ai's rate limits (a run and the helper command do, see
+        ``pacing_wanted``)."""
         from vastai import VastAI  # the SDK is heavy; import only when a run really starts
 
         self._secrets = [api_key]
         self.api_url = api_url
         self._retry = retry or RetryPolicy()
+        self._pacer = Pacer(book_path(api_url, api_key)) if paced else None
         # retry=1: the SDK's own retry loop would hide the status codes our policy needs.
         self._sdk = VastAI(api_key=api_key, server_url=api_url, retry=1, raw=True, quiet=True)
 
@@ -346,7 +372,7 @@ class Marketplace:
         url = self.redact(self.api_url)
         wrong_url = _join(f"Is {url} the Vast.ai API? Check {options.fix_url()}.", options.outcome)
         try:
-            user = self._call("check the API key", self._sdk.show_user)
+            user = self._call("check the API key", self._sdk.show_user, endpoint="user")
         except ApiUnreachable as error:
             network = f"Check the network, or {options.fix_url()}."
             raise ApiUnreachable(url, error.reason, hint=_join(network, options.outcome)) from None
@@ -386,6 +412,7 @@ class Marketplace:
             lambda: self._sdk.search_offers(
                 query=query, type=kind, order=order, limit=limit, storage=disk_gb
             ),
+            endpoint="search",
         )
         return [Offer.from_api(row, interruptible) for row in rows]
 
@@ -423,7 +450,9 @@ class Marketplace:
             )
 
         try:
-            answer = self._call("rent", create, retry_server_errors=False, give_up=give_up)
+            answer = self._call(
+                "rent", create, endpoint="create", retry_server_errors=False, give_up=give_up
+            )
         except OfferGone:
             raise
         except MarketplaceError as error:
@@ -440,6 +469,7 @@ class Marketplace:
         self._call(
             f"attach the SSH key to instance {instance_id}",
             lambda: self._sdk.attach_ssh(instance_id, public_key),
+            endpoint="manage",
         )
 
     def find_by_label(self, label: str) -> InstanceInfo | None:
@@ -450,7 +480,7 @@ class Marketplace:
 
     def list_instances(self) -> list[InstanceInfo]:
         """Every instance of the account: one paged list call, used once per status round."""
-        rows = self._call("list instances", self._sdk.show_instances)
+        rows = self._call("list instances", self._sdk.show_instances, endpoint="list")
         return [InstanceInfo.from_api(row) for row in rows]
 
     def show(
@@ -460,6 +490,7 @@ class Marketplace:
         row = self._call(
             f"show instance {instance_id}",
             lambda: self._sdk.show_instance(instance_id),
+            endpoint="show",
             give_up=give_up,
         )
         return InstanceInfo.from_api(row) if row else None
@@ -476,6 +507,7 @@ class Marketplace:
             lambda: self._sdk_put(
                 f"/api/v0/instances/request_logs/{instance_id}/", {"tail": str(lines)}
             ),
+            endpoint="manage",
         )
         url = answer.get("result_url") if isinstance(answer, dict) else None
         while url and time.monotonic() < deadline:
@@ -504,13 +536,18 @@ class Marketplace:
 
     def reboot(self, instance_id: int) -> None:
         """Restart the instance's container (keeps its disk and its place on the host)."""
-        self._call(f"reboot instance {instance_id}", lambda: self._sdk.reboot_instance(instance_id))
+        self._call(
+            f"reboot instance {instance_id}",
+            lambda: self._sdk.reboot_instance(instance_id),
+            endpoint="manage",
+        )
 
     def request_destroy(self, instance_id: int, give_up: Callable[[], bool] | None = None) -> None:
         """Send the destroy (retried on rate limits and server errors); gone is fine."""
         self._call(
             f"destroy instance {instance_id}",
             lambda: self._sdk.destroy_instance(instance_id),
+            endpoint="destroy",
             gone_is_ok=True,
             give_up=give_up,
         )
@@ -549,15 +586,21 @@ class Marketplace:
         what: str,
         fn: Callable[[], T],
         *,
+        endpoint: str,
         retry_server_errors: bool = True,
         gone_is_ok: bool = False,
         give_up: Callable[[], bool] | None = None,
     ) -> T:
-        """``give_up``: asked before each retry; True ends the retries with ``Abandoned``."""
+        """One API call, made when the pacer gives ``endpoint`` its turn, retried as its
+        kind allows. A rate limit that comes anyway is waited out, not counted as a failure,
+        for up to RATE_LIMIT_BUDGET_SECONDS. ``give_up``: asked while waiting; True ends the
+        call with ``Abandoned`` (nothing was done)."""
         import requests
 
         delays = iter(self._retry.delays())
+        limited_since: float | None = None
         while True:
+            self._take_turn(endpoint, what, give_up)
             try:
                 return fn()
             except requests.HTTPError as error:
@@ -576,9 +619,21 @@ class Marketplace:
                     raise OfferGone(
                         self.redact(f"{what}: {body.get('msg', status)}"), status
                     ) from None
-                retryable = status == 429 or (retry_server_errors and status in RETRYABLE_STATUS)
                 if body.get("error") == "search_quota_exceeded":
-                    retryable = False
+                    raise QuotaExhausted(_reset_time(response)) from None
+                if status == 429 and self._pacer is not None:
+                    limited_since = limited_since or time.monotonic()
+                    if time.monotonic() - limited_since > RATE_LIMIT_BUDGET_SECONDS:
+                        raise MarketplaceError(
+                            f"Vast.ai API: could not {what}: still refused as too frequent "
+                            f"(HTTP 429) after {RATE_LIMIT_BUDGET_SECONDS:.0f} s; another "
+                            "program may be using this API key at the same time",
+                            status,
+                        ) from None
+                    log.debug("Vast.ai API %s: HTTP 429; waiting for the next turn", what)
+                    self._pacer.refused(endpoint)
+                    continue
+                retryable = status == 429 or (retry_server_errors and status in RETRYABLE_STATUS)
                 wait = next(delays, None) if retryable else None
                 if wait is None:
                     detail = body.get("msg") or body.get("error") or body.get("detail") or ""
@@ -598,6 +653,16 @@ class Marketplace:
                 if wait is None:
                     raise self._no_answer(error, what) from None
                 self._pause(wait, what, 0, give_up)
+
+    def _take_turn(self, endpoint: str, what: str, give_up: Callable[[], bool] | None) -> None:
+        if self._pacer is None:
+            return
+        try:
+            waited = self._pacer.wait_turn(endpoint, give_up)
+        except Unpaced:
+            raise Abandoned(f"Vast.ai API: stopped waiting to {what} (rate limit)") from None
+        if waited > 1.0:
+            log.debug("Vast.ai API %s: waited %.1f s for the rate limit", what, waited)
 
     def _pause(
         self, seconds: float, what: str, status: int, give_up: Callable[[], bool] | None
@@ -626,6 +691,21 @@ def _json_body(response: Any) -> dict[str, Any]:
     except Exception:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+def pacing_wanted() -> bool:
+    """Keep to Vast.ai's rate limits, unless UNPACED_ENV is set: for a marketplace without
+    them (the bundled fake with its limits off, in tests about something else)."""
+    return not os.environ.get(UNPACED_ENV)
+
+
+def _reset_time(response: Any) -> str:
+    """When a quota resets, from X-RateLimit-Reset (epoch seconds), in words."""
+    try:
+        reset = float(response.headers.get("X-RateLimit-Reset"))
+    except (AttributeError, TypeError, ValueError):
+        return "at the next UTC midnight"
+    return "at " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(reset))
 
 
 def _retry_after(response: Any) -> float:

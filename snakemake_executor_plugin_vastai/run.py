@@ -25,6 +25,7 @@ from snakemake_executor_plugin_vastai.ledger import Ledger, RunLock, new_run_id
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.marketplace import (
     Marketplace,
+    pacing_wanted,
     resolve_api_key,
     resolve_api_url,
 )
@@ -87,7 +88,7 @@ class RunContext:
         """``is_preemptible``: Snakemake's --preemptible-rules test (those rent bids)."""
         validate_settings(settings)
         api_url = resolve_api_url(settings.api_url)
-        market = Marketplace(resolve_api_key(settings.api_key), api_url)
+        market = Marketplace(resolve_api_key(settings.api_key), api_url, paced=pacing_wanted())
         for value in secrets(envvars):
             market.add_secret(value)
         market.check_credentials()

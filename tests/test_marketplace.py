@@ -76,7 +76,7 @@ def test_search_quota_is_not_retried(fakevast: FakeVast) -> None:
     """The daily quota resets at midnight UTC: retrying only burns requests."""
     quota = {"status": 429, "endpoint": SEARCH, "body": {"error": "search_quota_exceeded"}}
     fakevast.set_faults({"http": [quota]})
-    with pytest.raises(MarketplaceError, match="search_quota_exceeded"):
+    with pytest.raises(MarketplaceError, match="daily offer-search quota for this API key"):
         search(market_for(fakevast))
     assert calls(fakevast, SEARCH) == 1
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snakemake_executor_plugin_vastai.marketplace import UNPACED_ENV
 from tests.fakevast.harness import FakeVast
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +79,10 @@ def snakemake_env(fake: FakeVast) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAST_", "SNAKEMAKE_"))}
     env["VAST_API_KEY"] = fake.api_key
     env["PYTHONUNBUFFERED"] = "1"
+    if not getattr(
+        fake, "rate_limits", False
+    ):  # a test about something else: the plugin need not pace either
+        env[UNPACED_ENV] = "1"
     return env
 
 
