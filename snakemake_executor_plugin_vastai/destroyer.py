@@ -27,6 +27,8 @@ log = get_logger(__name__)
 UNKNOWN_GRACE_SECONDS = 5.0  # an unknown create missing from lists this long stops counting
 UNKNOWN_MIN_MISSES = 2  # ... and from at least this many list rounds
 ROUND_SECONDS = 90.0  # a reaper round waits this long at most for the destroys it sent
+CONFIRM_ROUNDS = 10  # list rounds after a batch destroy before the rest go one by one
+CONFIRM_PAUSE_SECONDS = 1.0  # between those rounds (the list limit: one a second)
 
 
 class Destroyer:
@@ -120,9 +122,18 @@ class Destroyer:
             self.ledger.destroyed(instance.label)
 
     def finish_all(self, doomed: Iterable[tuple[Instance, str]], deadline: float) -> None:
-        """Destroy claimed instances side by side, each on a daemon thread of its own, and
-        wait for them until ``deadline`` (monotonic) at most: a hung destroy never holds up
-        the others, nor the end of the process (what is left stays ``destroying``)."""
+        """Destroy claimed instances: several in one batch destroy, confirmed by list rounds
+        (Vast.ai allows one destroy every 3 s and one show every 2 s, but one list a second
+        for all), then whatever that left one by one, side by side, each on a daemon thread
+        of its own. Waits until ``deadline`` (monotonic) at most: a hung destroy never holds
+        up the others, nor the end of the process (what is left stays ``destroying``)."""
+        doomed = list(doomed)
+        batch = self._take(doomed)
+        if len(batch) > 1:
+            self._destroy_batch(batch, deadline)
+        elif batch:
+            self._release(batch)
+        doomed = [(i, reason) for i, reason in doomed if i.state is not State.GONE]
         threads = [
             threading.Thread(target=self.finish, args=pair, name="vastai-destroy", daemon=True)
             for pair in doomed
@@ -132,9 +143,55 @@ class Destroyer:
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
+    def _take(self, doomed: list[tuple[Instance, str]]) -> list[tuple[Instance, str]]:
+        """The claimed instances no other thread is destroying, now marked as in progress."""
+        with self.table.locked():
+            taken = [
+                (i, reason)
+                for i, reason in doomed
+                if i.state is State.DESTROYING
+                and i.instance_id is not None
+                and id(i) not in self._in_progress
+            ]
+            self._in_progress.update(id(i) for i, _ in taken)
+        return taken
+
+    def _release(self, taken: list[tuple[Instance, str]]) -> None:
+        with self.table.locked():
+            self._in_progress.difference_update(id(i) for i, _ in taken)
+            self.table.notify()
+
+    def _destroy_batch(self, batch: list[tuple[Instance, str]], deadline: float) -> None:
+        """One batch destroy, then list rounds until every one of them is gone, the rounds
+        stop showing progress, or the deadline; those still listed are left to the caller."""
+        try:
+            for instance, reason in batch:
+                self._announce(instance, reason)
+            ids = [i.instance_id for i, _ in batch if i.instance_id is not None]
+            try:
+                self.market.request_destroy_many(ids, give_up=lambda: time.monotonic() > deadline)
+            except MarketplaceError as error:
+                log.debug("The batch destroy failed (%s); destroying one by one", error)
+                return
+            waiting = [i for i, _ in batch]
+            for _ in range(CONFIRM_ROUNDS):
+                if not waiting or time.monotonic() > deadline:
+                    return
+                try:
+                    listed = {row.id for row in self.market.list_instances()}
+                except MarketplaceError as error:
+                    log.debug("Could not confirm the batch destroy: %s", error)
+                    return
+                for instance in [i for i in waiting if i.instance_id not in listed]:
+                    self._gone(instance)
+                    waiting.remove(instance)
+                if waiting:
+                    time.sleep(CONFIRM_PAUSE_SECONDS)
+        finally:
+            self._release(batch)
+
     def _destroy_now(self, instance: Instance, reason: str) -> bool:
-        """The destroy first; closing the SSH connection (which may wait on a reconnect)
-        and the ledger come after, and neither can keep a destroyed instance from gone."""
+        """One instance: its destroy sent and confirmed (by show), then it is gone."""
         self._announce(instance, reason)
         if instance.instance_id is not None:
             try:
@@ -149,6 +206,12 @@ class Destroyer:
                     )
                 instance.destroy_error = str(error)
                 return False
+        self._gone(instance)
+        return True
+
+    def _gone(self, instance: Instance) -> None:
+        """The marketplace confirmed it gone: closing its SSH connection (which may wait on
+        a reconnect) and the ledger come after, and neither can keep it from gone."""
         threading.Thread(target=instance.close, name="vastai-ssh-close", daemon=True).start()
         try:
             self.ledger.destroyed(instance.label)
@@ -160,7 +223,6 @@ class Destroyer:
             instance.gone_at = time.time()
             instance.destroy_error = None
             self.table.move(instance, State.GONE)
-        return True
 
     def _announce(self, instance: Instance, reason: str) -> None:
         """The first attempt says why the instance goes; a retry only under --verbose."""

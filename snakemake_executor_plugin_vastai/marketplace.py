@@ -504,8 +504,8 @@ class Marketplace:
         deadline = time.monotonic() + budget
         answer = self._call(
             f"request the log of instance {instance_id}",
-            lambda: self._sdk_put(
-                f"/api/v0/instances/request_logs/{instance_id}/", {"tail": str(lines)}
+            lambda: self._direct(
+                "PUT", f"/api/v0/instances/request_logs/{instance_id}/", {"tail": str(lines)}
             ),
             endpoint="manage",
         )
@@ -521,11 +521,13 @@ class Marketplace:
             time.sleep(0.3)
         return ""
 
-    def _sdk_put(self, path: str, body: dict[str, Any]) -> Any:
-        """A PUT the SDK has no safe call for (its logs() polls for 9 s and may return a dict)."""
+    def _direct(self, method: str, path: str, body: dict[str, Any]) -> Any:
+        """A request the SDK has no safe call for in every supported version: the log
+        request (its logs() polls for 9 s and may return a dict) and the batch destroy."""
         import requests
 
-        response = requests.put(
+        response = requests.request(
+            method,
             self.api_url.rstrip("/") + path,
             json=body,
             headers={"Authorization": f"Bearer {self._secrets[0]}"},
@@ -549,6 +551,18 @@ class Marketplace:
             lambda: self._sdk.destroy_instance(instance_id),
             endpoint="destroy",
             gone_is_ok=True,
+            give_up=give_up,
+        )
+
+    def request_destroy_many(
+        self, instance_ids: list[int], give_up: Callable[[], bool] | None = None
+    ) -> None:
+        """One batch destroy for several instances (``DELETE /instances/``, vastai SDK 1.9's
+        ``destroy_instances``): one call against the destroy limit instead of one each."""
+        self._call(
+            f"destroy instances {', '.join(map(str, instance_ids))}",
+            lambda: self._direct("DELETE", "/api/v0/instances/", {"instance_ids": instance_ids}),
+            endpoint="destroy",
             give_up=give_up,
         )
 

@@ -166,3 +166,20 @@ def test_a_destroy_gives_up_retrying_at_its_budget(fakevast: FakeVast) -> None:
     [error] = errors
     assert isinstance(error, MarketplaceError), error
     assert f"destroy instance {instance_id} (HTTP 429)" in str(error), error
+
+
+def test_a_teardown_destroys_many_instances_in_one_batch(
+    fakevast: FakeVast, tmp_path: Path
+) -> None:
+    """Vast.ai allows one destroy every 3 s: three instances go in one batch destroy and are
+    confirmed by the instance list, not by a destroy and a show each."""
+    rig = make_rig(fakevast, tmp_path / "state")
+    instances = [rig.rent(SIG, f"idle-{n}") for n in range(3)]
+
+    rig.pool.shutdown()
+
+    assert all(i.state is State.GONE for i in instances)
+    calls = fakevast.ledger()["api_calls"]
+    assert calls.get("DELETE /api/v0/instances/") == 1, calls
+    assert DESTROY not in calls and "GET /api/v0/instances/{id}/" not in calls, calls
+    assert fakevast.alive_instances() == []
