@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import (
+    RATE_LIMITS,
     BenchmarkError,
     FakeBill,
     clean_env,
@@ -169,7 +170,7 @@ def run_variant(
     offers = write_offers(scratch / "offers.json")
     load_before = os.getloadavg()[0]
     cpu_before = children_cpu_seconds()
-    with FakeVast(boot_seconds=boot_seconds, offers=offers) as fake:
+    with FakeVast(rate_limits=RATE_LIMITS, boot_seconds=boot_seconds, offers=offers) as fake:
         if faults is not None:
             set_faults(fake, faults)
         command = [

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import paramiko
 
+from benchmarks.measure import RATE_LIMITS
 from benchmarks.workflows import Workflow
 from tests.fakevast.clients import public_key, rent, run, sdk, ssh_login, wait_status
 from tests.fakevast.harness import FakeVast
@@ -65,7 +66,7 @@ def time_step(client: paramiko.SSHClient, command: str, runs: int) -> tuple[floa
 
 def measure(runs: int) -> list[StepTiming]:
     key = paramiko.ECDSAKey.generate()
-    with FakeVast(boot_seconds=0) as fake:
+    with FakeVast(rate_limits=RATE_LIMITS, boot_seconds=0) as fake:
         vast = sdk(fake)
         instance = rent(vast, query="num_gpus>=1", runtype="ssh_proxy")
         try:

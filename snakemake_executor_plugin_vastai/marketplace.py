@@ -563,6 +563,7 @@ class Marketplace:
             f"destroy instances {', '.join(map(str, instance_ids))}",
             lambda: self._direct("DELETE", "/api/v0/instances/", {"instance_ids": instance_ids}),
             endpoint="destroy",
+            weight=len(instance_ids),
             give_up=give_up,
         )
 
@@ -601,6 +602,7 @@ class Marketplace:
         fn: Callable[[], T],
         *,
         endpoint: str,
+        weight: int = 1,
         retry_server_errors: bool = True,
         gone_is_ok: bool = False,
         give_up: Callable[[], bool] | None = None,
@@ -614,7 +616,7 @@ class Marketplace:
         delays = iter(self._retry.delays())
         limited_since: float | None = None
         while True:
-            self._take_turn(endpoint, what, give_up)
+            self._take_turn(endpoint, what, give_up, weight)
             try:
                 return fn()
             except requests.HTTPError as error:
@@ -668,11 +670,13 @@ class Marketplace:
                     raise self._no_answer(error, what) from None
                 self._pause(wait, what, 0, give_up)
 
-    def _take_turn(self, endpoint: str, what: str, give_up: Callable[[], bool] | None) -> None:
+    def _take_turn(
+        self, endpoint: str, what: str, give_up: Callable[[], bool] | None, weight: int
+    ) -> None:
         if self._pacer is None:
             return
         try:
-            waited = self._pacer.wait_turn(endpoint, give_up)
+            waited = self._pacer.wait_turn(endpoint, give_up, weight)
         except Unpaced:
             raise Abandoned(f"Vast.ai API: stopped waiting to {what} (rate limit)") from None
         if waited > 1.0:

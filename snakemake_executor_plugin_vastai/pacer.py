@@ -77,17 +77,24 @@ class Pacer:
         self.clock = clock
         self._lock = threading.Lock()
 
-    def wait_turn(self, endpoint: str, give_up: Callable[[], bool] | None = None) -> float:
+    def wait_turn(
+        self, endpoint: str, give_up: Callable[[], bool] | None = None, weight: int = 1
+    ) -> float:
         """Block until a call to ``endpoint`` keeps within its limit, and book it. Returns
-        the seconds waited. Raises Unpaced when ``give_up`` says so first."""
+        the seconds waited. Raises Unpaced when ``give_up`` says so first. A batch call
+        (``weight`` ids) may go when one call may, and then holds the allowance of that
+        many calls: Vast.ai does not document its batch limits, so the stricter reading."""
         started = self.clock()
         while True:
             with self._book() as book:
                 now = self.clock()
                 wait = self._wait(book, endpoint, now)
                 if wait <= 0:
-                    calls = book.setdefault("calls", {}).setdefault(endpoint, [])
-                    calls.append(now)
+                    book.setdefault("calls", {}).setdefault(endpoint, []).append(now)
+                    if weight > 1:
+                        limit = self.limits[endpoint]
+                        held = now + weight * limit.seconds / limit.calls + SLACK_SECONDS
+                        self._block(book, endpoint, held)
                     return now - started
             self._sleep(wait, give_up)
 
@@ -96,9 +103,13 @@ class Pacer:
         key): no call to that endpoint before its penalty, or one interval, is over."""
         limit = self.limits[endpoint]
         with self._book() as book:
-            until = self.clock() + (limit.penalty or limit.seconds) + SLACK_SECONDS
-            blocked = book.setdefault("blocked", {})
-            blocked[endpoint] = max(blocked.get(endpoint, 0.0), until)
+            self._block(
+                book, endpoint, self.clock() + (limit.penalty or limit.seconds) + SLACK_SECONDS
+            )
+
+    def _block(self, book: dict[str, Any], endpoint: str, until: float) -> None:
+        blocked = book.setdefault("blocked", {})
+        blocked[endpoint] = max(blocked.get(endpoint, 0.0), until)
 
     def _wait(self, book: dict[str, Any], endpoint: str, now: float) -> float:
         limit = self.limits[endpoint]

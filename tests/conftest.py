@@ -24,21 +24,29 @@ def _stop_checked(fakes: list[FakeVast]) -> None:
     assert not leftovers, f"instances left running at teardown: {leftovers}"
 
 
+# These fixtures serve the tests about something else (faults, SSH, staging, teardown...):
+# they start the fake without Vast.ai's rate limits (--no-rate-limits), which are on by
+# default everywhere else. A test about the limits, or about throughput, teardown, caps or
+# cost under them, passes ``rate_limits=True`` to the factory or starts its own FakeVast.
+UNLIMITED = {"rate_limits": False}
+
+
 @pytest.fixture
 def fakevast() -> Iterator[FakeVast]:
-    """A fake marketplace with instant boots (--boot-seconds 0)."""
-    fake = FakeVast(boot_seconds=0)
+    """A fake marketplace with instant boots (--boot-seconds 0) and no rate limits."""
+    fake = FakeVast(boot_seconds=0, **UNLIMITED)
     yield fake
     _stop_checked([fake])
 
 
 @pytest.fixture
 def fakevast_factory() -> Iterator[Callable[..., FakeVast]]:
-    """Start fakes with custom settings: ``fakevast_factory(boot_seconds=2, offers=path)``."""
+    """Start fakes with custom settings: ``fakevast_factory(boot_seconds=2, offers=path)``;
+    without rate limits unless the caller passes ``rate_limits=``."""
     started: list[FakeVast] = []
 
     def start(**kwargs: Any) -> FakeVast:
-        fake = FakeVast(**kwargs)
+        fake = FakeVast(**{**UNLIMITED, **kwargs})
         started.append(fake)
         return fake
 

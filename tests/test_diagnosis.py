@@ -33,7 +33,7 @@ from tests.test_resources import FakeJob
 @pytest.fixture(scope="module")
 def market() -> Iterator[Marketplace]:
     """One fake for the module: searching rents nothing."""
-    with FakeVast() as fake:
+    with FakeVast(rate_limits=False) as fake:
         yield Marketplace(fake.api_key, fake.url)
         assert fake.ledger()["instances"] == []
 

@@ -581,7 +581,7 @@ def test_account_keys_reach_current_and_new_instances(
 
 
 def test_fake_process_exits_cleanly_and_destroys_everything(tmp_path: Path) -> None:
-    fake = FakeVast(boot_seconds=0, state_dir=tmp_path)
+    fake = FakeVast(boot_seconds=0, state_dir=tmp_path, rate_limits=False)  # polls freely
     vast = sdk(fake)
     instance_id = rent(vast)
     wait_status(vast, instance_id, "running")

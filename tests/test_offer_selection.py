@@ -190,7 +190,7 @@ def reference_ranking(case: Case, disk_gb: float) -> list[int]:
 @pytest.fixture(scope="module")
 def market() -> Iterator[Marketplace]:
     """One fake for the whole table: searching rents nothing, so nothing can be left over."""
-    with FakeVast() as fake:
+    with FakeVast(rate_limits=False) as fake:
         yield Marketplace(fake.api_key, fake.url)
         assert fake.ledger()["instances"] == []
 

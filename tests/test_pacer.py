@@ -142,3 +142,12 @@ def test_the_book_is_named_by_a_digest_never_the_key(monkeypatch: pytest.MonkeyP
     assert one.parent == Path("/cache/snakemake-vastai")
     assert "secret-key-1" not in str(one)
     assert one != other_url != book_path("https://console.vast.ai", "secret-key-2")
+
+
+def test_a_batch_holds_the_allowance_of_all_its_calls(tmp_path: Path) -> None:
+    """A batch destroy of three ids goes when one destroy may, and the next destroy waits
+    for three intervals (the fake charges a batch per id, the stricter reading)."""
+    pacer = Pacer(tmp_path / "book.json", {"destroy": Limit(1, 0.5)})
+    pacer.wait_turn("destroy", weight=3)
+
+    assert pacer.wait_turn("destroy") >= 3 * 0.5

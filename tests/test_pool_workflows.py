@@ -129,7 +129,7 @@ def chain(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     """One run of the chain per TTL, shared by the tests that read it (each run is ~20 s)."""
     ttl = request.param
     workdir = write_workflow(tmp_path_factory.mktemp(f"chain-ttl{ttl}") / "wf", CHAIN)
-    with FakeVast(boot_seconds=0) as fake:
+    with FakeVast(boot_seconds=0, rate_limits=False) as fake:
         return Chain(ttl, finish(workdir, fake, "--vastai-pool-ttl", str(ttl)))
 
 

@@ -55,7 +55,7 @@ REQUESTS = [
 
 @pytest.fixture(scope="module")
 def slow_boot_fake() -> Iterator[FakeVast]:
-    fake = FakeVast(boot_seconds=3600)
+    fake = FakeVast(boot_seconds=3600, rate_limits=False)
     yield fake
     try:
         assert fake.alive_instances() == []

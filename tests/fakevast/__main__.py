@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from .catalog import DEFAULT_OFFERS, Catalog
+from .limits import RateLimits
 from .market import Market
 from .server import FakeVastServer
 
@@ -25,6 +26,14 @@ def _milliseconds(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected a number of milliseconds >= 0, got {text!r}")
+    return value
+
+
+def _quota(text: str) -> int:
+    """A daily search quota: a whole number of searches, >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of searches >= 0, got {text!r}")
     return value
 
 
@@ -42,6 +51,17 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-key", default="fake-key", help="the user's key")
     parser.add_argument("--state-dir", type=Path, help="instances' files (default: a temp dir)")
     parser.add_argument("--log-requests", action="store_true", help="log each request to stderr")
+    parser.add_argument(
+        "--no-rate-limits",
+        dest="rate_limits",
+        action="store_false",
+        help="answer every call at once (default: Vast.ai's per-endpoint rate limits)",
+    )
+    parser.add_argument(
+        "--search-quota",
+        type=_quota,
+        help="searches per API key per UTC day (default: unlimited)",
+    )
     parser.add_argument(
         "--exit-on-eof",
         action="store_true",
@@ -63,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fakevast-") as scratch:
         state_root = args.state_dir or Path(scratch)
         state_root.mkdir(parents=True, exist_ok=True)
-        market = Market(catalog, args.boot_seconds, state_root, rtt_ms=args.rtt_ms)
+        limits = RateLimits(enabled=args.rate_limits, search_quota=args.search_quota)
+        market = Market(catalog, args.boot_seconds, state_root, args.rtt_ms, limits)
         server = FakeVastServer(args.port, market, args.api_key, args.log_requests)
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):

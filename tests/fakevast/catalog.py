@@ -27,7 +27,6 @@ _DEFAULTS: dict[str, Any] = {
     "gpu_name": "RTX 4090",
     "gpu_arch": "nvidia",
     "gpu_ram": 24564,
-    "gpu_frac": 1.0,
     "gpu_mem_bw": 912.0,
     "gpu_max_power": 450.0,
     "gpu_max_temp": 83.0,
@@ -164,6 +163,7 @@ class Catalog:
             for key in ("ask_contract_id", "bundle_id", "machine_id", "host_id"):
                 offer.setdefault(key, offer_id)
             offer.setdefault("gpu_total_ram", offer["gpu_ram"] * offer["num_gpus"])
+            offer.setdefault("gpu_frac", machine_share(offer))
             offer.setdefault("start_date", listed_at)
             offer.setdefault("end_date", listed_at + offer["duration"])
             offers[offer_id] = offer
@@ -196,6 +196,15 @@ class Catalog:
         ]
         found = sort_rows([o for o in priced if predicate(o)], order, _resolve)
         return found[:limit] if limit else found
+
+
+def machine_share(offer: Row) -> float:
+    """The offer's share of its machine when the entry does not give `gpu_frac`:
+    cpu_cores_effective / cpu_cores, as dstack's gpuhunt derives it (vast-api.md §10: an
+    instance gets RAM and CPU in proportion to its share of the machine's GPUs, and
+    cpu_cores_effective is already that share), so that the two ways to the share agree."""
+    cores, effective = offer.get("cpu_cores"), offer.get("cpu_cores_effective")
+    return effective / cores if cores and effective else 1.0
 
 
 def price(offer: Row, kind: str, storage_gb: float) -> dict[str, Any]:

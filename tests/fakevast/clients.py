@@ -7,11 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 import paramiko
+import requests
 from vastai import VastAI
 
 from .harness import FakeVast
 
 DEFAULT_IMAGE = "vastai/base-image:cuda-12.4.1-auto"
+SHOW_INTERVAL = 2.0  # GET /instances/{id}/ under the rate limits (limits.py)
 
 
 def sdk(fake: FakeVast, retry: int = 3) -> VastAI:
@@ -34,11 +36,19 @@ def rent(
 
 
 def wait_status(vast: VastAI, instance_id: int, status: str, timeout: float = 20) -> dict:
-    """Poll show_instance until actual_status is `status`; returns that row."""
+    """Poll show_instance until actual_status is `status`; returns that row. Polls every
+    0.1 s; a fake with rate limits refuses that (429), which only slows the poll down to
+    the show endpoint's interval."""
     deadline = time.monotonic() + timeout
     row = None
     while time.monotonic() < deadline:
-        row = vast.show_instance(instance_id)
+        try:
+            row = vast.show_instance(instance_id)
+        except requests.HTTPError as error:
+            if error.response is None or error.response.status_code != 429:
+                raise
+            time.sleep(SHOW_INTERVAL)
+            continue
         if row is not None and row["actual_status"] == status:
             return row
         time.sleep(0.1)

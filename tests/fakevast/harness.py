@@ -35,13 +35,22 @@ class FakeVast:
         api_key: str = "fake-key",
         state_dir: Path | None = None,
         rtt_ms: float = 0.0,
+        rate_limits: bool = True,
+        search_quota: int | None = None,
     ) -> None:
         """`rtt_ms` is the SSH relays' simulated round-trip time (``--rtt-ms``), e.g. 50 for a
-        laptop-to-Vast link; faults can change it later."""
+        laptop-to-Vast link; faults can change it later. `rate_limits` False answers every
+        call at once (``--no-rate-limits``), for tests about something else; `search_quota`
+        is the searches per key per UTC day (``--search-quota``; None: unlimited)."""
         self.api_key = api_key
+        self.rate_limits = rate_limits  # as started (``set_limits`` may change it later)
         command = [sys.executable, "-m", "tests.fakevast", "--port", "0"]
         command += ["--boot-seconds", str(boot_seconds), "--api-key", api_key, "--exit-on-eof"]
         command += ["--rtt-ms", str(rtt_ms)]
+        if not rate_limits:
+            command += ["--no-rate-limits"]
+        if search_quota is not None:
+            command += ["--search-quota", str(search_quota)]
         if offers is not None:
             command += ["--offers", str(offers)]
         if state_dir is not None:
@@ -107,6 +116,15 @@ class FakeVast:
 
     def clear_faults(self) -> None:
         self._call("DELETE", "/_fake/faults")
+
+    def limits(self) -> dict[str, Any]:
+        """The rate limits' settings and state (GET /_fake/limits)."""
+        return self._call("GET", "/_fake/limits")
+
+    def set_limits(self, **changes: Any) -> dict[str, Any]:
+        """POST /_fake/limits: `enabled`, `search_quota`, `reset`, `freeze`, `advance_seconds`
+        (README, "Rate limits and accounting")."""
+        return self._call("POST", "/_fake/limits", changes)
 
     def requests(self) -> list[dict[str, Any]]:
         """Every /api/ request so far, in arrival order (GET /_fake/requests)."""

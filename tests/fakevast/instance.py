@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .catalog import storage_per_hour
 from .container import Container
 from .faults import Delay, PriceRise
 from .launch import LaunchSpec
-from .relay import Relay
+from .relay import Relay, TrafficCounter
 
+BYTES_PER_GB = 1e9  # inet_up_cost / inet_down_cost are $/GB
 # The first poll still sees actual_status null (vast-api.md §4: "after about 1-2 polls").
 LOADING_AFTER_SECONDS = 0.3
 REBOOT_SECONDS = 1.0
@@ -105,6 +106,7 @@ class Instance:
     created_at: float
     keys: list[str]  # account keys at create time plus every key pushed or attached since
     request: Mapping[str, Any] = field(default_factory=dict)  # the create's body, as sent
+    traffic: TrafficCounter = field(default_factory=TrafficCounter)  # its relays' bytes
     dph_base: float = field(init=False)
     dph_total: float = field(init=False)
     label: str | None = field(init=False)
@@ -267,6 +269,12 @@ class Instance:
         self.proxy_down = False
         effects.cut.extend(self.relays)
 
+    def change_bid(self, price: float) -> None:
+        """A new bid: the price it rents at from now on (the ledger's bid_price too)."""
+        self.launch = replace(self.launch, price=price)
+        self.dph_base = price
+        self.dph_total = price + storage_per_hour(self.offer, self.launch.disk)
+
     def fail_create(self, message: str) -> None:
         """The container could not be created/started: stays `created` with Docker's error."""
         self.actual_status = "created"
@@ -287,6 +295,19 @@ class Instance:
     def cost(self, now: float) -> float:
         """Dollars accrued at the current price since creation (an approximation)."""
         return self.dph_total * ((self.ended_at or now) - self.created_at) / 3600
+
+    def bandwidth_cost(self) -> float:
+        """Dollars for the bytes its SSH relays carried, in any state (vast-api.md §10): into
+        the instance at the offer's inet_down_cost, out of it at inet_up_cost, per GB."""
+        moved = self.traffic.snapshot()
+        into, out = moved["up"], moved["down"]
+        offer = self.offer
+        dollars = into * (offer["inet_down_cost"] or 0.0) + out * (offer["inet_up_cost"] or 0.0)
+        return dollars / BYTES_PER_GB
+
+    def ram_share_mb(self) -> float:
+        """Its RAM: the machine's (`cpu_ram`) times its share of the machine (`gpu_frac`)."""
+        return self.offer["cpu_ram"] * self.offer["gpu_frac"]
 
     # -- how the API shows it -------------------------------------------------------------------
 
@@ -358,4 +379,13 @@ class Instance:
             "status": self.actual_status if self.alive else "destroyed",
             "destroyed_by": self.destroyed_by,
             "stopped_by": self.stopped_by,
+            "gpu_frac": self.offer["gpu_frac"],
+            "cpu_cores": self.offer["cpu_cores"],
+            "cpu_cores_effective": self.offer["cpu_cores_effective"],
+            "cpu_ram": self.offer["cpu_ram"],
+            "ram_share_mb": self.ram_share_mb(),
+            "ssh_bytes": self.traffic.snapshot(),
+            "inet_up_cost": self.offer["inet_up_cost"],
+            "inet_down_cost": self.offer["inet_down_cost"],
+            "bandwidth_cost": self.bandwidth_cost(),
         }

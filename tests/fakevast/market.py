@@ -27,7 +27,8 @@ from .container import Container, ContainerError, ContainerSpec
 from .errors import ApiError, api_error, forbidden, no_such_instance
 from .faults import FaultBook, FaultError, InstanceFaults, parse_update
 from .instance import Effects, Instance
-from .launch import parse_launch
+from .launch import MAX_PRICE, MIN_PRICE, parse_launch
+from .limits import RateLimits
 from .listing import list_page
 from .relay import Relay, RoundTrips, TrafficCounter
 
@@ -71,6 +72,14 @@ def _int_id(raw: str, error: ApiError) -> int:
         raise error from None
 
 
+def _id_list(body: Mapping[str, Any], key: str, what: str) -> list[int]:
+    """A batch call's ids: a non-empty list of integers, else the whole call is a 400."""
+    ids = body.get(key)
+    if not (isinstance(ids, list) and ids and all(type(i) is int for i in ids)):
+        raise api_error(400, "invalid_args", f"{key} must be a non-empty list of {what} ids")
+    return ids
+
+
 def _key_from(body: Mapping[str, Any]) -> str:
     key = body.get("ssh_key")
     if not isinstance(key, str) or not key.strip():
@@ -84,10 +93,16 @@ class Market:
     """All state of one fake marketplace."""
 
     def __init__(
-        self, catalog: Catalog, boot_seconds: float, state_root: Path, rtt_ms: float = 0.0
+        self,
+        catalog: Catalog,
+        boot_seconds: float,
+        state_root: Path,
+        rtt_ms: float = 0.0,
+        limits: RateLimits | None = None,
     ) -> None:
         self.catalog = catalog
         self.faults = FaultBook(boot_seconds, rtt_ms)
+        self.limits = limits if limits is not None else RateLimits()
         self.traffic = TrafficCounter()
         self.round_trips = RoundTrips()
         self.state_root = state_root
@@ -220,10 +235,10 @@ class Market:
         proxy = direct = None
         if container.sshd_port is not None:
             target = ("127.0.0.1", container.sshd_port)
-            proxy = Relay(target, self.traffic, self.round_trips)
+            proxy = Relay(target, instance.traffic, self.round_trips)
             relays.append(proxy)
             if instance.launch.wants_direct and instance.offer["direct_port_count"] > 0:
-                direct = Relay(target, self.traffic, self.round_trips)
+                direct = Relay(target, instance.traffic, self.round_trips)
                 relays.append(direct)
         effects = Effects()
         with self._lock:
@@ -268,6 +283,7 @@ class Market:
                 "ssh_bytes": self.traffic.snapshot(),
                 "ssh_round_trips": len(round_trip_times),
                 "ssh_round_trip_times": round_trip_times,
+                **self.limits.ledger(),
             }
 
     # -- faults ---------------------------------------------------------------------------------
@@ -348,12 +364,28 @@ class Market:
                 created_at=now,
                 keys=[k.public_key for k in self._keys],
                 request=dict(body),
+                traffic=TrafficCounter(parent=self.traffic),
             )
             instance.arm({f.name: getattr(faults, f.name) for f in fields(InstanceFaults)}, now)
             self._next_id += 1
             self._instances[instance.id] = instance
             self._rented[offer_id] = instance.id
         return {"success": True, "new_contract": instance.id}
+
+    def create_many(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /asks/bulk/``: the same create body on every offer in `ids`. Each offer is
+        answered as its own create would be (in `results`, with its `ask_id`); one offer's
+        refusal does not stop the others."""
+        ids = _id_list(body, "ids", "offer")
+        results = []
+        for offer_id in ids:
+            try:
+                answer = self.create(str(offer_id), body)
+            except ApiError as error:
+                answer = error.body
+            results.append({**answer, "ask_id": offer_id})
+        created = [r["new_contract"] for r in results if r.get("success")]
+        return {"success": len(created) == len(ids), "new_contracts": created, "results": results}
 
     @staticmethod
     def _gone(offer_id: int) -> ApiError:
@@ -420,6 +452,24 @@ class Market:
                 print(f"fakevast: destroying {instance.id}: {error}", file=sys.stderr)
         return {"success": True, "msg": f"destroying instance {instance.id}."}
 
+    def destroy_many(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``DELETE /instances/`` with `instance_ids`: destroys each live one; the ids that
+        are unknown or already gone are listed, not an error for the rest."""
+        destroyed, not_found = [], []
+        for instance_id in _id_list(body, "instance_ids", "instance"):
+            try:
+                self.destroy(str(instance_id))
+            except ApiError:
+                not_found.append(instance_id)
+            else:
+                destroyed.append(instance_id)
+        return {
+            "success": not not_found,
+            "destroyed": destroyed,
+            "not_found": not_found,
+            "msg": f"destroying instances {destroyed}.",
+        }
+
     def manage(self, raw_id: str, body: Mapping[str, Any], by: str = "user") -> dict[str, Any]:
         """``PUT /instances/{id}/``: dispatch on the body keys (label, or state). An instance's
         scoped key (`by` "container") may change its state but not its label."""
@@ -453,6 +503,24 @@ class Market:
             instance = self._alive(raw_id)
             instance.label = label
         return {"success": True, "msg": f"label for {instance.id} set to '{label}'"}
+
+    def change_bid(self, raw_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``PUT /instances/bid_price/{id}/`` (the SDK's change_bid): an interruptible
+        instance's bid becomes `price`, within the bounds a create's bid has."""
+        price = body.get("price")
+        with self._lock:
+            instance = self._alive(raw_id)
+            low = max(MIN_PRICE, instance.offer["min_bid"])
+            if isinstance(price, bool) or not isinstance(price, int | float):
+                raise api_error(400, "invalid_price", f"price must be a number, got {price!r}")
+            if not low <= price <= MAX_PRICE:
+                msg = f"bid price {price} is outside [{low}, {MAX_PRICE}]"
+                raise api_error(400, "invalid_price", msg)
+            if instance.launch.price is None:
+                msg = f"instance {instance.id} is on demand: only an interruptible one has a bid"
+                raise api_error(400, "invalid_args", msg)
+            instance.change_bid(float(price))
+        return {"success": True, "msg": f"bid price of instance {instance.id} set to {price}"}
 
     def reboot(self, raw_id: str) -> dict[str, Any]:
         effects = Effects()
@@ -568,7 +636,7 @@ class Market:
     def user(self) -> dict[str, Any]:
         now = time.time()
         with self._lock:
-            spent = sum(i.cost(now) for i in self._instances.values())
+            spent = sum(i.cost(now) + i.bandwidth_cost() for i in self._instances.values())
             first_key = self._keys[0].public_key if self._keys else None
         balance = round(STARTING_CREDIT - spent, 6)
         return {

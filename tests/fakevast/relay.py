@@ -33,16 +33,21 @@ _EOF = b""  # queued after the last chunk: the sender then passes the half-close
 
 @dataclass
 class TrafficCounter:
-    """Thread-safe byte totals shared by all relays of one marketplace."""
+    """Thread-safe byte totals ("up": client to instance, "down": back). An instance's relays
+    share one, which also adds into its marketplace's (`parent`): the bill is per instance,
+    the totals are per marketplace."""
 
     up: int = 0
     down: int = 0
+    parent: TrafficCounter | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, up: int = 0, down: int = 0) -> None:
         with self._lock:
             self.up += up
             self.down += down
+        if self.parent is not None:
+            self.parent.add(up, down)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

@@ -4,7 +4,10 @@ Two kinds of key are accepted: the user's (everything) and each instance's scope
 ``CONTAINER_API_KEY`` (show, state change and destroy of that one instance; 403 otherwise).
 Paths are served with or without a trailing slash and with repeated slashes collapsed (the SDK
 sends ``//api/...`` when its server_url ends in a slash). ``/_fake/*`` is the control plane for
-tests: no auth, not counted or logged, not subject to faults.
+tests: no auth, not counted or logged, not subject to faults or rate limits.
+
+A request is answered in this order: 401 (unknown key), 403 (a scoped key out of its scope), 429
+(Vast.ai's rate limits and search quota, `limits.py`), an HTTP fault rule, then the handler.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from .errors import ApiError, api_error, forbidden, invalid_request
 from .faults import normalise_path
+from .limits import Identity, LimitsError
 from .market import Market
 
 JSON = "application/json"
@@ -105,6 +109,7 @@ def _api_routes(market: Market, api_key: str) -> list[Route]:
     return [
         Route("POST", "/api/v0/bundles/", lambda r: market.search(r.body)),
         Route("PUT", "/api/v0/asks/{id}/", lambda r: market.create(r.params[0], r.body)),
+        Route("POST", "/api/v0/asks/bulk/", lambda r: market.create_many(r.body)),
         Route("GET", "/api/v1/instances/", lambda r: market.list_v1(r.query)),
         Route("GET", "/api/v0/instances/", lambda r: market.list_v0()),
         Route("GET", "/api/v0/instances/{id}/", lambda r: market.show(r.params[0])),
@@ -113,12 +118,18 @@ def _api_routes(market: Market, api_key: str) -> list[Route]:
             _INSTANCE_ROUTE,
             lambda r: market.destroy(r.params[0], by=r.caller.who),
         ),
+        Route("DELETE", "/api/v0/instances/", lambda r: market.destroy_many(r.body)),
         Route(
             "PUT",
             _INSTANCE_ROUTE,
             lambda r: market.manage(r.params[0], r.body, by=r.caller.who),
         ),
         Route("PUT", "/api/v0/instances/reboot/{id}/", lambda r: market.reboot(r.params[0])),
+        Route(
+            "PUT",
+            "/api/v0/instances/bid_price/{id}/",
+            lambda r: market.change_bid(r.params[0], r.body),
+        ),
         Route("POST", "/api/v0/instances/{id}/ssh/", lambda r: market.attach(r.params[0], r.body)),
         Route(
             "PUT",
@@ -137,8 +148,16 @@ def _fake_routes(market: Market) -> list[Route]:
         text = market.fetch_log(request.params[0])
         return Reply.of(404, "NoSuchKey\n") if text is None else Reply.of(200, text)
 
+    def limits(request: Request) -> dict[str, Any]:
+        try:
+            return market.limits.configure(request.body)
+        except LimitsError as error:
+            raise api_error(400, "invalid_limits", str(error)) from None
+
     return [
         Route("GET", "/_fake/ledger/", lambda r: market.ledger()),
+        Route("GET", "/_fake/limits/", lambda r: market.limits.to_json()),
+        Route("POST", "/_fake/limits/", limits),
         Route("GET", "/_fake/requests/", lambda r: market.requests()),
         Route("GET", "/_fake/faults/", lambda r: market.faults_json()),
         Route("POST", "/_fake/faults/", lambda r: market.set_faults(r.body)),
@@ -245,15 +264,21 @@ class FakeVastServer(ThreadingHTTPServer):
         return _Incoming(method, path, query, handler.read_body(), f"http://{host}", route, params)
 
     def _api_answer(self, handler: _RequestHandler, incoming: _Incoming) -> Reply:
-        """Authentication and scope (401/403), then the first HTTP fault rule that fires,
-        then the handler."""
-        caller = self._caller(handler, incoming.query)
+        """Authentication and scope (401/403), the rate limits (429), then the first HTTP
+        fault rule that fires, then the handler. A refused request uses up no fault rule."""
+        caller, key = self._caller(handler, incoming.query)
         if caller is None:
             return Reply.of(401, _UNAUTHORIZED)
         refusal = _out_of_scope(caller, incoming)
         if refusal is not None:
             return Reply.of(refusal.status, refusal.body)
         method, template = incoming.method, incoming.template
+        identity = Identity(key, handler.client_address[0])
+        limited = self.market.limits.check(
+            identity, f"{method} {template}", _ids_named(incoming.raw_body)
+        )
+        if limited is not None:
+            return Reply(429, limited.payload, limited.headers)
         rule = self.market.faults.take_http(method, template, incoming.path)
         if rule is None:
             return incoming.handle(caller)
@@ -264,19 +289,23 @@ class FakeVastServer(ThreadingHTTPServer):
             incoming.handle(caller)  # the request takes effect; only its answer is lost
         return Reply(rule.status, rule.error_body(method, template), rule.headers())
 
-    def _caller(self, handler: _RequestHandler, query: Mapping[str, str]) -> Caller | None:
+    def _caller(
+        self, handler: _RequestHandler, query: Mapping[str, str]
+    ) -> tuple[Caller | None, str]:
         """Whose key ``Authorization: Bearer <key>`` (all SDKs) or ``?api_key=`` (SDK <=
-        1.5.0) carries: the user's, an instance's CONTAINER_API_KEY, or None (unknown)."""
+        1.5.0) carries: the user's, an instance's CONTAINER_API_KEY, or None (unknown); and
+        that key, which the rate limits keep apart however it was sent."""
         header = handler.headers.get("Authorization", "")
         offered = [header.removeprefix("Bearer ").strip(), query.get("api_key", "")]
         offered = [key for key in offered if key]
-        if any(hmac.compare_digest(key.encode(), self.api_key.encode()) for key in offered):
-            return USER
+        for key in offered:
+            if hmac.compare_digest(key.encode(), self.api_key.encode()):
+                return USER, key
         for key in offered:
             owner = self.market.container_key_owner(key)
             if owner is not None:
-                return Caller(owner)
-        return None
+                return Caller(owner), key
+        return None, ""
 
 
 def _out_of_scope(caller: Caller, incoming: _Incoming) -> ApiError | None:
@@ -292,6 +321,17 @@ def _out_of_scope(caller: Caller, incoming: _Incoming) -> ApiError | None:
     if incoming.params[0] != str(caller.instance_id):
         return forbidden(f"this API key is scoped to {own}, not instance {incoming.params[0]}")
     return None
+
+
+def _ids_named(raw: bytes) -> int:
+    """How many ids a batch request names (`ids` or `instance_ids`), at least 1: what the
+    limits charge a batch whose rule counts per id. Other requests are charged 1 anyway."""
+    try:
+        body = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return 1
+    ids = body.get("ids", body.get("instance_ids")) if isinstance(body, dict) else None
+    return len(ids) if isinstance(ids, list) and ids else 1
 
 
 def _json_body(raw: bytes) -> Mapping[str, Any]:

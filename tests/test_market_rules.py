@@ -1,0 +1,94 @@
+"""Real runs against the fake with Vast.ai's rate limits on (``vast-api.md`` section 10): the
+plugin paces every endpoint, so a run, and two runs of the same key at once, receive no 429
+at all; the daily search quota stops new rents with the reset time named, while what already
+runs finishes. Every test ends with the fake showing nothing alive (the fixtures check it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.fakevast.harness import FakeVast
+from tests.test_pool_faults import FLAT_OFFERS, assert_outputs, fan_out
+from tests.workflows import (
+    assert_all_destroyed,
+    job_errors,
+    run_snakemake,
+    running_snakemake,
+    write_workflow,
+)
+
+RUN_TIMEOUT = 400
+
+
+def refused(fake: FakeVast) -> dict[str, int]:
+    ledger = fake.ledger()
+    return {**ledger["rate_limited"], **ledger["quota_exceeded"]}
+
+
+@pytest.mark.slow
+def test_two_workflows_of_one_key_at_once_receive_no_429(
+    fakevast_factory: Callable[..., FakeVast], tmp_path: Path
+) -> None:
+    """Neither run knows of the other; the book they share in the user's cache keeps their
+    calls together within every limit: creates, lists, shows and destroys alike."""
+    fake = fakevast_factory(boot_seconds=2, offers=FLAT_OFFERS, rate_limits=True)
+    first = write_workflow(tmp_path / "first", fan_out(3, sleep=2))
+    second = write_workflow(tmp_path / "second", fan_out(3, sleep=2))
+
+    with running_snakemake(first, fake, "--vastai-no-pack", jobs=3) as process:
+        run = run_snakemake(second, fake, "--vastai-no-pack", jobs=3, timeout=RUN_TIMEOUT)
+        first_code = process.wait(timeout=RUN_TIMEOUT)
+
+    assert run.ok, run.output
+    assert first_code == 0, (first / "snakemake.out").read_text()
+    assert_outputs(first, 3)
+    assert_outputs(second, 3)
+    assert refused(fake) == {}, refused(fake)
+    assert_all_destroyed(fake, first)
+    assert_all_destroyed(fake, second)
+
+
+QUOTA_WORKFLOW = """\
+localrules: all
+
+
+rule all:
+    input: "first.txt", "later.txt"
+
+
+rule first:
+    output: "first.txt"
+    resources: gpu=1
+    shell: "sleep 8; echo first > {output}"
+
+
+rule later:
+    input: "first.txt"
+    output: "later.txt"
+    resources: gpu=1, vastai_query="cpu_cores_effective>=2"
+    shell: "echo later > {output}"
+"""
+
+
+def test_the_daily_search_quota_stops_new_rents_and_names_the_reset(
+    fakevast_factory: Callable[..., FakeVast], tmp_path: Path
+) -> None:
+    """Two searches a day: the check before renting spends both (one per kind of job). The
+    first job runs and finishes; the later job's rent needs a search the quota refuses: it
+    fails at once, naming the quota and when it resets, without retrying."""
+    fake = fakevast_factory(boot_seconds=0, offers=FLAT_OFFERS, rate_limits=True, search_quota=2)
+    workdir = write_workflow(tmp_path / "wf", QUOTA_WORKFLOW)
+
+    run = run_snakemake(workdir, fake, jobs=1, timeout=RUN_TIMEOUT)
+
+    assert not run.ok
+    assert (workdir / "first.txt").read_text() == "first\n"
+    [error] = job_errors(run.output)
+    assert "daily offer-search quota for this API key is used up (it resets at " in error, error
+    assert "UTC)" in error, error
+    assert fake.ledger()["quota_exceeded"] == {"POST /api/v0/bundles/": 1}, fake.ledger()
+    assert fake.ledger()["rate_limited"] == {}
+    assert_all_destroyed(fake, workdir)
