@@ -36,7 +36,9 @@ def main() -> int:
         ledger = fake.ledger()
     instances = ledger["instances"]
     alive = [i for i in instances if i["ended_at"] is None]
-    billed = sum((i["ended_at"] - i["created_at"]) * i["dph_total"] / 3600 for i in instances)
+    hours = sum((i["ended_at"] - i["created_at"]) * i["dph_total"] / 3600 for i in instances)
+    billed = hours + sum(i["bandwidth_cost"] for i in instances)
+    refused = sum(ledger["rate_limited"].values())
     print()
     print(f"Snakemake exited with {done.returncode}.")
     print(f"Outputs: {args.workdir / 'results'}")
@@ -45,7 +47,8 @@ def main() -> int:
             print(f"  {path.relative_to(args.workdir)}")
     print(
         f"The fake marketplace rented {len(instances)} instance(s), billed ${billed:.4f}, "
-        f"and has {len(alive)} left running."
+        f"and has {len(alive)} left running. Calls it refused under Vast.ai's rate limits: "
+        f"{refused}."
     )
     return done.returncode or (1 if alive else 0)
 

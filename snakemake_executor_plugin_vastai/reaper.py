@@ -9,6 +9,7 @@ functions. The same scheduler says the running total of dollars once a minute.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -108,6 +109,17 @@ def _try(call: Callable[[int], None], orphan: Orphan) -> bool:
     return True
 
 
+class _SkippedRounds(logging.Filter):
+    """A round still running when the next is due makes APScheduler skip the next and warn.
+    With the API paced, a round may well outlast the half-second interval: no news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "skipped: maximum number of running instances" not in record.getMessage()
+
+
+SKIPPED_ROUNDS = _SkippedRounds()
+
+
 class Reaper:
     def __init__(
         self, pool: Pool, market: Marketplace, ledger: Ledger, state_dir: Path, run_id: str
@@ -119,6 +131,7 @@ class Reaper:
         self.ledger = ledger
         self.state_dir = state_dir
         self.run_id = run_id
+        logging.getLogger("apscheduler.scheduler").addFilter(SKIPPED_ROUNDS)
         self._scheduler = BackgroundScheduler(daemon=True)
         self._ticker = SpendTicker()
 
