@@ -14,8 +14,9 @@ from pathlib import Path
 
 GIT_TIMEOUT = 60.0
 # Seconds each job sleeps: 1 s jobs for the chain and the fanout, as the issue states them;
-# 0.1 s jobs where the plugin's own cost should dominate (the remote CPU figure, the load case).
-SLEEP_SECONDS = {"chain": 1, "fanout": 1, "tiny": 0.1, "load": 0.1}
+# 0.1 s jobs where the plugin's own cost should dominate (the remote CPU figure, the load case);
+# 0.05 s for the scale case, whose thousands of jobs measure the controller, not the jobs.
+SLEEP_SECONDS = {"chain": 1, "fanout": 1, "tiny": 0.1, "load": 0.1, "scale": 0.05}
 LOAD_SLEEP_SECONDS = SLEEP_SECONDS["load"]
 SEQUENTIAL = ("chain", "tiny")  # each job needs the previous one's output
 
@@ -65,36 +66,36 @@ rule work:
 # One GPU, stated rather than left to the plugin's default, so that what a job takes of an
 # instance does not change with that default; small mem_mb and disk_mb, as a tiny job would
 # declare (Snakemake's default for a job without input, disk_mb=50000, would fill an instance's
-# disk with one job and leave the packer nothing to share).
+# disk with one job and leave the packer nothing to share). The scale case is the same shape.
 _LOAD = """\
-# load: {jobs} independent jobs; each sleeps {sleep} s, then writes a small output.
+# {name}: {jobs} independent jobs; each sleeps {sleep} s, then writes a small output.
 localrules: all
 
 
 rule all:
     input:
-        expand("load/{{i}}.txt", i=range(1, {jobs} + 1)),
+        expand("{name}/{{i}}.txt", i=range(1, {jobs} + 1)),
 
 
 rule work:
     output:
-        "load/{{i}}.txt",
+        "{name}/{{i}}.txt",
     resources:
         gpu=1,
         mem_mb=1000,
         disk_mb=1000,
     shell:
-        "sleep {sleep}; echo load {{wildcards.i}} > {{output}}"
+        "sleep {sleep}; echo {name} {{wildcards.i}} > {{output}}"
 """
 
-_TEMPLATES = {"chain": _CHAIN, "tiny": _CHAIN, "fanout": _FANOUT, "load": _LOAD}
+_TEMPLATES = {"chain": _CHAIN, "tiny": _CHAIN, "fanout": _FANOUT, "load": _LOAD, "scale": _LOAD}
 
 
 @dataclass(frozen=True)
 class Workflow:
     """One benchmark workflow: which shape, how many remote jobs, how many at once."""
 
-    name: str  # "chain", "tiny", "fanout" or "load"
+    name: str  # "chain", "tiny", "fanout", "load" or "scale"
     jobs: int  # jobs that run remotely; the target rule `all` is local and not counted
     parallel: int  # --jobs for the executor, --cores for plain local Snakemake
 
@@ -144,9 +145,9 @@ def load_workflow(quick: bool) -> Workflow:
     return Workflow("load", 60, 8) if quick else Workflow("load", 500, 32)
 
 
-def load_outputs(jobs: int) -> dict[str, str]:
-    """What the load workflow must leave behind: relative path -> exact text."""
-    return {f"load/{i}.txt": f"load {i}\n" for i in range(1, jobs + 1)}
+def load_outputs(jobs: int, name: str = "load") -> dict[str, str]:
+    """What the load (or scale) workflow must leave behind: relative path -> exact text."""
+    return {f"{name}/{i}.txt": f"{name} {i}\n" for i in range(1, jobs + 1)}
 
 
 def _git_env() -> dict[str, str]:

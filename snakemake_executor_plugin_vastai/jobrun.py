@@ -23,6 +23,9 @@ from snakemake_executor_plugin_vastai.jobwire import (
     RemoteJob,
     ResultError,
     StreamLost,
+    append_log,
+    last_lines,
+    name_some,
 )
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.pool import Cancelled, Placement, Pool
@@ -145,13 +148,15 @@ class JobRun:
 
     def run(self) -> None:
         """The worker thread's body: never raises; always leaves an outcome, and only once the
-        instance is back in the pool (or gone), so the next job Snakemake submits finds it."""
+        instance is back in the pool (or gone), so the next job Snakemake submits finds it.
+        Snakemake waits for the outcome and the pool for the share: a thread that ended
+        without either would hang the run."""
         healthy = False
         host_fault = ""
         outcome = None
-        # An earlier run's job of the same tag left its log here: never shown as this one's.
-        self.spec.local_log.unlink(missing_ok=True)
         try:
+            # An earlier run's job of the same tag left its log here: never shown as this one's.
+            self.spec.local_log.unlink(missing_ok=True)
             self.placement = self.pool.acquire(self.spec.request, self.spec.tag, self.spec.counted)
             self._check_cancelled()
             ended = self._execute(self.placement)
@@ -179,14 +184,31 @@ class JobRun:
             log.exception("unexpected error in %s", self.spec.name)
             outcome = self._failure(f"{self.spec.name}: internal error: {error!r}. ")
         finally:
-            try:
-                if self._remote is not None:
-                    self._remote.close()
-                if self.placement is not None:
-                    self.pool.release(self.placement, healthy, host_fault)
-            finally:
-                self.outcome = outcome or self._failure(f"{self.spec.name}: no outcome. ")
-                self.on_outcome()
+            self._close_stream()
+            self._give_back(healthy, host_fault)
+            self.outcome = outcome or Outcome(False, f"{self.spec.name}: no outcome. ")
+            self.on_outcome()
+
+    def _close_stream(self) -> None:
+        """Best effort: by now the results are here or the job has failed, so a close that
+        raises (paramiko's EOFError or SSHException on a connection that broke under it)
+        changes nothing for the job and must never keep its share from going back."""
+        if self._remote is None:
+            return
+        try:
+            self._remote.close()
+        except Exception as error:
+            log.debug("%s: closing its stream failed: %r", self.spec.name, error)
+
+    def _give_back(self, healthy: bool, host_fault: str) -> None:
+        """The share back to the pool; a failure here is a bug, logged, and the job's outcome
+        still goes to Snakemake."""
+        if self.placement is None:
+            return
+        try:
+            self.pool.release(self.placement, healthy, host_fault)
+        except Exception:
+            log.exception("%s: giving back its share failed", self.spec.name)
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -262,7 +284,8 @@ class JobRun:
 
     def _collect(self) -> None:
         """The results: outputs and logs after success, logs only after a failure. A required
-        output that is missing or is no regular file fails the job, naming it."""
+        output that is missing or was refused (not a regular file, a link out of its directory
+        output) fails the job, naming it."""
         assert self._remote is not None and self.instance is not None
         started = time.monotonic()
         deadline = started + UNREACHABLE_SECONDS
@@ -291,13 +314,12 @@ class JobRun:
             if entry["path"] in optional:
                 log.warning("%s: log %s not fetched: %s", self.spec.name, *entry.values())
         if exit_code == 0 and (results.missing or refused):
-            problems = [f"'{p}'" for p in results.missing] + [
+            problems = [f"'{p}' (missing)" for p in results.missing] + [
                 f"'{r['path']}' ({r['reason']})" for r in refused
             ]
             raise StagingError(
-                "the job finished but did not create, as regular files, "
-                + ", ".join(problems)
-                + " on the instance"
+                f"the job finished, but some of its outputs could not come back from the "
+                f"instance: {name_some(problems)}"
             )
 
     def _where(self, error: BaseException) -> str:
@@ -310,17 +332,14 @@ class JobRun:
         return f": {detail}" if name in detail else f" on {name}: {detail}"
 
     def _append_log(self, chunk: bytes) -> None:
-        with open(self.spec.local_log, "ab") as handle:
-            handle.write(chunk)
+        append_log(self.spec.local_log, chunk)  # capped: the host decides how much comes
 
     def _log_tail(self, lines: int = 20) -> str:
-        if not self.spec.local_log.exists():
-            return ""
-        text = self.spec.local_log.read_text(errors="replace").splitlines()[-lines:]
-        return "Last lines of the job's output:\n" + "\n".join(text) + "\n"
+        text = last_lines(self.spec.local_log, lines)
+        return "Last lines of the job's output:\n" + "\n".join(text) + "\n" if text else ""
 
     def _failure(self, message: str) -> Outcome:
-        logs = [str(self.spec.local_log)] if self.spec.local_log.exists() else []
+        logs = [str(self.spec.local_log)] if self.spec.local_log.is_file() else []
         return Outcome(False, message, aux_logs=logs)
 
     def _check_cancelled(self) -> None:

@@ -7,8 +7,12 @@ exec stages and starts the job and reports its end by a blocking wait (no pollin
 side), and the results follow on the same stream. A lost connection loses nothing: the job runs
 detached on the instance, and ``attach`` asks a new agent to pick it up where the log left off.
 
-The host is a third party, so every frame is checked: its kind and size, a file's path against
-the declared outputs, its length and its SHA-256 against what was announced.
+The host is a third party, so every frame is checked: its kind, size and fields (a malformed
+one is the host's fault), a file's path against the declared outputs, its length against what
+was announced, and what it costs here: the disk it takes, the number of files, the size of the
+local log. The SHA-256 a host announces is its own, so it only catches a file cut short or
+changed while it was read, not a host that lies; what lands here is trusted only to be
+declared, bounded and a regular file (or a link that stays inside its directory output).
 """
 
 from __future__ import annotations
@@ -18,16 +22,18 @@ import json
 import os
 import re
 import shlex
+import shutil
 import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from snakemake_executor_plugin_vastai.credentials import FileValue
 from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.progress import human_bytes
 from snakemake_executor_plugin_vastai.remote import ExecStream, RemoteError, RemoteHost
 from snakemake_executor_plugin_vastai.staging import (
     DigestCache,
@@ -41,6 +47,21 @@ MAX_FRAME_BYTES = 4 * 1024 * 1024  # the agent sends at most 256 KiB of file or 
 READ_BYTES = 1024 * 1024
 RESULT_SILENCE_SECONDS = 120.0  # no byte of the results for this long: the stream is dead
 ATTACH_RECONNECT_SECONDS = 5.0  # one attach attempt's reconnect budget; the caller retries
+# Files, links and directories one job may send back (beyond the paths it declared): each is a
+# local inode and a few frames, and a directory output could otherwise receive them for ever.
+MAX_RESULT_ENTRIES = 50_000
+DISK_RESERVE_BYTES = 100_000_000  # a result never leaves less free here (Snakemake's own)
+MAX_REASON_CHARS = 300  # of a refusal's reason, which the host writes and a message quotes
+MAX_NAMED = 10  # outputs named in one message; the others are counted
+# The local job log keeps the first LOG_HEAD_BYTES of the output and, after a marker, the last
+# LOG_TAIL_BYTES (where a failure's last lines are): a host cannot fill this disk with it.
+LOG_HEAD_BYTES = 32 * 1024 * 1024
+LOG_TAIL_BYTES = 64 * 1024
+LOG_CUT_MARKER = (
+    f"\n[snakemake-vastai: the job's output passed {LOG_HEAD_BYTES >> 20} MiB; only its last "
+    f"{LOG_TAIL_BYTES >> 10} KiB are kept below]\n"
+).encode()
+_LOG_TAIL_START = LOG_HEAD_BYTES + len(LOG_CUT_MARKER)
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -54,7 +75,8 @@ class StreamLost(RemoteError):
 
 
 class ResultError(VastaiError):
-    """The results broke a rule: a path not declared, a wrong length or digest."""
+    """The host broke the protocol: a malformed frame, a path not declared, a wrong length or
+    digest. No honest agent does that, so the host is not rented again."""
 
 
 def env_file(env: dict[str, str]) -> str:
@@ -67,6 +89,100 @@ def _check_names(names: Iterable[str]) -> None:
     bad = [name for name in names if not _ENV_NAME.match(name)]
     if bad:
         raise ValueError(f"invalid environment variable names: {bad}")
+
+
+_REQUIRED: Any = object()  # the default of a field that must be there
+
+
+@dataclass(frozen=True)
+class Fields:
+    """A frame's JSON object, read field by field with its type checked: whatever else a host
+    sends is a ResultError (its fault), never a KeyError or TypeError here."""
+
+    kind: bytes
+    values: dict[str, Any]
+
+    @classmethod
+    def parse(cls, kind: bytes, payload: bytes) -> Fields:
+        try:
+            values = json.loads(payload)
+        except ValueError:  # not JSON, or not UTF-8
+            values = None
+        if not isinstance(values, dict):
+            raise ResultError(f"the agent sent a malformed {kind!r} frame (not a JSON object)")
+        return cls(kind, values)
+
+    def text(self, name: str, default: Any = _REQUIRED) -> str:
+        return self._typed(name, (str,), default)
+
+    def integer(self, name: str, minimum: int | None = None, default: Any = _REQUIRED) -> int:
+        value = self._typed(name, (int,), default)
+        if minimum is not None and value < minimum:
+            raise self._malformed(name, value)
+        return value
+
+    def number(self, name: str) -> float | None:
+        """An optional number (a CPU time the agent may not know)."""
+        return self._typed(name, (int, float), default=None)
+
+    def flag(self, name: str) -> bool:
+        return self._typed(name, (bool,), default=False)
+
+    def texts(self, name: str) -> list[str]:
+        values = self._typed(name, (list,), default=[])
+        if not all(isinstance(value, str) for value in values):
+            raise self._malformed(name, values)
+        return values
+
+    def _typed(self, name: str, types: tuple[type, ...], default: Any = _REQUIRED) -> Any:
+        value = self.values.get(name)
+        if value is None and default is not _REQUIRED:
+            return default
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise self._malformed(name, value)
+        return value
+
+    def _malformed(self, name: str, value: object) -> ResultError:
+        shown = repr(value)[:60]
+        return ResultError(f"the agent sent a malformed {self.kind!r} frame ({name}: {shown})")
+
+
+def name_some(items: list[str]) -> str:
+    """The first MAX_NAMED items, and how many more there are."""
+    more = len(items) - MAX_NAMED
+    return ", ".join(items[:MAX_NAMED]) + (f" and {more} more" if more > 0 else "")
+
+
+def append_log(path: Path, chunk: bytes) -> None:
+    """Add a chunk of the job's output to its local log, which never grows past the first
+    LOG_HEAD_BYTES, the marker and the latest LOG_TAIL_BYTES, whatever the host sends."""
+    with open(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+b") as log:
+        size = log.seek(0, os.SEEK_END)
+        if size <= LOG_HEAD_BYTES:  # the marker is not there yet
+            room = LOG_HEAD_BYTES - size
+            log.write(chunk[:room])
+            chunk = chunk[room:]
+            if not chunk:
+                return
+            log.write(LOG_CUT_MARKER)
+            size = _LOG_TAIL_START
+        earlier = b""
+        if len(chunk) < LOG_TAIL_BYTES:  # keep what the chunk does not replace
+            log.seek(max(_LOG_TAIL_START, size - (LOG_TAIL_BYTES - len(chunk))))
+            earlier = log.read()
+        log.seek(_LOG_TAIL_START)
+        log.write((earlier + chunk)[-LOG_TAIL_BYTES:])
+        log.truncate()
+
+
+def last_lines(path: Path, count: int) -> list[str]:
+    """The last lines of a local job log, read from its end only (it may be LOG_HEAD_BYTES)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            return log.read().decode(errors="replace").splitlines()[-count:]
+    except FileNotFoundError:
+        return []
 
 
 @dataclass(frozen=True)
@@ -96,7 +212,13 @@ class JobRequest:
         return self._encode(mode="attach", pid=pid, log_offset=log_offset)
 
     def _encode(self, **fields: Any) -> bytes:
-        body = {"job_dir": self.job_dir, "outputs": self.outputs, "logs": self.logs, **fields}
+        body = {
+            "job_dir": self.job_dir,
+            "outputs": self.outputs,
+            "logs": self.logs,
+            "max_entries": MAX_RESULT_ENTRIES,
+            **fields,
+        }
         return json.dumps(body).encode()
 
 
@@ -166,19 +288,42 @@ class FrameReader:
         return kind, payload
 
 
+@dataclass
+class _Incoming:
+    """The file being received: written under a partial name, renamed into place when whole."""
+
+    path: str
+    left: int
+    mode: int
+    partial: Path
+    handle: BinaryIO
+    sha256: Any  # hashlib's running digest
+
+
 class ResultFiles:
-    """Writes the files the agent sends, each to a partial file that is renamed into place only
-    once it is complete and its digest matches."""
+    """Writes what the agent sends: each file under a partial name that is renamed into place
+    only once it is complete and its digest matches, a link inside a directory output as a
+    link. Never more than MAX_RESULT_ENTRIES entries, nor a file this disk has no room for."""
 
     def __init__(self, wanted: list[str], digests: DigestCache) -> None:
+        self.declared = list(wanted)
         self.wanted = {safe_relative(path) for path in wanted}
         self.digests = digests
         self.trees: set[str] = set()  # wanted paths the agent announced as directories
+        self.links: dict[str, str] = {}  # each link made here -> its directory output
+        self.entries = 0
         self.results = Results()
-        self._file: dict[str, Any] | None = None
+        self._file: _Incoming | None = None
 
     def on_frame(self, kind: bytes, payload: bytes) -> None:
-        handlers = {b"M": self._directory, b"F": self._begin, b"D": self._data, b"E": self._end}
+        handlers = {
+            b"M": self._directory,
+            b"F": self._begin,
+            b"D": self._data,
+            b"E": self._end,
+            b"Y": self._link,
+            b"R": self._refused,
+        }
         handler = handlers.get(kind)
         if handler is None:
             raise ResultError(f"the agent sent an unexpected frame {kind!r} among the results")
@@ -186,84 +331,173 @@ class ResultFiles:
 
     def finish(self, payload: bytes) -> Results:
         if self._file is not None:
-            raise ResultError(f"the results ended inside '{self._file['path']}'")
-        done = json.loads(payload)
-        self.results.missing = [str(p) for p in done.get("missing", [])]
-        self.results.refused = [
-            {"path": str(r.get("path")), "reason": str(r.get("reason"))}
-            for r in done.get("refused", [])
-        ]
-        self.results.stored = [(str(p), str(d)) for p, d in done.get("stored", [])]
-        self.results.agent_cpu_seconds = done.get("agent_cpu_seconds")
+            raise ResultError(f"the results ended inside '{self._file.path}'")
+        done = Fields.parse(b"Z", payload)
+        missing = done.texts("missing")
+        undeclared = [path for path in missing if path not in self.declared]
+        if undeclared:
+            raise ResultError(f"the instance called '{undeclared[0]}' missing; it was not asked")
+        self.results.missing = missing
+        self.results.agent_cpu_seconds = done.number("agent_cpu_seconds")
+        self._check_links()
+        self._make_reachable()
         return self.results
 
     def abort(self) -> None:
         """Drop a half-received file (the stream broke; a new agent sends it again)."""
         if self._file is not None:
-            self._file["handle"].close()
-            Path(self._file["partial"]).unlink(missing_ok=True)
+            self._file.handle.close()
+            self._file.partial.unlink(missing_ok=True)
             self._file = None
 
-    def _allowed(self, path: object) -> str:
+    def _allowed(self, path: str) -> str:
         """The path, if the job declared it (or it lies in a declared directory)."""
         try:
-            normal = safe_relative(str(path))
+            normal = safe_relative(path)
         except StagingError:
             raise ResultError(f"the instance sent '{path}', outside the workflow") from None
-        if normal in self.wanted or any(normal.startswith(top + "/") for top in self.trees):
+        if normal in self.wanted or any(_inside(normal, top) for top in self.trees):
             return normal
         raise ResultError(f"the instance sent '{path}', which the job did not declare")
 
+    def _entry(self, path: str) -> str:
+        """The path of one more file, link or directory: declared, not below a link made here
+        (nothing is written through one), and within MAX_RESULT_ENTRIES."""
+        normal = self._allowed(path)
+        self.entries += 1
+        if self.entries > MAX_RESULT_ENTRIES + len(self.wanted):
+            raise StagingError(
+                f"the job sent back more than {MAX_RESULT_ENTRIES:,} files, links and "
+                f"directories (the last: '{normal}'); pack them into one archive and declare "
+                "that as the output"
+            )
+        parts = normal.split("/")
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in self.links:
+                raise ResultError(f"the instance sent '{path}' through a link")
+        return normal
+
     def _directory(self, payload: bytes) -> None:
-        path = self._allowed(json.loads(payload)["path"])
+        path = self._entry(Fields.parse(b"M", payload).text("path"))
         if path in self.wanted:
             self.trees.add(path)
         Path(path).mkdir(parents=True, exist_ok=True)
 
     def _begin(self, payload: bytes) -> None:
-        meta = json.loads(payload)
-        path = self._allowed(meta["path"])
-        size = meta["size"]
-        if not isinstance(size, int) or size < 0 or self._file is not None:
-            raise ResultError(f"the instance announced '{path}' badly")
+        meta = Fields.parse(b"F", payload)
+        path = self._entry(meta.text("path"))
+        size = meta.integer("size", minimum=0)
+        mode = stat.S_IMODE(meta.integer("mode", default=0o644)) & 0o777
+        if self._file is not None:
+            raise ResultError(f"the instance began '{path}' inside '{self._file.path}'")
         local = Path(path)
+        free = _free_bytes(local)
+        if size > free - DISK_RESERVE_BYTES:
+            raise StagingError(
+                f"'{path}' is {human_bytes(size)} on the instance: more than this machine has "
+                f"room for ({human_bytes(free)} free, of which {human_bytes(DISK_RESERVE_BYTES)} "
+                "stay free)"
+            )
         local.parent.mkdir(parents=True, exist_ok=True)
         partial = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}.part")
-        self._file = {
-            "path": path,
-            "left": size,
-            "mode": stat.S_IMODE(int(meta.get("mode", 0o644))) & 0o777,
-            "partial": partial,
-            "handle": open(partial, "wb"),  # noqa: SIM115 (closed in _end or abort)
-            "sha256": hashlib.sha256(),
-        }
+        handle = open(partial, "wb")  # noqa: SIM115 (closed in _end or abort)
+        self._file = _Incoming(path, size, mode, partial, handle, hashlib.sha256())
 
     def _data(self, payload: bytes) -> None:
         current = self._file
-        if current is None or len(payload) > current["left"]:
+        if current is None or len(payload) > current.left:
             raise ResultError("the instance sent more bytes than it announced")
-        current["handle"].write(payload)
-        current["sha256"].update(payload)
-        current["left"] -= len(payload)
+        current.handle.write(payload)
+        current.sha256.update(payload)
+        current.left -= len(payload)
 
     def _end(self, payload: bytes) -> None:
-        current, meta = self._file, json.loads(payload)
+        current = self._file
         if current is None:
             raise ResultError("the instance ended a file it never began")
-        if "error" in meta:  # the agent gave up on this file (it shrank while being read)
-            self.results.refused.append({"path": current["path"], "reason": str(meta["error"])})
+        meta = Fields.parse(b"E", payload)
+        if "error" in meta.values:  # the agent gave up on this file (it shrank while being read)
+            self._refuse(current.path, meta.text("error"))
             self.abort()
             return
-        digest = current["sha256"].hexdigest()
-        if current["left"] or meta.get("sha256") != digest:
+        digest = current.sha256.hexdigest()
+        if current.left or meta.text("sha256") != digest:
             self.abort()
-            raise ResultError(f"'{current['path']}' arrived damaged (length or SHA-256 differ)")
-        current["handle"].close()
-        os.chmod(current["partial"], current["mode"] or 0o644)
-        os.replace(current["partial"], current["path"])
-        self.digests.remember(current["path"], digest)
-        self.results.downloaded_bytes += os.path.getsize(current["path"])
+            raise ResultError(f"'{current.path}' arrived cut short or changed (length or SHA-256)")
+        stored = meta.flag("stored")  # the instance keeps it in its store for the next job
+        current.handle.close()
+        os.chmod(current.partial, current.mode or 0o644)
+        os.replace(current.partial, current.path)
+        self.digests.remember(current.path, digest)
+        self.results.downloaded_bytes += os.path.getsize(current.path)
+        if stored:
+            self.results.stored.append((current.path, digest))
         self._file = None
+
+    def _link(self, payload: bytes) -> None:
+        """A link inside a directory output is made here as a link (a Hugging Face cache is
+        made of them), if its target stays in that directory; _check_links checks it again,
+        resolved, once everything has landed."""
+        meta = Fields.parse(b"Y", payload)
+        path = self._entry(meta.text("path"))
+        target = meta.text("target")
+        top = next((tree for tree in self.trees if _inside(path, tree) and path != tree), None)
+        lands = os.path.normpath(os.path.join(os.path.dirname(path), target))
+        if top is None or os.path.isabs(target) or not _inside(lands, top):
+            raise ResultError(f"the instance sent '{path}' as a link to '{target}', out of bounds")
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise ResultError(f"the instance sent '{path}' as a directory and as a link")
+        partial = Path(path).with_name(f".{Path(path).name}.{uuid.uuid4().hex[:8]}.link")
+        os.symlink(target, partial)
+        os.replace(partial, path)
+        self.links[path] = top
+
+    def _refused(self, payload: bytes) -> None:
+        """A declared path the agent would not send, and why (a FIFO, a link out)."""
+        meta = Fields.parse(b"R", payload)
+        path = meta.text("path")
+        self._entry(path)
+        self._refuse(path, meta.text("reason"))
+
+    def _refuse(self, path: str, reason: str) -> None:
+        self.results.refused.append({"path": path, "reason": reason[:MAX_REASON_CHARS]})
+
+    def _check_links(self) -> None:
+        """Each link made here, resolved now that everything has landed, must end at something
+        inside its directory output (a chain of links can leave where no single link does):
+        any other is removed and refused by name."""
+        for link, top in self.links.items():
+            if not os.path.islink(link):
+                continue  # a file sent later under the same name replaced it
+            try:
+                resolved = os.path.realpath(link, strict=True)
+            except OSError:
+                reason = "a link to nothing here"
+            else:
+                inside = _inside(resolved, os.path.realpath(top))
+                reason = "" if inside else f"a link out of the directory output '{top}'"
+            if reason:
+                os.unlink(link)
+                self._refuse(link, reason)
+
+    def _make_reachable(self) -> None:
+        """Snakemake looks for a declared path as written: 'sub/../x.txt' needs 'sub' here,
+        as on the instance (and in a local run), though the file itself lands at 'x.txt'."""
+        for declared in self.declared:
+            if os.pardir in declared.split("/") and os.path.lexists(safe_relative(declared)):
+                os.makedirs(os.path.dirname(declared), exist_ok=True)
+
+
+def _inside(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _free_bytes(path: Path) -> int:
+    """Free space on the disk where path would land (its nearest existing folder's)."""
+    folder = path.parent
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 class RemoteJob:
@@ -352,7 +586,8 @@ class RemoteJob:
             raise
         if frame is not None and frame[0] == b"!":
             self.close()
-            raise AgentFailed(f"{self.host.name}: {json.loads(frame[1]).get('message')}")
+            message = Fields.parse(b"!", frame[1]).text("message", default="no reason given")
+            raise AgentFailed(f"{self.host.name}: {message[:MAX_REASON_CHARS]}")
         return frame
 
     def _on_progress(self, kind: bytes, payload: bytes) -> None:
@@ -360,11 +595,12 @@ class RemoteJob:
             self.on_log(payload)
             self.log_bytes += len(payload)
         elif kind == b"S":
-            started = json.loads(payload)
-            self.pid = int(started["pid"])
-            self.runner_note = "" if started.get("runner") else str(started.get("note", ""))
+            started = Fields.parse(kind, payload)
+            self.pid = started.integer("pid", minimum=1)
+            note = started.text("note", default="")[:MAX_REASON_CHARS]
+            self.runner_note = "" if started.flag("runner") else note
         elif kind == b"X":
-            ended = json.loads(payload)
-            self.exit = JobExit(int(ended["code"]), ended.get("cpu_seconds"))
+            ended = Fields.parse(kind, payload)
+            self.exit = JobExit(ended.integer("code"), ended.number("cpu_seconds"))
         elif kind != b"K":
             raise ResultError(f"the agent sent an unexpected frame {kind!r} before the exit")

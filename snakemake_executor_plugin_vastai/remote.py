@@ -54,6 +54,9 @@ TCP_USER_TIMEOUT_MS = 60_000
 # The window we grant the server; paramiko's 2 MiB default caps downloads on long links.
 WINDOW_SIZE = 16 * 1024 * 1024
 READ_CHUNK = 1024 * 1024
+# Of a command's stdout and of its stderr, only the last this many bytes are kept (a host may
+# send without end; what a caller reads, an error or a marker line, is at the end).
+MAX_OUTPUT_BYTES = 1024 * 1024
 KILL_GRACE_S = 5
 EXIT_CODE_FILE = "exit_code"  # in a job's workdir; written by the job or by the kill script
 
@@ -385,11 +388,14 @@ class ExecStream:
         return transport is None or not transport.is_active()
 
     def errors(self) -> str:
-        """What the command wrote to stderr so far (a traceback, a shell's complaint)."""
-        chunks = []
-        while self._channel.recv_stderr_ready():
-            chunks.append(self._channel.recv_stderr(READ_CHUNK))
-        return b"".join(chunks).decode(errors="replace").strip()
+        """What the command wrote to stderr so far (a traceback, a shell's complaint): its
+        end, read until nothing more is waiting or MAX_OUTPUT_BYTES came."""
+        kept, read = bytearray(), 0
+        while read < MAX_OUTPUT_BYTES and self._channel.recv_stderr_ready():
+            chunk = self._channel.recv_stderr(READ_CHUNK)
+            _keep_end(kept, chunk)
+            read += len(chunk)
+        return kept.decode(errors="replace").strip()
 
     def close(self) -> None:
         self._channel.close()
@@ -407,21 +413,27 @@ def _exec(transport: paramiko.Transport, command: str) -> paramiko.Channel:
 
 def _drain(channel: paramiko.Channel, deadline: float) -> tuple[bytes, bytes]:
     """Read stdout and stderr together until EOF; reading one to its end first could deadlock
-    once the other fills its window."""
+    once the other fills its window. Only the end of each is kept (MAX_OUTPUT_BYTES)."""
     stdout, stderr = bytearray(), bytearray()
     while True:
         # All data precedes the EOF, so once EOF was seen, one more pass empties the buffers.
         done = channel.eof_received or channel.closed
         while channel.recv_ready():
-            stdout += channel.recv(READ_CHUNK)
+            _keep_end(stdout, channel.recv(READ_CHUNK))
         while channel.recv_stderr_ready():
-            stderr += channel.recv_stderr(READ_CHUNK)
+            _keep_end(stderr, channel.recv_stderr(READ_CHUNK))
         if done:
             return bytes(stdout), bytes(stderr)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
         select.select([channel], [], [], remaining)
+
+
+def _keep_end(kept: bytearray, chunk: bytes) -> None:
+    """Append chunk, then drop all but the last MAX_OUTPUT_BYTES."""
+    kept += chunk
+    del kept[:-MAX_OUTPUT_BYTES]
 
 
 def _mkdirs(sftp: paramiko.SFTPClient, path: str) -> None:

@@ -198,7 +198,9 @@ class Upload:
 
 
 def expand_local(paths: Iterable[str]) -> list[str]:
-    """Files named by paths, directories walked; a missing path is an error, not a skip."""
+    """Files named by paths, directories walked; a missing path is an error, not a skip. A file
+    named through '..' keeps its name: the job looks for 'sub/../x' as written, so the job
+    directory needs 'sub' too."""
     files = []
     for path in paths:
         rel = safe_relative(path)
@@ -207,7 +209,7 @@ def expand_local(paths: Iterable[str]) -> list[str]:
                 os.path.join(root, name) for root, _, names in os.walk(rel) for name in names
             )
         elif os.path.exists(rel):
-            files.append(rel)
+            files.append(path if os.pardir in Path(path).parts else rel)
         else:
             raise StagingError(f"input file '{path}' does not exist locally; cannot ship it")
     return sorted(set(files))

@@ -4,10 +4,12 @@ checks, secrets kept out of every argv, kills, dropped connections and a runner 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import shlex
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +24,10 @@ from hypothesis import strategies as st
 
 from snakemake_executor_plugin_vastai.bootstrap import SCRIPT_COMMAND, BootstrapPlan
 from snakemake_executor_plugin_vastai.jobwire import (
+    LOG_CUT_MARKER,
+    LOG_HEAD_BYTES,
+    LOG_TAIL_BYTES,
+    MAX_RESULT_ENTRIES,
     JobExit,
     JobRequest,
     RemoteJob,
@@ -29,16 +35,19 @@ from snakemake_executor_plugin_vastai.jobwire import (
     ResultFiles,
     Results,
     StreamLost,
+    append_log,
     env_file,
+    last_lines,
 )
 from snakemake_executor_plugin_vastai.onhost.runner import read_env_file, snakemake_args
-from snakemake_executor_plugin_vastai.remote import HostKeyMismatch, RemoteHost
+from snakemake_executor_plugin_vastai.remote import MAX_OUTPUT_BYTES, HostKeyMismatch, RemoteHost
 from snakemake_executor_plugin_vastai.staging import (
     REMOTE_BASE,
     DigestCache,
     InstanceFiles,
     SourceBundle,
     Stager,
+    StagingError,
 )
 from tests.fakevast.harness import FakeVast
 from tests.instances import logged_in
@@ -192,22 +201,55 @@ def test_an_output_feeds_the_next_job_without_upload(box: OnInstance) -> None:
 def test_a_directory_output_comes_back_as_a_tree(box: OnInstance) -> None:
     make = (
         "mkdir -p 'out/tree/sub dir/deeper' out/elsewhere && echo a > out/tree/a.txt && "
-        "echo b > 'out/tree/sub dir/b.txt' && echo c > 'out/tree/sub dir/deeper/c.txt' && "
-        "ln -s a.txt out/tree/link.txt && ln -s ../elsewhere out/tree/dirlink"
+        "echo b > 'out/tree/sub dir/b.txt' && echo c > 'out/tree/sub dir/deeper/c.txt'"
     )
     ended, results = box.start("tree", make, outputs=("out/tree",)).finish(box.digests)
     assert ended.code == 0
     found = sorted(str(p.relative_to("out/tree")) for p in Path("out/tree").rglob("*"))
-    assert found == [
-        "a.txt",
-        "link.txt",  # a link to a file comes back as the file
-        "sub dir",
-        "sub dir/b.txt",
-        "sub dir/deeper",
-        "sub dir/deeper/c.txt",
-    ]
+    assert found == ["a.txt", "sub dir", "sub dir/b.txt", "sub dir/deeper", "sub dir/deeper/c.txt"]
     assert Path("out/tree/sub dir/deeper/c.txt").read_text() == "c\n"
-    assert results.refused == [{"path": "out/tree/dirlink", "reason": "link"}]
+    assert results.refused == []
+
+
+def test_links_inside_a_directory_output_come_back_as_links(box: OnInstance) -> None:
+    """A Hugging Face cache is made of links: snapshot files point into blobs/, and a link to a
+    directory (or an absolute link) inside the output is just as harmless."""
+    make = (
+        "mkdir -p hf/blobs hf/refs hf/snapshots/rev1/sub && echo config > hf/blobs/aaa && "
+        "echo weights > hf/blobs/bbb && echo rev1 > hf/refs/main && "
+        "ln -s ../../blobs/aaa hf/snapshots/rev1/config.json && "
+        "ln -s ../../../blobs/bbb hf/snapshots/rev1/sub/model.bin && "
+        "ln -s snapshots/rev1 hf/latest && ln -s $PWD/hf/blobs/aaa hf/absolute"
+    )
+    ended, results = box.start("hf", make, outputs=("hf",)).finish(box.digests)
+    assert ended.code == 0
+    assert results.refused == []
+    links = {
+        "hf/snapshots/rev1/config.json": "../../blobs/aaa",
+        "hf/snapshots/rev1/sub/model.bin": "../../../blobs/bbb",
+        "hf/latest": "snapshots/rev1",
+        "hf/absolute": "blobs/aaa",  # relative: the instance's absolute path means nothing here
+    }
+    for link, target in links.items():
+        assert os.readlink(link) == target, link
+    assert Path("hf/latest/sub/model.bin").read_text() == "weights\n"
+    assert Path("hf/absolute").read_text() == "config\n"
+
+
+def test_links_leaving_a_directory_output_are_refused_by_name(box: OnInstance) -> None:
+    make = (
+        "mkdir -p out/tree out/elsewhere && echo a > out/tree/a.txt && "
+        "ln -s ../elsewhere out/tree/dirlink && ln -s /etc/hostname out/tree/host && "
+        "ln -s missing out/tree/dangling"
+    )
+    ended, results = box.start("escape", make, outputs=("out/tree",)).finish(box.digests)
+    assert ended.code == 0
+    assert {r["path"]: r["reason"] for r in results.refused} == {
+        "out/tree/dirlink": "a link out of its directory output (../elsewhere)",
+        "out/tree/host": "a link out of its directory output (/etc/hostname)",
+        "out/tree/dangling": "a link to nothing (missing)",
+    }
+    assert sorted(os.listdir("out/tree")) == ["a.txt"]
 
 
 def test_a_failed_job_sends_back_its_logs_only(box: OnInstance) -> None:
@@ -458,7 +500,7 @@ def test_result_files_are_checked_against_what_was_declared(workdir: Path) -> No
     begin, data, end = frames_for("out/a.txt", b"new", sha="0" * 64)
     files.on_frame(*begin)
     files.on_frame(*data)
-    with pytest.raises(ResultError, match="damaged"):
+    with pytest.raises(ResultError, match="cut short or changed"):
         files.on_frame(*end)
     assert Path("out/a.txt").read_bytes() == b"fine", "a damaged file replaces nothing"
 
@@ -467,6 +509,157 @@ def test_result_files_are_checked_against_what_was_declared(workdir: Path) -> No
         files.on_frame(b"D", b"far too long")
     files.abort()
     assert sorted(p.name for p in Path("out").iterdir()) == ["a.txt", "tree"]
+
+
+# -- what a host sends is bounded and checked ---------------------------------------------------
+
+
+def frame(kind: bytes, payload: object) -> tuple[bytes, bytes]:
+    return kind, payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+
+
+TREE = frame(b"M", {"path": "out/tree"})
+BEGIN = frame(b"F", {"path": "out/tree/x", "size": 1, "mode": 0o644})
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [frame(b"M", b"not json")],
+        [frame(b"M", b"\xff")],
+        [frame(b"M", [1, 2])],
+        [frame(b"M", {"path": 7})],
+        [TREE, frame(b"F", {"path": "out/tree/x"})],
+        [TREE, frame(b"F", {"path": "out/tree/x", "size": -1})],
+        [TREE, frame(b"F", {"path": "out/tree/x", "size": True})],
+        [TREE, frame(b"F", {"path": "out/tree/x", "size": 1, "mode": "rw-r--r--"})],
+        [TREE, BEGIN, frame(b"D", b"x"), frame(b"E", [])],
+        [TREE, BEGIN, frame(b"D", b"x"), frame(b"E", {"error": None, "sha256": 1})],
+        [TREE, frame(b"Y", {"path": "out/tree/x"})],
+        [TREE, frame(b"R", {"path": "out/tree/x", "reason": 3})],
+        [frame(b"Z", {"missing": "out/a.txt"})],
+        [frame(b"Z", {"missing": [], "agent_cpu_seconds": "fast"})],
+        [frame(b"Z", {"missing": ["out/never asked.txt"]})],
+    ],
+)
+def test_a_malformed_result_frame_is_the_hosts_fault(
+    workdir: Path, frames: list[tuple[bytes, bytes]]
+) -> None:
+    """ResultError (the host is not rented again), never a KeyError or TypeError."""
+    files = ResultFiles(["out/a.txt", "out/tree"], DigestCache())
+    *before, (kind, payload) = frames
+    for earlier in before:
+        files.on_frame(*earlier)
+    with pytest.raises(ResultError, match=r"malformed|not asked"):
+        if kind == b"Z":
+            files.finish(payload)
+        else:
+            files.on_frame(kind, payload)
+    files.abort()
+
+
+def frames_command(frames: list[tuple[bytes, bytes]]) -> str:
+    """A command that writes these frames, as a tampered agent on the instance would."""
+    data = b"".join(kind + len(payload).to_bytes(4, "big") + payload for kind, payload in frames)
+    return f"echo {base64.b64encode(data).decode()} | base64 -d"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        frame(b"S", {"pid": "12"}),
+        frame(b"S", {"pid": 0}),
+        frame(b"S", {"pid": 12, "note": ["not", "text"]}),
+        frame(b"X", {}),
+        frame(b"X", {"code": "zero"}),
+        frame(b"X", {"code": 0, "cpu_seconds": "1.5"}),
+        frame(b"X", b'"0"'),
+        frame(b"!", b"not json"),
+    ],
+)
+def test_a_malformed_progress_frame_is_the_hosts_fault(
+    box: OnInstance, bad: tuple[bytes, bytes]
+) -> None:
+    request = JobRequest(f"{REMOTE_BASE}/jobs/tampered", (), ())
+    job = RemoteJob(box.host, frames_command([bad]), request, lambda chunk: None)
+    job.start(b"{}")
+    try:
+        with pytest.raises(ResultError, match="malformed"):
+            job.wait(60)
+    finally:
+        job.close()
+
+
+def test_a_file_larger_than_the_free_disk_is_refused_before_a_byte_lands(workdir: Path) -> None:
+    files = ResultFiles(["out/huge.bin"], DigestCache())
+    size = shutil.disk_usage(workdir).free + 1
+    with pytest.raises(StagingError, match=r"'out/huge.bin' is .* on the instance: more than this"):
+        files.on_frame(*frame(b"F", {"path": "out/huge.bin", "size": size, "mode": 0o644}))
+    assert list(workdir.rglob("*huge*")) == []
+
+
+def test_a_flood_of_directories_stops_at_the_cap(workdir: Path) -> None:
+    files = ResultFiles(["out/tree"], DigestCache())
+    files.on_frame(*TREE)
+    with pytest.raises(StagingError, match="more than 50,000 files, links and directories"):
+        for number in range(2 * MAX_RESULT_ENTRIES):
+            files.on_frame(*frame(b"M", {"path": f"out/tree/{number}"}))
+    assert number == MAX_RESULT_ENTRIES  # the top and the one declared path's allowance
+
+
+def test_links_may_not_lead_out_nor_be_written_through(workdir: Path) -> None:
+    """Each link made here must stay in its directory output, resolved once all has landed (a
+    chain can leave where no single link does), and nothing is written through one."""
+    files = ResultFiles(["out/tree"], DigestCache())
+    files.on_frame(*TREE)
+    for target in ("/etc/passwd", "../../../outside", "../"):
+        with pytest.raises(ResultError, match="out of bounds"):
+            files.on_frame(*frame(b"Y", {"path": "out/tree/x", "target": target}))
+    files.on_frame(*frame(b"Y", {"path": "out/tree/self", "target": "."}))
+    files.on_frame(*frame(b"Y", {"path": "out/tree/up", "target": "self/.."}))  # out/tree/..
+    with pytest.raises(ResultError, match="through a link"):
+        files.on_frame(*frame(b"F", {"path": "out/tree/up/Snakefile", "size": 1, "mode": 0o644}))
+    results = files.finish(json.dumps({"missing": []}).encode())
+    assert results.refused == [
+        {"path": "out/tree/up", "reason": "a link out of the directory output 'out/tree'"}
+    ]
+    assert not os.path.lexists("out/tree/up")
+    assert os.readlink("out/tree/self") == "."
+    assert Path("Snakefile").read_text() == SNAKEFILE
+
+
+def test_a_declared_path_through_dotdot_is_there_as_written(workdir: Path) -> None:
+    """Snakemake looks for 'sub/../x.txt' as written, which needs 'sub' here too."""
+    files = ResultFiles(["sub/../x.txt"], DigestCache())
+    for each in frames_for("sub/../x.txt", b"x"):
+        files.on_frame(*each)
+    files.finish(json.dumps({"missing": []}).encode())
+    assert Path("sub/../x.txt").read_bytes() == b"x"
+
+
+def test_the_local_log_keeps_its_head_a_marker_and_its_tail(tmp_path: Path) -> None:
+    log = tmp_path / "job.log"
+    megabyte = b"h" * (1024 * 1024 - 1) + b"\n"
+    for _ in range(LOG_HEAD_BYTES // len(megabyte) + 2):
+        append_log(log, megabyte)
+    lines = [b"line %04d " % number + b"t" * 1000 + b"\n" for number in range(200)]
+    for line in lines:  # small chunks after the cap: each keeps what came before it
+        append_log(log, line)
+    content = log.read_bytes()
+    assert len(content) == LOG_HEAD_BYTES + len(LOG_CUT_MARKER) + LOG_TAIL_BYTES
+    assert content[LOG_HEAD_BYTES:].startswith(LOG_CUT_MARKER)
+    assert content.endswith(b"".join(lines[-60:]))
+    assert last_lines(log, 2) == [line.decode().rstrip("\n") for line in lines[-2:]]
+
+
+def test_a_commands_endless_output_is_kept_to_its_end(box: OnInstance) -> None:
+    result = box.host.run(
+        "head -c 100000000 /dev/zero; echo END; head -c 100000000 /dev/zero >&2; echo ERR >&2",
+        timeout=300,
+    )
+    assert result.exit_code == 0
+    assert len(result.stdout) <= MAX_OUTPUT_BYTES and result.stdout.endswith("\0END\n")
+    assert len(result.stderr) <= MAX_OUTPUT_BYTES and result.stderr.endswith("\0ERR\n")
 
 
 def test_a_changed_host_key_is_refused_at_once(box: OnInstance) -> None:

@@ -145,6 +145,7 @@ def test_rule_deploy_globs_add_files_but_never_narrow(workdir: Path) -> None:
 def test_expand_local_walks_folders_and_names_missing_inputs(workdir: Path) -> None:
     make_files(workdir, {"in/a": b"a", "in/sub/b": b"b", "c": b"c"})
     assert expand_local(["in", "c", "./c"]) == ["c", "in/a", "in/sub/b"]
+    assert expand_local(["in/sub/../../c"]) == ["in/sub/../../c"]  # as the job will look for it
     with pytest.raises(StagingError, match="'in/nope'"):
         expand_local(["in/nope"])
     with pytest.raises(StagingError, match="outside"):

@@ -345,14 +345,17 @@ def _exit_code(status: int) -> int:
 
 class Results:
     """Sends the wanted files of a finished job: regular files only, each exactly as long as it
-    was when its turn came, so a host's /dev/zero or FIFO cannot make a download endless."""
+    was when its turn came, so a host's /dev/zero or FIFO cannot make a download endless. In a
+    directory output, a link that stays inside it goes as a link; one that leaves is refused by
+    name. A directory output that would pass max_entries is refused whole, before any of it
+    goes (the local side stops there anyway)."""
 
-    def __init__(self, job_dir: str, frames: Frames) -> None:
+    def __init__(self, job_dir: str, frames: Frames, max_entries: int) -> None:
         self.job_dir = job_dir
         self.frames = frames
+        self.max_entries = max_entries
+        self.entries = 0  # files, links and directories of directory outputs sent
         self.missing: list[str] = []
-        self.refused: list[dict] = []
-        self.stored: list[list[str]] = []
 
     def send(self, wanted: list[str], optional: set[str]) -> None:
         for relative in wanted:
@@ -368,27 +371,58 @@ class Results:
             else:
                 self._send_file(relative)
 
+    def _refuse(self, relative: str, reason: str) -> None:
+        self.frames.send_json(b"R", {"path": relative, "reason": reason})
+
     def _send_tree(self, top: str) -> None:
-        for root, dirs, files in os.walk(os.path.join(self.job_dir, top)):
+        path = os.path.join(self.job_dir, top)
+        entries = 1 + sum(len(dirs) + len(files) for _, dirs, files in os.walk(path))
+        if self.entries + entries > self.max_entries:
+            self._refuse(
+                top,
+                f"{entries} files, links and directories, of at most {self.max_entries} per "
+                "job; pack them into one archive",
+            )
+            return
+        self.entries += entries
+        inside = os.path.realpath(path)
+        for root, dirs, files in os.walk(path):  # links to directories are listed, not walked
             relative_root = os.path.relpath(root, self.job_dir)
             self.frames.send_json(b"M", {"path": relative_root})
             for name in sorted(dirs):
-                if os.path.islink(os.path.join(root, name)):  # a link cycle must not recurse
-                    self.refused.append({"path": f"{relative_root}/{name}", "reason": "link"})
+                if os.path.islink(os.path.join(root, name)):
+                    self._send_link(os.path.join(relative_root, name), inside)
             for name in sorted(files):
-                self._send_file(os.path.join(relative_root, name))
+                relative = os.path.join(relative_root, name)
+                if os.path.islink(os.path.join(root, name)):
+                    self._send_link(relative, inside)
+                else:
+                    self._send_file(relative)
+
+    def _send_link(self, relative: str, inside: str) -> None:
+        """The link, as a relative link to what it resolves to, when that lies inside the
+        directory output (``inside``, resolved)."""
+        path = os.path.join(self.job_dir, relative)
+        resolved = os.path.realpath(path)
+        if not os.path.exists(resolved):
+            self._refuse(relative, f"a link to nothing ({os.readlink(path)})")
+        elif resolved != inside and not resolved.startswith(inside + os.sep):
+            self._refuse(relative, f"a link out of its directory output ({os.readlink(path)})")
+        else:
+            target = os.path.relpath(resolved, os.path.realpath(os.path.dirname(path)))
+            self.frames.send_json(b"Y", {"path": relative, "target": target})
 
     def _send_file(self, relative: str) -> None:
         path = os.path.join(self.job_dir, relative)
         try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as error:
-            self.refused.append({"path": relative, "reason": error.strerror or str(error)})
+            self._refuse(relative, error.strerror or str(error))
             return
         with os.fdopen(fd, "rb") as handle:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                self.refused.append({"path": relative, "reason": _kind(info.st_mode)})
+                self._refuse(relative, _kind(info.st_mode))
                 return
             size = info.st_size
             self.frames.send_json(b"F", {"path": relative, "size": size, "mode": info.st_mode})
@@ -401,9 +435,8 @@ class Results:
             if left:
                 self.frames.send_json(b"E", {"error": "the file shrank while it was sent"})
                 return
-        self.frames.send_json(b"E", {"sha256": digest.hexdigest()})
-        if self._store(path, digest.hexdigest()):
-            self.stored.append([relative, digest.hexdigest()])
+        stored = self._store(path, digest.hexdigest())
+        self.frames.send_json(b"E", {"sha256": digest.hexdigest(), "stored": stored})
 
     @staticmethod
     def _store(path: str, digest: str) -> bool:
@@ -448,18 +481,13 @@ def run(request: dict, frames: Frames) -> None:
     frames.send_json(b"X", {"code": code, "cpu_seconds": cpu})
     logs = list(request["logs"])
     wanted = [*request["outputs"], *logs] if code == 0 else logs
-    results = Results(job_dir, frames)
+    results = Results(job_dir, frames, request["max_entries"])
     results.send(wanted, optional=set(logs))
     shutil.rmtree(job_dir, ignore_errors=True)
     usage = os.times()
     frames.send_json(
         b"Z",
-        {
-            "missing": results.missing,
-            "refused": results.refused,
-            "stored": results.stored,
-            "agent_cpu_seconds": round(usage.user + usage.system, 4),
-        },
+        {"missing": results.missing, "agent_cpu_seconds": round(usage.user + usage.system, 4)},
     )
 
 

@@ -34,6 +34,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import TextIO
 
 ENV_FILE = "job.env"
 SCRIPT_FILE = "job.sh"
@@ -111,20 +112,21 @@ class Runner:
         self.allowed: set[str] = set()
         self.learned = False
         self.listener: socket.socket | None = None
+        self.pid_file: TextIO | None = None  # holds the lock for this process's life
         self.wake_read, self.wake_write = os.pipe()
 
     # -- start -------------------------------------------------------------------------
 
     def lock(self) -> bool:
         """One runner per prefix: the pid file's lock says who it is."""
-        self._pid_handle = open(self.prefix + ".pid", "a+")  # noqa: SIM115 (held for life)
+        self.pid_file = open(self.prefix + ".pid", "a+")  # noqa: SIM115 (held for life)
         try:
-            fcntl.flock(self._pid_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.pid_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return False
-        self._pid_handle.truncate(0)
-        self._pid_handle.write(str(os.getpid()))
-        self._pid_handle.flush()
+        self.pid_file.truncate(0)
+        self.pid_file.write(str(os.getpid()))
+        self.pid_file.flush()
         return True
 
     def listen(self) -> None:
@@ -270,6 +272,10 @@ class Runner:
             self.listener.close()
             os.close(self.wake_read)
             os.close(self.wake_write)
+            # The lock belongs to the open file, which the fork shares: a job holding it would
+            # keep the next runner out after this one dies or restarts, until the job ends.
+            if self.pid_file is not None:
+                self.pid_file.close()
             os.chdir(job_dir)
             env = read_env_file(ENV_FILE)
             os.unlink(ENV_FILE)
