@@ -38,17 +38,21 @@ Search = Callable[[ResourceRequest, int], list[Offer]]
 
 def market_search(market: Marketplace, clause: str = "") -> Search:
     """A Search on ``market``; ``clause`` is appended to every query (the run's excluded
-    hosts), so a near miss is only reported where the run would really rent."""
+    hosts), so a near miss is only reported where the run would really rent. The market
+    filters ``cpu_ram`` on the whole machine; an offer whose share of the RAM is less than
+    the request asks is left out here, as the run would leave it."""
 
     def search(request: ResourceRequest, limit: int) -> list[Offer]:
         query = " ".join(filter(None, (request.offer_query(), clause)))
-        return market.search(
+        found = market.search(
             query,
             DIAGNOSIS_ORDER,
             request.disk_gb,
             limit=limit,
             interruptible=request.interruptible,
         )
+        wanted_mb = (request.mem_gb or 0) * 1000
+        return [offer for offer in found if offer.cpu_ram_mb >= wanted_mb]
 
     return search
 

@@ -24,7 +24,7 @@ from snakemake_executor_plugin_vastai.remote import (
     load_private_key,
 )
 from snakemake_executor_plugin_vastai.resources import Signature
-from snakemake_executor_plugin_vastai.slots import Capacity, SlotBook
+from snakemake_executor_plugin_vastai.slots import SlotBook
 from snakemake_executor_plugin_vastai.sshkey import RunKey
 from snakemake_executor_plugin_vastai.staging import InstanceFiles
 from snakemake_executor_plugin_vastai.table import State
@@ -74,9 +74,7 @@ class Instance:
         self.offer = offer
         self.dph_total = offer.dph_total
         self.signature = capacity_signature
-        self.slots = SlotBook(
-            machine_capacity(offer, capacity_signature.disk_gb), exclusive=exclusive
-        )
+        self.slots = SlotBook(offer.capacity(capacity_signature.disk_gb), exclusive=exclusive)
 
     def cost(self, now: float) -> float:
         if self.instance_id is None and self.state is not State.UNKNOWN:
@@ -153,16 +151,6 @@ class Instance:
     def close(self) -> None:
         if self.host is not None:
             self.host.close()
-
-
-def machine_capacity(offer: Offer, disk_gb: float) -> Capacity:
-    """What an instance on this offer has for its jobs, with the disk the rent asks for."""
-    return Capacity(
-        gpus=offer.num_gpus,
-        cores=offer.cpu_cores,
-        mem_gb=offer.cpu_ram_mb / 1000,
-        disk_gb=float(disk_gb),
-    )
 
 
 def ssh_endpoints(info: InstanceInfo) -> list[Endpoint]:

@@ -23,6 +23,7 @@ from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.pacer import Pacer, Unpaced, book_path
 from snakemake_executor_plugin_vastai.redact import MIN_SECRET_CHARS
 from snakemake_executor_plugin_vastai.settings import DEFAULT_API_URL
+from snakemake_executor_plugin_vastai.slots import Capacity, Needs, SlotBook
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -117,8 +118,8 @@ class Offer:
     gpu_name: str
     num_gpus: int
     dph_total: float
-    cpu_cores: float
-    cpu_ram_mb: int
+    cpu_cores: float  # the instance's share of the machine's cores
+    cpu_ram_mb: int  # the instance's share of the machine's RAM (see machine_share)
     disk_gb: float
     geolocation: str
     reliability: float
@@ -141,7 +142,7 @@ class Offer:
             num_gpus=int(row.get("num_gpus") or 0),
             dph_total=dph_total,
             cpu_cores=float(row.get("cpu_cores_effective") or row.get("cpu_cores") or 0.0),
-            cpu_ram_mb=int(row.get("cpu_ram") or 0),
+            cpu_ram_mb=int(float(row.get("cpu_ram") or 0) * machine_share(row)),
             disk_gb=float(row.get("disk_space") or 0.0),
             geolocation=str(row.get("geolocation") or ""),
             reliability=float(row.get("reliability2") or row.get("reliability") or 0.0),
@@ -151,6 +152,20 @@ class Offer:
             on_demand_dph=(dph_base + storage) if dph_base else dph_total,
             interruptible=interruptible,
         )
+
+    def capacity(self, disk_gb: float) -> Capacity:
+        """What an instance on this offer has for its jobs, with the disk a rent asks for."""
+        return Capacity(
+            gpus=self.num_gpus,
+            cores=self.cpu_cores,
+            mem_gb=self.cpu_ram_mb / 1000,
+            disk_gb=float(disk_gb),
+        )
+
+    def holds(self, needs: Needs, disk_gb: float) -> bool:
+        """Could an instance on this offer ever run a job with these needs? A search filters
+        on the whole machine (``cpu_ram``), an instance gets only its share."""
+        return SlotBook(self.capacity(disk_gb)).could_ever_fit(needs)
 
     def with_bid(self, factor: float, max_price: float | None) -> Offer | None:
         """This offer priced as a bid of min_bid x factor, lowered to stay within max_price
@@ -709,6 +724,22 @@ def _json_body(response: Any) -> dict[str, Any]:
     except Exception:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+def machine_share(row: dict[str, Any]) -> float:
+    """An instance's share of its machine: Vast.ai gives an instance RAM and CPU in
+    proportion to the GPUs it rents (vast-api.md section 10). ``cpu_cores_effective`` is
+    already the share of ``cpu_cores`` (dstack's gpuhunt derives memory so), else
+    ``gpu_frac``; the whole machine when the offer says neither."""
+    try:
+        cores = float(row.get("cpu_cores") or 0)
+        effective = float(row.get("cpu_cores_effective") or 0)
+        fraction = float(row.get("gpu_frac") or 0)
+    except (TypeError, ValueError):
+        return 1.0
+    if cores > 0 and effective > 0:
+        return min(1.0, effective / cores)
+    return min(1.0, fraction) if fraction > 0 else 1.0
 
 
 def pacing_wanted() -> bool:

@@ -20,7 +20,7 @@ from snakemake_executor_plugin_vastai.caps import Caps, rent_refusal
 from snakemake_executor_plugin_vastai.diagnosis import diagnose, market_search
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.hosts import ExcludedHosts
-from snakemake_executor_plugin_vastai.instance import Instance, machine_capacity
+from snakemake_executor_plugin_vastai.instance import Instance
 from snakemake_executor_plugin_vastai.ledger import Ledger
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.marketplace import (
@@ -31,7 +31,7 @@ from snakemake_executor_plugin_vastai.marketplace import (
     OfferGone,
 )
 from snakemake_executor_plugin_vastai.resources import ResourceRequest
-from snakemake_executor_plugin_vastai.slots import Lease, SlotBook
+from snakemake_executor_plugin_vastai.slots import Lease
 from snakemake_executor_plugin_vastai.table import Cancelled, InstanceTable, State
 
 log = get_logger(__name__)
@@ -47,12 +47,6 @@ class NoOfferError(VastaiError):
 
 class CapRefusal(VastaiError):
     """Every matching offer would take the run past a price cap or the budget."""
-
-
-def holds(offer: Offer, request: ResourceRequest) -> bool:
-    """Could the offer's machine ever run the job (its cores, RAM, GPUs and disk)? A search
-    filter and the slots may read a field differently (a fractional core share, say)."""
-    return SlotBook(machine_capacity(offer, request.disk_gb)).could_ever_fit(request.needs())
 
 
 class OfferSearch:
@@ -136,11 +130,8 @@ class Renter:
         log.debug("Offer query for %s: %s (order %s)", request.rule, query, self.search.order)
         refusal = None
         offers: list[Offer] = []
-        too_small = 0
         for fresh in (False, True):  # the shared copy first; once more afresh if exhausted
-            found = self.candidates(request, fresh)
-            offers = [o for o in found if holds(o, request)]
-            too_small = len(found) - len(offers)
+            offers = self.candidates(request, fresh)
             for offer in offers:
                 claimed, why = self._claim(reserved, offer, request)
                 refusal = refusal or why
@@ -151,12 +142,6 @@ class Renter:
                 break
         if refusal is not None:
             raise CapRefusal(f"No new instance for {request.rule}: {refusal}")
-        if not offers and too_small:
-            raise NoOfferError(
-                f"the {too_small} offer(s) matching {request.rule} have less than the job "
-                f"needs ({request.needs()}) once shared out; ask for fewer threads or less "
-                "memory, or another GPU"
-            )
         if not offers:
             raise NoOfferError(self._diagnosis(request, query))
         raise NoOfferError(
@@ -170,14 +155,18 @@ class Renter:
 
     def candidates(self, request: ResourceRequest, fresh: bool = False) -> list[Offer]:
         """The offers the request could rent now, first by the run's order: the shared
-        search, less the hosts excluded since, priced as bids if it is interruptible."""
+        search, less the hosts excluded since and the offers whose share of the machine
+        cannot hold the job, priced as bids if it is interruptible."""
         offers = self.search.offers(
             self.offer_query(request),
             request.disk_gb,
             fresh=fresh,
             interruptible=request.interruptible,
         )
-        offers = [o for o in offers if self.excluded.allows(o)]  # excluded since searched
+        needs = request.needs()
+        offers = [  # hosts excluded since the search; machines whose share is too small
+            o for o in offers if self.excluded.allows(o) and o.holds(needs, request.disk_gb)
+        ]
         if request.interruptible:
             bids = (o.with_bid(self.plan.bid_factor, request.max_price) for o in offers)
             offers = [bid for bid in bids if bid is not None]

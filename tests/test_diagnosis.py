@@ -86,8 +86,8 @@ CASES = {
     "too much memory": Case(
         {"gpu": 1, "mem_mb": 900_000},
         message="No offer with >= 900 GB RAM at reliability >= 0.98 (the default) from "
-        "datacenters only (the default) for rule train. With resource `mem_mb=512000` (now "
-        "900 GB): 1 offer from $3.74/h.",
+        "datacenters only (the default) for rule train. With resource `mem_mb=416000` (now "
+        "900 GB): 1 offer from $3.74/h.",  # its share of the machine's 512 GB
     ),
     "too many threads": Case(
         {"gpu": 1},

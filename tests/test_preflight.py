@@ -72,7 +72,7 @@ IMPOSSIBLE = {
     "mem_mb too large": Impossible(
         "gpu=1, mem_mb=900000",
         message="No offer with >= 900 GB RAM at reliability >= 0.98 (the default) from "
-        "datacenters only (the default) for rule other. With resource `mem_mb=512000` (now "
+        "datacenters only (the default) for rule other. With resource `mem_mb=416000` (now "
         "900 GB): 1 offer from $3.74/h.",
     ),
     "misspelt gpu_model, downstream": Impossible(

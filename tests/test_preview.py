@@ -62,7 +62,7 @@ EARLIER_RUN = {
 }
 HUGE = (
     "No offer with >= 900 GB RAM at reliability >= 0.98 (the default) from datacenters only "
-    "(the default) for rule huge. With resource `mem_mb=512000` (now 900 GB): 1 offer from "
+    "(the default) for rule huge. With resource `mem_mb=416000` (now 900 GB): 1 offer from "
     "$3.74/h."
 )
 
@@ -110,7 +110,7 @@ def test_text(fakevast: FakeVast, workdir: Path) -> None:
         "disk_space>=40 reliability>=0.98 datacenter=True"
     )
     assert train[1].split() == ["$/h", "GPU", "cores", "RAM", "GB", "region", "reliability"]
-    assert train[2].split() == ["1.016", "2x", "RTX", "4090", "24", "64", "Tokyo,", "JP", "99.4%"]
+    assert train[2].split() == ["1.016", "2x", "RTX", "4090", "24", "48", "Tokyo,", "JP", "99.4%"]
     assert len(train) == 6  # query, heading, three offers, runtime
     assert train[5] == "  runtime: 60 min for 2 jobs (runtime resource), about $1.02"
     prep = section(text, "rule prep: 1 job")  # prep_A is done
@@ -163,7 +163,7 @@ def test_json(fakevast: FakeVast, workdir: Path) -> None:
         "gpu_name": "RTX 4090",
         "num_gpus": 2,
         "cpu_cores": 24.0,
-        "cpu_ram_gb": 64.18,
+        "cpu_ram_gb": 48.135,  # its share (24 of 32 cores) of the machine's 64.18 GB
         "disk_gb": 250.0,
         "geolocation": "Tokyo, JP",
         "reliability": 0.9938,
@@ -175,7 +175,7 @@ def test_json(fakevast: FakeVast, workdir: Path) -> None:
     huge = rules["huge"]
     assert huge["offers"] == []
     assert huge["diagnosis"]["message"] == HUGE
-    assert huge["diagnosis"]["hints"][0]["change"] == "With resource `mem_mb=512000` (now 900 GB)"
+    assert huge["diagnosis"]["hints"][0]["change"] == "With resource `mem_mb=416000` (now 900 GB)"
     estimate = document["estimate"]
     assert estimate["jobs"] == 3
     assert estimate["instance_hours"] == pytest.approx(62 / 60)
