@@ -346,16 +346,20 @@ def show_cost(args: argparse.Namespace, state_dir: Path) -> int:
         print(f"No runs recorded in {state_dir}.")
         return 0
     now = time.time()
-    print(f"{'run':<24} {'instances':>9} {'jobs':>5} {'open':>5} {'$':>10}")
+    print(f"{'run':<24} {'instances':>9} {'jobs':>5} {'open':>5} {'data $':>10} {'$':>10}")
     total = 0.0
     for run_id, rents in by_run(records).items():
         rented = [r for r in rents if r.instance_id is not None]
         dollars = sum(r.cost(now) for r in rented)
+        data = sum(r.data_dollars for r in rented)
         total += dollars
         still_open = sum(1 for r in rented if r.open)
         jobs = sum(len(r.jobs) for r in rented)
-        print(f"{run_id:<24} {len(rented):>9} {jobs:>5} {still_open:>5} {dollars:>10.4f}")
-    print(f"{'total':<24} {'':>9} {'':>5} {'':>5} {total:>10.4f}")
+        print(
+            f"{run_id:<24} {len(rented):>9} {jobs:>5} {still_open:>5} {data:>10.4f} "
+            f"{dollars:>10.4f}"
+        )
+    print(f"{'total':<24} {'':>9} {'':>5} {'':>5} {'':>10} {total:>10.4f}")
     return 0
 
 

@@ -214,6 +214,7 @@ class Destroyer:
         a reconnect) and the ledger come after, and neither can keep it from gone."""
         threading.Thread(target=instance.close, name="vastai-ssh-close", daemon=True).start()
         try:
+            self.ledger.data_billed(instance.label, instance.data_cost())
             self.ledger.destroyed(instance.label)
         except OSError as error:  # a later reap finds it gone: no harm, only a stale record
             log.warning("Could not record that %s is destroyed: %s", instance.name, error)

@@ -29,6 +29,8 @@ from snakemake_executor_plugin_vastai.sshkey import RunKey
 from snakemake_executor_plugin_vastai.staging import InstanceFiles
 from snakemake_executor_plugin_vastai.table import State
 
+BYTES_PER_GB = 1e9  # Vast.ai's bandwidth prices are per GB (decimal, as the fake bills)
+
 
 class InstanceFailure(VastaiError):
     """The instance cannot run jobs (boot failed, host lost, bootstrap failed)."""
@@ -77,10 +79,20 @@ class Instance:
         self.slots = SlotBook(offer.capacity(capacity_signature.disk_gb), exclusive=exclusive)
 
     def cost(self, now: float) -> float:
+        """Dollars so far: its time at its $/h, and the bytes it moved."""
         if self.instance_id is None and self.state is not State.UNKNOWN:
             return 0.0
         end = self.gone_at if self.gone_at is not None else now
-        return billed_dollars(self.rented_at, end, self.dph_total)
+        return billed_dollars(self.rented_at, end, self.dph_total) + self.data_cost()
+
+    def data_cost(self) -> float:
+        """What its bandwidth cost: Vast.ai bills each byte at the offer's $/GB, into the
+        instance at inet_down_cost and out of it at inet_up_cost."""
+        if self.host is None or self.offer is None:
+            return 0.0
+        traffic = self.host.traffic
+        up = traffic.received * self.offer.inet_up_cost
+        return (traffic.sent * self.offer.inet_down_cost + up) / BYTES_PER_GB
 
     def observe(self, info: InstanceInfo | None) -> None:
         """A fresh row from the instance list (None: the marketplace no longer lists it).

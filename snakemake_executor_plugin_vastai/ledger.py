@@ -54,13 +54,15 @@ class InstanceRecord:
     running_at: float | None = None
     destroyed_at: float | None = None
     jobs: list[str] = field(default_factory=list)
+    data_dollars: float = 0.0  # its bandwidth, recorded when it was destroyed
 
     @property
     def open(self) -> bool:
         return self.destroyed_at is None
 
     def cost(self, now: float) -> float:
-        return billed_dollars(self.requested_at, self.destroyed_at or now, self.dph_total)
+        time_cost = billed_dollars(self.requested_at, self.destroyed_at or now, self.dph_total)
+        return time_cost + self.data_dollars
 
 
 class Ledger:
@@ -88,6 +90,9 @@ class Ledger:
 
     def price_changed(self, label: str, dph_total: float) -> None:
         self._append({"event": "price", "label": label, "dph": dph_total})
+
+    def data_billed(self, label: str, dollars: float) -> None:
+        self._append({"event": "data", "label": label, "dollars": dollars})
 
     def destroyed(self, label: str) -> None:
         self._append({"event": "destroyed", "label": label})
@@ -117,6 +122,8 @@ class Ledger:
                 record.jobs.append(event["job"])
             elif event["event"] == "price":
                 record.dph_total = event["dph"]
+            elif event["event"] == "data":
+                record.data_dollars = event["dollars"]
             elif event["event"] == "destroyed":
                 record.destroyed_at = event["t"]
         return list(by_label.values())

@@ -129,6 +129,8 @@ class Offer:
     on_demand_dph: float = 0.0  # the same machine on demand, disk included
     interruptible: bool = False  # found by a bid search: dph_total is min_bid + storage_dph
     bid_price: float | None = None  # set by with_bid: the price to rent at
+    inet_up_cost: float = 0.0  # $/GB the host sends (our downloads), billed per byte
+    inet_down_cost: float = 0.0  # $/GB the host receives (our uploads)
 
     @classmethod
     def from_api(cls, row: dict[str, Any], interruptible: bool = False) -> Offer:
@@ -151,6 +153,8 @@ class Offer:
             storage_dph=storage,
             on_demand_dph=(dph_base + storage) if dph_base else dph_total,
             interruptible=interruptible,
+            inet_up_cost=float(row.get("inet_up_cost") or 0.0),
+            inet_down_cost=float(row.get("inet_down_cost") or 0.0),
         )
 
     def capacity(self, disk_gb: float) -> Capacity:

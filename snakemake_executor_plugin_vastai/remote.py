@@ -19,9 +19,9 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import paramiko
 
@@ -106,6 +106,46 @@ class Endpoint:
         return f"{self.user}@{self.host}:{self.port}"
 
 
+class CountingSocket:
+    """A connected socket that counts the bytes it carries each way: what Vast.ai bills as
+    the instance's bandwidth (SSH's own bytes included, as the host's network sees them)."""
+
+    def __init__(self, sock: socket.socket, traffic: Traffic) -> None:
+        self._sock = sock
+        self._traffic = traffic
+
+    def send(self, data: bytes) -> int:
+        sent = self._sock.send(data)
+        self._traffic.add(sent=sent)
+        return sent
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.sendall(data)
+        self._traffic.add(sent=len(data))
+
+    def recv(self, size: int) -> bytes:
+        data = self._sock.recv(size)
+        self._traffic.add(received=len(data))
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+@dataclass
+class Traffic:
+    """Bytes sent to and received from one host, over all its connections."""
+
+    sent: int = 0
+    received: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, sent: int = 0, received: int = 0) -> None:
+        with self._lock:
+            self.sent += sent
+            self.received += received
+
+
 class RemoteError(Exception):
     """An SSH-level failure; the message names what failed, and the instance unless the
     caller names it (a failed first login: the instance wraps it)."""
@@ -153,6 +193,7 @@ class RemoteHost:
         self._lock = threading.Lock()
         self._sftp: paramiko.SFTPClient | None = None
         self._sftp_lock = threading.Lock()
+        self.traffic = Traffic()
 
     def __repr__(self) -> str:
         return f"RemoteHost({self.name!r}, {', '.join(map(str, self.endpoints))})"
@@ -213,7 +254,9 @@ class RemoteHost:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS)
-        transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE)
+        transport = paramiko.Transport(
+            CountingSocket(sock, self.traffic), default_window_size=WINDOW_SIZE
+        )
         transport.set_log_channel(PARAMIKO_LOG)
         try:
             transport.banner_timeout = transport.handshake_timeout = timeout

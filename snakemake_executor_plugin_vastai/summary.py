@@ -22,7 +22,8 @@ class InstanceCost:
     busy_seconds: float
     idle_seconds: float
     dph_total: float
-    dollars: float
+    dollars: float  # time and data together
+    data_dollars: float = 0.0  # of which the bytes moved (bandwidth)
     bid: bool = False  # an interruptible instance (--preemptible-rules)
     saved_dollars: float = 0.0  # a bid's saving over the same machine on demand
 
@@ -44,6 +45,7 @@ class InstanceCost:
             idle_seconds=round(max(0.0, life - boot - busy), 2),
             dph_total=instance.dph_total,
             dollars=round(instance.cost(now), 6),
+            data_dollars=round(instance.data_cost(), 6),
             bid=bool(instance.offer and instance.offer.bid_price is not None),
             saved_dollars=round(saved_by_bid(instance, life), 6),
         )
@@ -68,6 +70,10 @@ class RunCost:
         return round(sum(i.dollars for i in self.instances), 6)
 
     @property
+    def data_dollars(self) -> float:
+        return round(sum(i.data_dollars for i in self.instances), 6)
+
+    @property
     def jobs_run(self) -> int:
         return sum(i.jobs_run for i in self.instances)
 
@@ -90,6 +96,7 @@ class RunCost:
                 "jobs_run": self.jobs_run,
                 "boots_avoided": self.boots_avoided,
                 "dollars": self.dollars,
+                "data_dollars": self.data_dollars,
                 "saved_by_bids": self.saved_by_bids,
                 "boot_seconds": round(sum(i.boot_seconds for i in self.instances), 2),
                 "busy_seconds": round(sum(i.busy_seconds for i in self.instances), 2),
@@ -108,13 +115,18 @@ class RunCost:
             f"on {len(self.instances)} instance(s); {self.boots_avoided} boot(s) avoided "
             "by reuse.",
             f"  {'instance':>10}  {'gpu':<16} {'jobs':>4} {'boot s':>7} {'busy s':>7} "
-            f"{'idle s':>7} {'$/h':>7} {'$':>8}",
+            f"{'idle s':>7} {'$/h':>7} {'data $':>8} {'$':>8}",
         ]
         for i in self.instances:
             lines.append(
                 f"  {i.instance_id:>10}  {i.gpu:<16} {i.jobs_run:>4} {i.boot_seconds:>7.1f} "
                 f"{i.busy_seconds:>7.1f} {i.idle_seconds:>7.1f} {i.dph_total:>7.3f} "
-                f"{i.dollars:>8.4f}"
+                f"{i.data_dollars:>8.4f} {i.dollars:>8.4f}"
+            )
+        if self.data_dollars:
+            lines.append(
+                f"  Of the ${self.dollars:.4f}, ${self.data_dollars:.4f} is bandwidth (bytes to "
+                "and from the instances, at each offer's $/GB)."
             )
         if self.saved_by_bids:
             bids = sum(i.bid for i in self.instances)

@@ -368,6 +368,7 @@ def test_cost_prints_per_run_totals(tmp_path: Path, home: Path) -> None:
         ledger.job_ran("snakemake-vastai:r1:b", "rule b")
         ledger.job_ran("snakemake-vastai:r1:b", "rule c")
     with freeze_time(at(100)):
+        ledger.data_billed("snakemake-vastai:r1:a", 0.04)  # its bandwidth: bytes at $/GB
         ledger.destroyed("snakemake-vastai:r1:a")  # 100 s at $3.60/h = $0.10
         ledger.destroyed("snakemake-vastai:r1:b")  # 100 s at $1.80/h = $0.05
 
@@ -375,10 +376,10 @@ def test_cost_prints_per_run_totals(tmp_path: Path, home: Path) -> None:
 
     assert (result.code, result.err) == (0, "")
     rows = {line.split()[0]: line.split()[1:] for line in result.out.splitlines()}
-    assert rows["r1"] == ["2", "3", "0", "0.1500"]  # instances, jobs, open, dollars
-    assert rows["r2"][:3] == ["1", "0", "1"]  # still open: billed up to now, so at least...
-    assert float(rows["r2"][3]) > 0.60  # ...the 300 s at $7.20/h of the frozen timeline
-    assert float(rows["total"][0]) == pytest.approx(0.15 + float(rows["r2"][3]), abs=1e-4)
+    assert rows["r1"] == ["2", "3", "0", "0.0400", "0.1900"]  # instances, jobs, open, data, $
+    assert rows["r2"][:4] == ["1", "0", "1", "0.0000"]  # still open: billed up to now, so...
+    assert float(rows["r2"][4]) > 0.60  # ...at least the 300 s at $7.20/h of the frozen timeline
+    assert float(rows["total"][0]) == pytest.approx(0.19 + float(rows["r2"][4]), abs=1e-4)
 
 
 def test_cost_without_a_ledger(tmp_path: Path, home: Path) -> None:
