@@ -40,19 +40,24 @@ def market_search(market: Marketplace, clause: str = "") -> Search:
     """A Search on ``market``; ``clause`` is appended to every query (the run's excluded
     hosts), so a near miss is only reported where the run would really rent. The market
     filters ``cpu_ram`` on the whole machine; an offer whose share of the RAM is less than
-    the request asks is left out here, as the run would leave it."""
+    the request asks is left out here, as the run would leave it. Each distinct search is
+    made once per Search: diagnoses of several rules share the market's answers (Vast.ai
+    allows ten searches a minute)."""
+    answers: dict[tuple[str, int, float, bool], list[Offer]] = {}
 
     def search(request: ResourceRequest, limit: int) -> list[Offer]:
         query = " ".join(filter(None, (request.offer_query(), clause)))
-        found = market.search(
-            query,
-            DIAGNOSIS_ORDER,
-            request.disk_gb,
-            limit=limit,
-            interruptible=request.interruptible,
-        )
+        key = (query, limit, request.disk_gb, request.interruptible)
+        if key not in answers:
+            answers[key] = market.search(
+                query,
+                DIAGNOSIS_ORDER,
+                request.disk_gb,
+                limit=limit,
+                interruptible=request.interruptible,
+            )
         wanted_mb = (request.mem_gb or 0) * 1000
-        return [offer for offer in found if offer.cpu_ram_mb >= wanted_mb]
+        return [offer for offer in answers[key] if offer.cpu_ram_mb >= wanted_mb]
 
     return search
 
@@ -121,7 +126,9 @@ def diagnose(
     the run's options when known, to tell an option from a resource; ``who`` names the
     rules (default: the request's); ``query`` is the one that found nothing (default: the
     request's). Searches at most once per filter the request has, plus once for the GPU
-    models; a failing search ends the diagnosis, never hides it."""
+    models, and fewer when an answer makes the rest moot: a misspelt model whose correction
+    finds offers, or a model no offer lists (no other filter can help then). A failing
+    search ends the diagnosis, never hides it."""
     origin = _Origin.of(request, settings)
     headline = _headline(request, origin, who or _who(request.rule))
     gpu_note, failure = "", ""
@@ -130,12 +137,17 @@ def diagnose(
         guess = None
         if request.gpu_name:
             gpu_note, guess = _gpu_name_check(request, search)
-        for relaxation in _relaxations(request, origin, guess):
+        relaxations = _relaxations(request, origin, guess)
+        if gpu_note and guess is None:  # no offer lists the model: only dropping it can help
+            relaxations = relaxations[:1]
+        for relaxation in relaxations:
             found = search(relaxation.relaxed, RELAXED_LIMIT)
             hint = relaxation.hint(found) if found else None
             if hint is not None:
                 hint = replace(hint, at_least=len(found) >= RELAXED_LIMIT)
                 ranked.append((relaxation.rank, hint.cheapest, hint))
+                if relaxation.rank == MEANT:
+                    break  # the corrected model is all the user needs
     except MarketplaceError as error:
         failure = str(error).strip().rstrip(".")
     ranked.sort(key=lambda entry: entry[:2])

@@ -104,6 +104,7 @@ def preflight(
     is rented. A search that fails ends the check there (logged), and only what was found
     so far can stop the run."""
     problems = []
+    search = market_search(renter.market, renter.excluded.query_clause())  # shared answers
     for requests in distinct_requests(jobs, settings, is_preemptible).values():
         request = requests[0]
         try:
@@ -112,7 +113,6 @@ def preflight(
         except MarketplaceError as error:
             log.warning("Could not check the offers before renting (%s); going on", error)
             break
-        search = market_search(renter.market, renter.excluded.query_clause())
         diagnosis = diagnose(request, search, settings, who=rules_of(requests))
         problems.append(diagnosis.message)
     if problems:

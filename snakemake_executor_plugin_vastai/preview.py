@@ -361,6 +361,7 @@ def price(
         entry = entries.setdefault((job.rule, group), RuleOffers(job.rule, job.request, job.error))
         entry.add_job(job, measured.get(job.rule))
     searched: dict[SearchKey, list[Offer]] = {}
+    diagnosis_search = market_search(market)  # the diagnoses share their answers
     for entry in entries.values():
         request = entry.request
         if request is None:
@@ -371,7 +372,7 @@ def price(
             searched[key] = market.search(query, settings.order, disk_gb, limit=SHOWN_OFFERS)
         entry.offers = searched[key]
         if not entry.offers:
-            entry.diagnosis = diagnose(request, market_search(market), settings)
+            entry.diagnosis = diagnose(request, diagnosis_search, settings)
     ordered = sorted(entries.values(), key=lambda entry: (entry.rule, entry.jobs))
     return Preview(market.api_url, settings.order, every_job, ordered)
 
