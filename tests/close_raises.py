@@ -16,6 +16,8 @@ from typing import Any
 
 import paramiko
 
+from tests.wrapped import snakemake_patched_by
+
 MARKER = "close-raises: EOFError from closing an agent channel"
 AGENT_PROGRAM = "/agent-"  # the agent's command runs snakemake-vastai/agent-<key>.py
 
@@ -40,13 +42,5 @@ def install() -> None:
     paramiko.Channel.close = raising_close
 
 
-def main() -> None:
-    install()
-    from snakemake.cli import main as snakemake_main
-
-    sys.argv[0] = "snakemake"
-    snakemake_main()
-
-
 if __name__ == "__main__":
-    main()
+    snakemake_patched_by(install)

@@ -15,6 +15,8 @@ import sys
 import weakref
 from typing import Any
 
+from tests.wrapped import snakemake_patched_by
+
 MARKER = "jobrun-census"
 _LINE = re.compile(rf"^{MARKER}: (\d+) alive of (\d+)$", re.MULTILINE)
 
@@ -47,13 +49,5 @@ def install() -> None:
     Executor.shutdown = counting_shutdown
 
 
-def main() -> None:
-    install()
-    from snakemake.cli import main as snakemake_main
-
-    sys.argv[0] = "snakemake"
-    snakemake_main()
-
-
 if __name__ == "__main__":
-    main()
+    snakemake_patched_by(install)

@@ -4,7 +4,6 @@ heartbeat stops; a healthy run is never touched; the user's API key never reache
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tests.workflows import (
     ANNOUNCE_START,
     assert_all_destroyed,
     one_rule_workflow,
+    proxy_down_fake,
     rented,
     run_snakemake,
     running_snakemake,
@@ -25,7 +25,6 @@ from tests.workflows import (
 
 DEADMAN = 20
 BOOT_SECONDS = 10
-FLAT_OFFERS = Path(__file__).parent / "data" / "offers-1gpu-flat.json"
 # Looks for a secret (read from stdin, so it is in no argv) in every process's environment and
 # command line and in every file the plugin put on the instance. (The fake's instances see this
 # machine's own files underneath, which may hold the test key: those are not searched.)
@@ -99,11 +98,7 @@ def test_a_run_killed_before_its_first_login_leaves_nothing_billing(
 ) -> None:
     """Running, but the run never logged in (Vast's proxy tunnel is down, so it waits to
     reboot): nothing on the instance has heard of the run, and it still ends itself."""
-    offers = json.loads(FLAT_OFFERS.read_text())
-    no_direct_port = tmp_path / "offers.json"
-    no_direct_port.write_text(json.dumps([o | {"direct_port_count": 0} for o in offers]))
-    fake = fakevast_factory(boot_seconds=0, offers=no_direct_port)
-    fake.set_faults({"next_creates": {"count": 1, "proxy_down": True}})
+    fake = proxy_down_fake(fakevast_factory, tmp_path)
     workdir = one_rule_workflow(tmp_path / "wf", "echo hi > {output}")
 
     with running_snakemake(workdir, fake, "--vastai-deadman", str(DEADMAN), jobs=1) as run:

@@ -8,7 +8,6 @@ and (through the fixtures and the fake's ledger) that nothing is left billing.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from tests.workflows import (
     fatal_error,
     job_errors,
     one_rule_workflow,
+    proxy_down_fake,
     run_snakemake,
     run_summary,
     running_snakemake,
@@ -34,7 +34,6 @@ from tests.workflows import (
 )
 
 ATTEMPT = "attempt=lambda wildcards, attempt: attempt"
-FLAT_OFFERS = Path(__file__).parent / "data" / "offers-1gpu-flat.json"
 # A lost host must be given up within one instance-list interval (30 s) plus a margin.
 LOST_HOST_NOTICED_S = 45
 
@@ -122,11 +121,7 @@ def test_an_image_without_sshd_fails_with_its_log_and_the_fix(
 def test_a_proxy_tunnel_that_never_comes_up_gets_one_reboot(
     fakevast_factory: Callable[..., FakeVast], tmp_path: Path
 ) -> None:
-    offers = json.loads(FLAT_OFFERS.read_text())
-    no_direct_port = tmp_path / "offers.json"
-    no_direct_port.write_text(json.dumps([o | {"direct_port_count": 0} for o in offers]))
-    fake = fakevast_factory(boot_seconds=0, offers=no_direct_port)
-    fake.set_faults({"next_creates": {"count": 1, "proxy_down": True}})
+    fake = proxy_down_fake(fakevast_factory, tmp_path)
     workdir = one_rule_workflow(tmp_path / "wf", "echo hi > {output}")
 
     run = run_snakemake(workdir, fake, "--vastai-boot-timeout", "15", jobs=1)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +182,21 @@ JOB_STARTED = "JOB-STARTED"
 # Shell that prints JOB_STARTED; the quotes keep the marker itself out of the command's text,
 # which a log may echo before the command runs.
 ANNOUNCE_START = "echo JOB-''STARTED"
+
+
+FLAT_OFFERS = Path(__file__).parent / "data" / "offers-1gpu-flat.json"
+
+
+def proxy_down_fake(start: Callable[..., FakeVast], tmp_path: Path) -> FakeVast:
+    """A fake (started by ``start``, a fakevast_factory) whose next instance reports running
+    but whose SSH proxy tunnel never comes up, on offers without a direct port: the run
+    cannot log in until it reboots the instance."""
+    offers = json.loads(FLAT_OFFERS.read_text())
+    no_direct_port = tmp_path / "offers.json"
+    no_direct_port.write_text(json.dumps([o | {"direct_port_count": 0} for o in offers]))
+    fake = start(boot_seconds=0, offers=no_direct_port)
+    fake.set_faults({"next_creates": {"count": 1, "proxy_down": True}})
+    return fake
 
 
 def one_rule_workflow(target: Path, shell: str, resources: str = "gpu=1") -> Path:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.fakevast.harness import FakeVast
@@ -27,3 +29,12 @@ def run_wrapped(
         text=True, timeout=timeout,
     )  # fmt: skip
     return SnakemakeRun(done.returncode, done.stdout, time.monotonic() - started)
+
+
+def snakemake_patched_by(install: Callable[[], None]) -> None:
+    """A wrapper module's main: its patch first, then Snakemake's own command line."""
+    install()
+    from snakemake.cli import main as snakemake_main
+
+    sys.argv[0] = "snakemake"
+    snakemake_main()
