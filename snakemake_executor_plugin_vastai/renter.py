@@ -36,7 +36,12 @@ from snakemake_executor_plugin_vastai.table import Cancelled, InstanceTable, Sta
 
 log = get_logger(__name__)
 
-SEARCH_TTL_SECONDS = 5.0  # concurrent rents of one signature share one search
+# Rents of one signature share one search for this long. Vast.ai allows ten searches a
+# minute and a create every 4.5 s, so a fan-out's rents come seconds apart: a shorter life
+# would search again for nearly every rent. Offers taken meanwhile are dropped from the copy
+# (by us, or by a create that finds one gone), and an exhausted copy is searched afresh.
+SEARCH_TTL_SECONDS = 60.0
+EMPTY_SEARCH_SECONDS = 15.0  # an empty copy is searched again at most this often
 DIAGNOSIS_TTL_SECONDS = 300.0  # how long a no-offer diagnosis is reused
 
 
@@ -50,14 +55,18 @@ class CapRefusal(VastaiError):
 
 
 class OfferSearch:
-    """Offer searches shared for a few seconds, so a fan-out makes one search per signature
+    """Offer searches shared for a while, so a fan-out makes one search per signature
     instead of one per job. Offers this run has just taken are dropped from the shared copy;
-    an exhausted copy is searched again."""
+    an empty copy (exhausted, or a market with none) is searched again, but not more often
+    than every EMPTY_SEARCH_SECONDS, however many jobs wait for an offer."""
 
     def __init__(self, market: Marketplace, order: str, ttl: float = SEARCH_TTL_SECONDS) -> None:
         self.market = market
         self.order = order
-        self._cache: TTLCache[tuple[str, int, bool], list[Offer]] = TTLCache(maxsize=256, ttl=ttl)
+        # key -> (when searched, the offers not taken since)
+        self._cache: TTLCache[tuple[str, int, bool], tuple[float, list[Offer]]] = TTLCache(
+            maxsize=256, ttl=ttl
+        )
         self._lock = threading.Lock()  # guards the cache (not thread-safe) and the key locks
         self._key_locks: dict[tuple[str, int, bool], threading.Lock] = {}
 
@@ -70,18 +79,20 @@ class OfferSearch:
         with key_lock:  # the second caller waits for the first one's answer
             with self._lock:
                 cached = None if fresh else self._cache.get(key)
-            if cached:
-                return list(cached)
+            if cached is not None:
+                searched_at, offers = cached
+                if offers or time.monotonic() - searched_at < EMPTY_SEARCH_SECONDS:
+                    return list(offers)
             found = self.market.search(query, self.order, disk_gb, interruptible=interruptible)
             with self._lock:
-                self._cache[key] = list(found)
+                self._cache[key] = (time.monotonic(), list(found))
             return found
 
     def drop(self, offer_id: int) -> None:
         """An offer is taken (by us or someone else): no shared copy offers it again."""
         with self._lock:
-            for key, offers in list(self._cache.items()):
-                self._cache[key] = [o for o in offers if o.id != offer_id]
+            for key, (searched_at, offers) in list(self._cache.items()):
+                self._cache[key] = (searched_at, [o for o in offers if o.id != offer_id])
 
 
 @dataclass(frozen=True)
