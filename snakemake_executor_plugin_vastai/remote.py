@@ -53,6 +53,11 @@ ATTEMPT_TIMEOUT_S = 10.0
 TCP_USER_TIMEOUT_MS = 60_000
 # The window we grant the server; paramiko's 2 MiB default caps downloads on long links.
 WINDOW_SIZE = 16 * 1024 * 1024
+# paramiko starts a rekey of its own after 512 MiB either way, and a channel that reads while
+# it runs can deadlock until "Key-exchange timed out" (paramiko issue 822; seen here on a 1 GiB
+# job log). So we never start one: the server rekeys at its cipher's limit (OpenSSH always
+# does), and paramiko answers that without the race.
+NO_CLIENT_REKEY = 2**62
 READ_CHUNK = 1024 * 1024
 # Of a command's stdout and of its stderr, only the last this many bytes are kept (a host may
 # send without end; what a caller reads, an error or a marker line, is at the end).
@@ -258,6 +263,7 @@ class RemoteHost:
             CountingSocket(sock, self.traffic), default_window_size=WINDOW_SIZE
         )
         transport.set_log_channel(PARAMIKO_LOG)
+        transport.packetizer.REKEY_BYTES = transport.packetizer.REKEY_PACKETS = NO_CLIENT_REKEY
         try:
             transport.banner_timeout = transport.handshake_timeout = timeout
             transport.auth_timeout = timeout

@@ -97,6 +97,7 @@ class LocalSshd:
             "MaxStartups 50:30:100\n"
             "MaxSessions 50\n"
             "Subsystem sftp internal-sftp\n"
+            "RekeyLimit 64M\n"  # the host starts rekeys often (as the fake's instances do)
         )
         with open(self.log, "ab") as log:
             self._proc = subprocess.Popen(

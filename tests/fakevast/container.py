@@ -467,6 +467,9 @@ class Container:
             "Subsystem sftp internal-sftp",
             "MaxSessions 50",
             "MaxStartups 50:30:100",
+            # Far more often than OpenSSH's default, so every long transfer in the tests lives
+            # through rekeys started by the host (the client never starts one).
+            "RekeyLimit 64M",
             # sshd honours only the first SetEnv line, so every variable goes on this one.
             f"SetEnv {set_env}",
         ]
