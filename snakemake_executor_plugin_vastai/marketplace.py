@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.keyfiles import key_file
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.pacer import Pacer, Unpaced, book_path
 from snakemake_executor_plugin_vastai.redact import MIN_SECRET_CHARS
@@ -367,10 +368,15 @@ class Marketplace:
 
         self._secrets = [api_key]
         self.api_url = api_url
+        self.paced = paced
         self._retry = retry or RetryPolicy()
         self._pacer = Pacer(book_path(api_url, api_key)) if paced else None
         # retry=1: the SDK's own retry loop would hide the status codes our policy needs.
         self._sdk = VastAI(api_key=api_key, server_url=api_url, retry=1, raw=True, quiet=True)
+
+    def key_file(self, kind: str) -> Path:
+        """A file every process of this key and URL on this machine shares (``keyfiles``)."""
+        return key_file(self.api_url, self._secrets[0], kind)
 
     def add_secret(self, value: str) -> None:
         """Scrub this value too from every message (e.g. forwarded credentials)."""

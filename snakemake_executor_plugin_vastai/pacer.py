@@ -14,16 +14,14 @@ in its OpenAPI files, as ``vast-api.md`` section 10 quotes them).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
-import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from snakemake_executor_plugin_vastai.keyfiles import key_file, locked_json
 
 
 @dataclass(frozen=True)
@@ -56,10 +54,8 @@ class Unpaced(Exception):
 
 
 def book_path(api_url: str, api_key: str) -> Path:
-    """Where this key's calls to this URL are booked (named by a digest, never the key)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    digest = hashlib.sha256(f"{api_url.rstrip('/')}\n{api_key}".encode()).hexdigest()[:20]
-    return Path(cache) / "snakemake-vastai" / f"pace-{digest}.json"
+    """Where this key's calls to this URL are booked."""
+    return key_file(api_url, api_key, "pace")
 
 
 class Pacer:
@@ -132,21 +128,7 @@ class Pacer:
 
     @contextlib.contextmanager
     def _book(self) -> Iterator[dict[str, Any]]:
-        """The book, read and written back under the thread lock and the file lock. A
-        damaged or unreadable book starts afresh: it only ever makes the wait shorter once."""
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a+", encoding="utf-8") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-                handle.seek(0)
-                try:
-                    book = json.loads(handle.read() or "{}")
-                except ValueError:
-                    book = {}
-                if not isinstance(book, dict):
-                    book = {}
-                yield book
-                handle.seek(0)
-                handle.truncate()
-                handle.write(json.dumps(book))
-                handle.flush()
+        """The book, under the thread lock and the file lock. A damaged book starts afresh:
+        it only ever makes the wait shorter once."""
+        with self._lock, locked_json(self.path) as book:
+            yield book

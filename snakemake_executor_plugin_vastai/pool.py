@@ -257,9 +257,11 @@ class Pool:
                         price_bound and any(i.state in BUSY_OR_COMING for i in instances)
                     ):
                         raise
-                if str(refusal) != said_refusal:  # once, not every round of the wait
-                    said_refusal = str(refusal)
-                    say("%s Waiting for one of the run's instances.", refusal)
+                # the headline only: a job that waits needs no diagnosis of the market
+                reason = refusal.headline if isinstance(refusal, NoOfferError) else str(refusal)
+                if reason != said_refusal:  # once, not every round of the wait
+                    said_refusal = reason
+                    say("%s Waiting for one of the run's instances.", reason)
                 self.table.wait(WAIT_SECONDS)
             except CreateOutcomeUnknown as error:
                 lost_creates += 1

@@ -2,8 +2,9 @@
 
 Why: a rule whose request no offer meets would otherwise be found out only when its first
 job is submitted, possibly hours into a run that has paid for every job upstream of it. One
-search per distinct offer query, through the run's shared search (so the first rents reuse
-the answers), settles it before anything is rented. The check is advice: when the
+search per distinct offer query (one for all the queries that differ only in their GPU
+model), through the run's shared search (so the first rents reuse the answers), settles it
+before anything is rented. The check is advice: when the
 marketplace cannot be searched, the run goes on and the rents retry on their own.
 """
 
@@ -105,7 +106,13 @@ def preflight(
     so far can stop the run."""
     problems = []
     search = market_search(renter.market, renter.excluded.query_clause())  # shared answers
-    for requests in distinct_requests(jobs, settings, is_preemptible).values():
+    grouped = distinct_requests(jobs, settings, is_preemptible).values()
+    try:
+        renter.prefetch(requests[0] for requests in grouped)
+    except MarketplaceError as error:
+        log.warning("Could not check the offers before renting (%s); going on", error)
+        return
+    for requests in grouped:
         request = requests[0]
         try:
             if renter.candidates(request):

@@ -17,7 +17,7 @@ import json
 import statistics
 import typing
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from snakemake_executor_plugin_vastai.diagnosis import Diagnosis, diagnose, mark
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.marketplace import Marketplace, Offer
 from snakemake_executor_plugin_vastai.preflight import KnownResources, SearchKey, search_key
+from snakemake_executor_plugin_vastai.renter import OfferSearch
 from snakemake_executor_plugin_vastai.resources import (
     ResourceError,
     ResourceRequest,
@@ -360,17 +361,21 @@ def price(
         group = search_key(job.request) if job.request else job.error
         entry = entries.setdefault((job.rule, group), RuleOffers(job.rule, job.request, job.error))
         entry.add_job(job, measured.get(job.rule))
-    searched: dict[SearchKey, list[Offer]] = {}
+    # Shared with the run that follows (the shelf), and one search for the rules that
+    # differ only in their GPU model; priced on demand, as the table says.
+    search = OfferSearch(market, settings.order)
+    search.prefetch(
+        replace(entry.request, interruptible=False)
+        for entry in entries.values()
+        if entry.request is not None
+    )
     diagnosis_search = market_search(market)  # the diagnoses share their answers
     for entry in entries.values():
         request = entry.request
         if request is None:
             continue
-        key = search_key(request)
-        if key not in searched:
-            query, disk_gb = request.offer_query(), request.disk_gb
-            searched[key] = market.search(query, settings.order, disk_gb, limit=SHOWN_OFFERS)
-        entry.offers = searched[key]
+        found = search.offers(request.offer_query(), request.disk_gb)
+        entry.offers = found[:SHOWN_OFFERS]
         if not entry.offers:
             entry.diagnosis = diagnose(request, diagnosis_search, settings)
     ordered = sorted(entries.values(), key=lambda entry: (entry.rule, entry.jobs))

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 from cachetools import TTLCache
 
@@ -30,6 +30,7 @@ from snakemake_executor_plugin_vastai.marketplace import (
     Offer,
     OfferGone,
 )
+from snakemake_executor_plugin_vastai.offershelf import OfferShelf
 from snakemake_executor_plugin_vastai.resources import ResourceRequest
 from snakemake_executor_plugin_vastai.slots import Lease
 from snakemake_executor_plugin_vastai.table import Cancelled, InstanceTable, State
@@ -43,32 +44,53 @@ log = get_logger(__name__)
 SEARCH_TTL_SECONDS = 60.0
 EMPTY_SEARCH_SECONDS = 15.0  # an empty copy is searched again at most this often
 DIAGNOSIS_TTL_SECONDS = 300.0  # how long a no-offer diagnosis is reused
+SEARCH_LIMIT = 20  # offers one search of one request keeps (the marketplace's default page)
+FAMILY_LIMIT = 500  # the most offers a search shared by several GPU models asks for
 
 
 class NoOfferError(VastaiError):
     """No offer matches a job's request; the message is the diagnosis: which single
-    change to the request would find offers, and at what price."""
+    change to the request would find offers, and at what price. The diagnosis costs a
+    dozen searches, so it is made only when the message is read: a job that waits for one
+    of the run's instances needs only the ``headline``."""
+
+    def __init__(self, headline: str, explain: Callable[[], str] | None = None) -> None:
+        super().__init__(headline)
+        self.headline = headline
+        self._explain = explain
+        self._explained: str | None = None
+
+    def __str__(self) -> str:
+        if self._explain is None:
+            return self.headline
+        if self._explained is None:
+            self._explained = self._explain()
+        return self._explained
 
 
 class CapRefusal(VastaiError):
     """Every matching offer would take the run past a price cap or the budget."""
 
 
+SearchKey = tuple[str, int, bool]  # query, disk GB, interruptible
+
+
 class OfferSearch:
     """Offer searches shared for a while, so a fan-out makes one search per signature
     instead of one per job. Offers this run has just taken are dropped from the shared copy;
     an empty copy (exhausted, or a market with none) is searched again, but not more often
-    than every EMPTY_SEARCH_SECONDS, however many jobs wait for an offer."""
+    than every EMPTY_SEARCH_SECONDS, however many jobs wait for an offer. Under the rate
+    limits the answers are also shelved for the other processes of the same key."""
 
     def __init__(self, market: Marketplace, order: str, ttl: float = SEARCH_TTL_SECONDS) -> None:
         self.market = market
         self.order = order
+        self.ttl = ttl
         # key -> (when searched, the offers not taken since)
-        self._cache: TTLCache[tuple[str, int, bool], tuple[float, list[Offer]]] = TTLCache(
-            maxsize=256, ttl=ttl
-        )
+        self._cache: TTLCache[SearchKey, tuple[float, list[Offer]]] = TTLCache(maxsize=256, ttl=ttl)
         self._lock = threading.Lock()  # guards the cache (not thread-safe) and the key locks
-        self._key_locks: dict[tuple[str, int, bool], threading.Lock] = {}
+        self._key_locks: dict[SearchKey, threading.Lock] = {}
+        self.shelf = OfferShelf(market.key_file("offers"), ttl) if market.paced else None
 
     def offers(
         self, query: str, disk_gb: int, fresh: bool = False, interruptible: bool = False
@@ -77,22 +99,99 @@ class OfferSearch:
         with self._lock:
             key_lock = self._key_locks.setdefault(key, threading.Lock())
         with key_lock:  # the second caller waits for the first one's answer
-            with self._lock:
-                cached = None if fresh else self._cache.get(key)
+            cached = None if fresh else self._cached(key)
             if cached is not None:
                 searched_at, offers = cached
                 if offers or time.monotonic() - searched_at < EMPTY_SEARCH_SECONDS:
                     return list(offers)
-            found = self.market.search(query, self.order, disk_gb, interruptible=interruptible)
-            with self._lock:
-                self._cache[key] = (time.monotonic(), list(found))
+            found = self.market.search(
+                query, self.order, disk_gb, limit=SEARCH_LIMIT, interruptible=interruptible
+            )
+            self._keep(key, found, time.monotonic())
             return found
+
+    def prefetch(self, requests: Iterable[ResourceRequest], clause: str = "") -> None:
+        """Before the first rent: requests that differ only in their GPU model share one
+        search (Vast.ai allows ten a minute), which their own searches then find cached.
+        ``clause`` is added to every query (the run's excluded hosts)."""
+        families: dict[SearchKey, dict[str | None, str]] = {}
+        for request in requests:
+            base = full_query(replace(request, gpu_name=None), clause)
+            query = full_query(request, clause)
+            if self._cached((query, request.disk_gb, request.interruptible)) is None:
+                family = families.setdefault((base, request.disk_gb, request.interruptible), {})
+                family[request.gpu_name] = query
+        for (base, disk_gb, interruptible), members in families.items():
+            if len(members) > 1:  # one alone is searched as usual, when it is needed
+                self._search_family(base, members, disk_gb, interruptible)
+
+    def _search_family(
+        self, base_query: str, members: dict[str | None, str], disk_gb: int, interruptible: bool
+    ) -> None:
+        """One search for all ``members`` (each model, None: any, to its own query). Each
+        model's offers in the answer are the first of its own search's (same order); a model
+        with none is known to have none only if the answer was complete."""
+        models = [model for model in members if model is not None]
+        query = base_query
+        if len(models) == len(members):
+            query += f" gpu_name in [{','.join(model.replace(' ', '_') for model in models)}]"
+        limit = min(SEARCH_LIMIT * len(members), FAMILY_LIMIT)
+        found = self.market.search(
+            query, self.order, disk_gb, limit=limit, interruptible=interruptible
+        )
+        complete, searched_at = len(found) < limit, time.monotonic()
+        for model, member_query in members.items():
+            mine = [o for o in found if model is None or _same_model(o.gpu_name, model)]
+            if mine or (complete and not _nearly_named(found, model)):
+                self._keep((member_query, disk_gb, interruptible), mine[:SEARCH_LIMIT], searched_at)
 
     def drop(self, offer_id: int) -> None:
         """An offer is taken (by us or someone else): no shared copy offers it again."""
         with self._lock:
             for key, (searched_at, offers) in list(self._cache.items()):
                 self._cache[key] = (searched_at, [o for o in offers if o.id != offer_id])
+        if self.shelf is not None:
+            self.shelf.drop(offer_id)
+
+    def _cached(self, key: SearchKey) -> tuple[float, list[Offer]] | None:
+        """This run's copy, else another process's fresh answer from the shelf."""
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is None and self.shelf is not None:
+            shelved = self.shelf.get((key[0], self.order, key[1], key[2]))
+            if shelved is not None:
+                age, offers = shelved
+                cached = (time.monotonic() - age, offers)
+                with self._lock:
+                    self._cache[key] = cached
+        if cached is not None and time.monotonic() - cached[0] >= self.ttl:
+            return None  # a shelved answer ages from its search, not from when we read it
+        return cached
+
+    def _keep(self, key: SearchKey, offers: list[Offer], searched_at: float) -> None:
+        with self._lock:
+            self._cache[key] = (searched_at, list(offers))
+        if self.shelf is not None:
+            self.shelf.put((key[0], self.order, key[1], key[2]), offers)
+
+
+def full_query(request: ResourceRequest, clause: str = "") -> str:
+    """The request's offer query with ``clause`` (e.g. the excluded hosts) added."""
+    return " ".join(filter(None, (request.offer_query(), clause)))
+
+
+def _same_model(listed: str, asked: str) -> bool:
+    """The marketplace's own comparison as the fake makes it: exact, ``_`` read as a space."""
+    return listed == asked.replace("_", " ")
+
+
+def _nearly_named(offers: list[Offer], model: str | None) -> bool:
+    """Whether an offer's model differs from ``model`` only in case: the real marketplace
+    may compare without case, so none found here is not proof that it has none."""
+    if model is None:
+        return False
+    wanted = model.replace("_", " ").casefold()
+    return any(offer.gpu_name.casefold() == wanted for offer in offers)
 
 
 @dataclass(frozen=True)
@@ -154,15 +253,22 @@ class Renter:
         if refusal is not None:
             raise CapRefusal(f"No new instance for {request.rule}: {refusal}")
         if not offers:
-            raise NoOfferError(self._diagnosis(request, query))
+            raise NoOfferError(
+                f"No offer matches rule {request.rule} now.",
+                lambda: self._diagnosis(request, query),
+            )
         raise NoOfferError(
-            f"all {len(offers)} matching offers for {request.rule} were taken before they "
-            "could be rented"
+            f"All {len(offers)} matching offers for rule {request.rule} were taken before "
+            "they could be rented."
         )
 
     def offer_query(self, request: ResourceRequest) -> str:
         """The request's offer query, less the hosts this run will not rent from again."""
-        return " ".join(filter(None, (request.offer_query(), self.excluded.query_clause())))
+        return full_query(request, self.excluded.query_clause())
+
+    def prefetch(self, requests: Iterable[ResourceRequest]) -> None:
+        """Search once for requests that differ only in their GPU model (see OfferSearch)."""
+        self.search.prefetch(requests, self.excluded.query_clause())
 
     def candidates(self, request: ResourceRequest, fresh: bool = False) -> list[Offer]:
         """The offers the request could rent now, first by the run's order: the shared

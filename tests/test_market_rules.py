@@ -12,8 +12,11 @@ import pytest
 
 from tests.fakevast.harness import FakeVast
 from tests.test_pool_faults import FLAT_OFFERS, assert_outputs, fan_out
+from tests.test_preview import offers
 from tests.workflows import (
     assert_all_destroyed,
+    assert_nothing_rented,
+    fatal_error,
     job_errors,
     run_snakemake,
     running_snakemake,
@@ -93,3 +96,54 @@ def test_the_daily_search_quota_stops_new_rents_and_names_the_reset(
     assert fake.ledger()["quota_exceeded"] == {"POST /api/v0/bundles/": 2}, fake.ledger()
     assert fake.ledger()["rate_limited"] == {}
     assert_all_destroyed(fake, workdir)
+
+
+MODELS = ("RTX_4090", "RTX_3090", "RTX_3060", "L40S", "A100_SXM4", "H100_SXM", "B200", "MI300X")
+UNLISTED = ("B200", "MI300X")  # no offer of the fake's catalogue has them
+
+
+def eight_models() -> str:
+    """Eight rules, each on its own GPU model; the catalogue lists six of them."""
+    names = [model.lower() for model in MODELS]
+    rules = [f"rule all:\n    input: {', '.join(repr(f'{n}.txt') for n in names)}\n"]
+    for model, name in zip(MODELS, names, strict=True):
+        rules.append(
+            f"rule {name}:\n    output: '{name}.txt'\n"
+            f"    resources: gpu=1, gpu_model='{model}'\n    shell: 'echo ok > {{output}}'\n"
+        )
+    return "\n".join(rules)
+
+
+def test_eight_gpu_models_two_unlisted_stop_the_run_in_at_most_four_searches(
+    fakevast_factory: Callable[..., FakeVast], tmp_path: Path
+) -> None:
+    """The rules differ only in their GPU model, so the check before renting asks for all
+    of them in one search (`gpu_name in [...]`); the two diagnoses share the search that
+    lists the models and the one without a model. Then `offers` shows every rule, from the
+    answers the run left on the shelf."""
+    fake = fakevast_factory(boot_seconds=0, rate_limits=True)
+    workdir = write_workflow(tmp_path / "wf", eight_models())
+    options = ("--vastai-no-datacenter", "--vastai-reliability", "0.9")
+
+    run = run_snakemake(workdir, fake, *options, jobs=8, timeout=RUN_TIMEOUT)
+
+    assert not run.ok
+    message = fatal_error(run.output)
+    for model in UNLISTED:
+        assert f"No offer lists a GPU named {model}" in message, message
+    assert message.endswith("Nothing was rented."), message
+    assert "Traceback" not in run.output and "429" not in run.output, run.output
+    assert "too frequent" not in run.output, run.output
+    assert_nothing_rented(fake)
+    searched = fake.ledger()["api_calls"]["POST /api/v0/bundles/"]
+    assert searched <= 4, fake.ledger()["api_calls"]
+
+    shown = offers(fake, workdir, "--no-datacenter", "--reliability", "0.9")
+
+    assert shown.returncode == 1, shown.stderr  # the two unlisted models rent nothing
+    for model in MODELS:
+        assert f"rule {model.lower()}: 1 job" in shown.stdout, shown.stdout
+    # the offers come from the run's shelved search; only the two diagnoses search again
+    assert fake.ledger()["api_calls"]["POST /api/v0/bundles/"] - searched <= 2
+    assert refused(fake) == {}, refused(fake)
+    assert_nothing_rented(fake)

@@ -173,13 +173,15 @@ def searches(fake: FakeVast) -> int:
 def test_one_search_per_distinct_query_which_the_first_rents_reuse(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:
+    """Queries that differ only in their GPU model (any, an RTX 4090) share one search."""
     renter = make_renter(fakevast, tmp_path)
     settings = ExecutorSettings()
     jobs = [
         job("a", {"gpu": 1}),
         job("a", {"gpu": 1}),
         job("b", {"gpu": 1}),  # the same search as rule a
-        job("c", {"gpu": 1, "gpu_model": "RTX_4090"}),
+        job("c", {"gpu": 1, "gpu_model": "RTX_4090"}),  # a's search, with a model
+        job("d", {"gpu": 2}),  # a search of its own
     ]
 
     preflight(jobs, renter, settings)
