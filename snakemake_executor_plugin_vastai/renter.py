@@ -73,6 +73,17 @@ class CapRefusal(VastaiError):
 
 
 SearchKey = tuple[str, int, bool]  # query, disk GB, interruptible
+CHEAPEST_FIRST = "dph_total"  # the default --vastai-order: the one that ranks by cost
+# A job with no `runtime` resource is priced as this many hours of an offer, when its inputs'
+# bandwidth is weighed against the offer's hourly price.
+ASSUMED_JOB_HOURS = 1.0
+
+
+def whole_cost(offer: Offer, request: ResourceRequest) -> float:
+    """What the job would cost on this offer: its hours at the offer's price, and its inputs
+    at the offer's price per GB received (outputs are not known before the job runs)."""
+    hours = request.runtime_hours or ASSUMED_JOB_HOURS
+    return offer.dph_total * hours + request.upload_gb * offer.inet_down_cost
 
 
 class OfferSearch:
@@ -173,6 +184,15 @@ class OfferSearch:
             self._cache[key] = (searched_at, list(offers))
         if self.shelf is not None:
             self.shelf.put((key[0], self.order, key[1], key[2]), offers)
+
+
+def _bandwidth_note(request: ResourceRequest, chosen: Offer, cheapest: Offer) -> str:
+    return (
+        f"For {request.rule}, offer {chosen.id} (${chosen.dph_total:.3f}/h) comes before "
+        f"offer {cheapest.id} (${cheapest.dph_total:.3f}/h): the job's {request.upload_gb:.3g} GB "
+        f"of inputs would cost ${request.upload_gb * cheapest.inet_down_cost:.2f} there, at "
+        f"${cheapest.inet_down_cost:.3f}/GB."
+    )
 
 
 def full_query(request: ResourceRequest, clause: str = "") -> str:
@@ -287,6 +307,11 @@ class Renter:
         if request.interruptible:
             bids = (o.with_bid(self.plan.bid_factor, request.max_price) for o in offers)
             offers = [bid for bid in bids if bid is not None]
+        if request.upload_gb and self.search.order == CHEAPEST_FIRST and offers:
+            cheapest = offers[0]
+            offers.sort(key=lambda offer: whole_cost(offer, request))  # stable: ties by $/h
+            if offers[0] is not cheapest:
+                log.info("%s", _bandwidth_note(request, offers[0], cheapest))
         return offers
 
     def _diagnosis(self, request: ResourceRequest, query: str) -> str:

@@ -184,6 +184,10 @@ class ResourceRequest:
     """GPUs the job takes for itself; 0 for a CPU job."""
     job_disk_gb: float = 0.0
     """The job's own disk_mb in GB: its share of the instance's disk."""
+    upload_gb: float = 0.0
+    """The job's input files (what it ships up), for ranking offers by their whole cost."""
+    runtime_hours: float | None = None
+    """Snakemake's ``runtime`` resource, when the job has a number for it."""
 
     @classmethod
     def from_job(
@@ -237,6 +241,7 @@ class ResourceRequest:
             deploy=_deploy_globs(_job_text(resources, "deploy", where), where),
             gpus=gpus,
             job_disk_gb=disk_mb / 1000,
+            runtime_hours=_runtime_hours(resources),
         )
         try:
             parse_offer_query(request.offer_query())
@@ -409,6 +414,12 @@ def _read_settings(settings: ExecutorSettings) -> _Options:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _runtime_hours(resources: Mapping[str, Any]) -> float | None:
+    """Snakemake's ``runtime`` (minutes) in hours; None when the job gives no number."""
+    minutes = resources.get("runtime")
+    return minutes / 60 if _is_number(minutes) and minutes > 0 else None
 
 
 def _plain(value: float) -> str:

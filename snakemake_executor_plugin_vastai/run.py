@@ -11,7 +11,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan
 from snakemake_executor_plugin_vastai.caps import Caps
 from snakemake_executor_plugin_vastai.credentials import secrets
-from snakemake_executor_plugin_vastai.instance import Instance
+from snakemake_executor_plugin_vastai.instance import BYTES_PER_GB, Instance
 from snakemake_executor_plugin_vastai.jobrun import JobSpec
 from snakemake_executor_plugin_vastai.ledger import Ledger, RunLock, new_run_id
 from snakemake_executor_plugin_vastai.logger import get_logger
@@ -40,7 +40,12 @@ from snakemake_executor_plugin_vastai.resources import (
 )
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 from snakemake_executor_plugin_vastai.sshkey import RunKey
-from snakemake_executor_plugin_vastai.staging import DigestCache, SourceBundle, select_sources
+from snakemake_executor_plugin_vastai.staging import (
+    DigestCache,
+    SourceBundle,
+    local_bytes,
+    select_sources,
+)
 from snakemake_executor_plugin_vastai.startchecks import (
     PlannedJob,
     cpu_only_notice,
@@ -141,7 +146,11 @@ class RunContext:
 
     def job_spec(self, job: Any, command: str) -> JobSpec:
         """The plain facts of a Snakemake job; raises ResourceError for bad resources."""
-        request = ResourceRequest.from_job(job, self.settings, self.is_preemptible)
+        inputs = [str(f) for f in job.input if not is_storage(f)]
+        request = replace(
+            ResourceRequest.from_job(job, self.settings, self.is_preemptible),
+            upload_gb=local_bytes(inputs) / BYTES_PER_GB,
+        )
         members = list(job.jobs) if job.is_group() else [job]
         tag = job_tag(job)
         outputs, logs = returned_files(job)
@@ -151,7 +160,7 @@ class RunContext:
             request=request,
             command=command,
             env=self.envvars,
-            inputs=[str(f) for f in job.input if not is_storage(f)],
+            inputs=inputs,
             outputs=outputs,
             logs=logs,
             local_log=Path(".snakemake/auxiliary/vastai-logs") / f"{tag}.log",

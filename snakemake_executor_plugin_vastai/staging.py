@@ -35,6 +35,26 @@ class StagingError(VastaiError):
     """A file could not be shipped or fetched; the message names it."""
 
 
+def local_bytes(paths: Iterable[str]) -> int:
+    """What these files (and the files under these directories) weigh here: at most what a
+    job ships up (the content store may spare some), for pricing an offer's bandwidth."""
+    total = 0
+    for path in paths:
+        if os.path.isdir(path):
+            for folder, _, names in os.walk(path):
+                total += sum(_size(os.path.join(folder, name)) for name in names)
+        else:
+            total += _size(path)
+    return total
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # not made yet, or gone: nothing to ship
+        return 0
+
+
 def _outside(normal: str) -> bool:
     """Whether a normalised path leaves the working directory: absolute, or up through '..'
     (a name that merely starts with dots, like '..notes', stays inside)."""

@@ -89,3 +89,66 @@ def test_the_bytes_of_an_output_are_billed_and_counted_toward_the_budget(
     run_row = cost.splitlines()[1].split()
     assert float(run_row[4]) == pytest.approx(summary["data_dollars"], abs=1e-4), cost
     assert rented(fake) == [instance]
+
+
+INPUT_BYTES = 50_000_000
+CHEAP_HOURLY, CHEAP_DATA = 9300001, 9300002  # $0.30/h at $20/GB in, $0.40/h at $0.01/GB in
+
+READ_INPUT = """\
+localrules: all
+
+
+rule all:
+    input: "size.txt"
+
+
+rule size:
+    input: "data.bin"
+    output: "size.txt"
+    resources: gpu=1{runtime}
+    shell: "wc -c < {{input}} > {{output}}"
+"""
+
+
+def two_hosts(tmp_path: Path) -> Path:
+    """A host cheap by the hour that charges $20 per GB it receives, and one $0.10/h dearer
+    whose bandwidth is nearly free."""
+    [base, *_] = json.loads(FLAT_OFFERS.read_text())
+    rows = [
+        base | {"id": CHEAP_HOURLY, "dph_base": 0.30, "inet_down_cost": 20.0, "inet_up_cost": 0.0},
+        base
+        | {"id": CHEAP_DATA, "machine_id": 99, "dph_base": 0.40, "inet_down_cost": 0.01}
+        | {"inet_up_cost": 0.0},
+    ]
+    path = tmp_path / "offers.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("input_bytes", "runtime", "chosen"),
+    [(INPUT_BYTES, "", CHEAP_DATA), (1_000, "", CHEAP_HOURLY), (INPUT_BYTES, 900, CHEAP_HOURLY)],
+    ids=["50 MB of inputs", "1 kB of inputs", "50 MB for 15 hours"],
+)
+def test_an_offer_is_ranked_by_the_jobs_whole_cost_with_its_inputs(
+    fakevast_factory: Callable[..., FakeVast],
+    tmp_path: Path,
+    input_bytes: int,
+    runtime: int | str,
+    chosen: int,
+) -> None:
+    """50 MB up at $20/GB is $1.00, more than the $0.10 an hour the other host adds (a job
+    without a runtime counts as an hour): that host is rented, and the run says why. 1 kB
+    up costs nothing worth a dearer hour, and neither does $1.00 against 15 dearer hours."""
+    fake = fakevast_factory(boot_seconds=0, offers=two_hosts(tmp_path))
+    snakefile = READ_INPUT.format(runtime=f", runtime={runtime}" if runtime else "")
+    workdir = write_workflow(tmp_path / "wf", snakefile, {"data.bin": "x" * input_bytes})
+
+    run = run_snakemake(workdir, fake, jobs=1)
+
+    assert run.ok, run.output
+    assert (workdir / "size.txt").read_text().strip() == str(input_bytes)
+    [instance] = assert_all_destroyed(fake, workdir)
+    assert instance["offer_id"] == chosen, instance
+    note = f"offer {CHEAP_DATA} ($0.400/h) comes before offer {CHEAP_HOURLY} ($0.300/h)"
+    assert (note in run.output) == (chosen == CHEAP_DATA), run.output

@@ -326,7 +326,13 @@ def test_sdk_search_body_matches_our_parse():
 
 def test_request_fields():
     built = request(
-        {"gpu": 2, "gpu_model": "RTX_4090", "mem_mb": 2001, "deploy": " scripts/*.py, ref/a.fa,"},
+        {
+            "gpu": 2,
+            "gpu_model": "RTX_4090",
+            "mem_mb": 2001,
+            "deploy": " scripts/*.py, ref/a.fa,",
+            "runtime": 90,
+        },
         threads=3,
         geolocation="de",
         max_price=1,
@@ -348,6 +354,8 @@ def test_request_fields():
         "deploy": ("scripts/*.py", "ref/a.fa"),
         "gpus": 2,
         "job_disk_gb": 0.0,
+        "upload_gb": 0.0,  # the run adds what the inputs weigh
+        "runtime_hours": 1.5,
     }
     with pytest.raises(dataclasses.FrozenInstanceError):
         built.num_gpus = 3  # type: ignore[misc]

@@ -14,6 +14,7 @@ from snakemake_executor_plugin_vastai.staging import (
     DigestCache,
     StagingError,
     expand_local,
+    local_bytes,
     safe_relative,
     select_sources,
 )
@@ -159,3 +160,16 @@ def test_digest_cache_rehashes_a_changed_file(workdir: Path) -> None:
     assert cache.digest("f") == hashlib.sha256(b"one").hexdigest()
     path.write_bytes(b"two!")  # another size: a new key even within the mtime granularity
     assert cache.digest("f") == hashlib.sha256(b"two!").hexdigest()
+
+
+def test_local_bytes_counts_files_and_the_files_under_directories(tmp_path: Path) -> None:
+    """What a job would ship up: a file, a directory's files at any depth, and nothing for
+    a path that does not exist (yet)."""
+    (tmp_path / "a.bin").write_bytes(b"x" * 10)
+    (tmp_path / "tree" / "deep").mkdir(parents=True)
+    (tmp_path / "tree" / "b.bin").write_bytes(b"x" * 100)
+    (tmp_path / "tree" / "deep" / "c.bin").write_bytes(b"x" * 1000)
+
+    paths = [str(tmp_path / name) for name in ("a.bin", "tree", "missing.bin")]
+
+    assert local_bytes(paths) == 1110
