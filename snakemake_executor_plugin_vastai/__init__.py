@@ -19,7 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from snakemake_interface_common.exceptions import WorkflowError
+from snakemake_interface_common.exceptions import ApiError
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
@@ -92,7 +92,7 @@ class Executor(RemoteExecutor):
                 is_preemptible=self._preemptible_rule_test(),
             )
         except VastaiError as error:  # a bad option or key: stop before anything is rented
-            raise WorkflowError(str(error)) from None
+            raise user_error(error) from None
         self._demand_counted = False
         self._cancelling = False
         atexit.register(self._teardown)
@@ -113,7 +113,7 @@ class Executor(RemoteExecutor):
                 self.context.check_before_renting(remote, Path.cwd())
                 self.context.check_offers(remote)  # last: the first rents reuse its searches
             except VastaiError as error:  # nothing is rented yet: stop the whole run
-                raise WorkflowError(str(error)) from None
+                raise user_error(error) from None
         try:
             spec = self.context.job_spec(job, self.format_job_exec(job))
         except VastaiError as error:  # bad resources: fail this job, rent nothing
@@ -297,6 +297,13 @@ class Executor(RemoteExecutor):
                     provider,
                 )
         return tuple(packages)
+
+
+def user_error(error: VastaiError) -> ApiError:
+    """The error that stops the run for a user's mistake, as Snakemake prints it: an ApiError
+    as ``Error: <message>``. A WorkflowError would end with the frames that raised it (this
+    module's), which tell a user nothing and look like a crash."""
+    return ApiError(str(error))
 
 
 def local_path(path: object) -> str | None:

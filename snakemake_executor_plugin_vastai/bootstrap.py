@@ -91,6 +91,9 @@ SCRIPT_COMMAND = "/bin/sh -s"
 ONHOST_PROGRAMS = ("agent", "runner", "watchdog")
 # Touched by the run while it lives; the dead-man switch ends the instance when it goes stale.
 HEARTBEAT = f"{REMOTE_BASE}/heartbeat"
+# How long the bootstrap waits for the runner it started to listen: a fraction of a second on
+# a sound host (only the interpreter starts before it does).
+RUNNER_START_SECONDS = 15.0
 _HEREDOC_END = "SNAKEMAKE_VASTAI_END_OF_FILE"
 
 
@@ -247,6 +250,7 @@ class BootstrapPlan:
             quoted = shlex.quote(runner)
             lines.append(
                 f"setsid nohup {PYTHON} {quoted}.py {quoted} >> {quoted}.log 2>&1 < /dev/null &\n"
+                + _await_socket(f"{runner}.sock")
             )
         return "".join(lines)
 
@@ -307,6 +311,21 @@ fi
 touch {marker}
 fi
 """
+
+
+def _await_socket(path: str) -> str:
+    """Shell lines, right after the runner was started in the background, that wait until its
+    socket is there (it listens before its imports), it has exited (another runner serves),
+    or RUNNER_START_SECONDS passed: the first job comes right after the bootstrap, and a
+    runner not listening yet would send it off as a plain process."""
+    ticks = int(RUNNER_START_SECONDS * 10)
+    return (
+        "runner=$! ticks=0\n"
+        f"while [ ! -S {shlex.quote(path)} ] && [ $ticks -lt {ticks} ] && "
+        "kill -0 $runner 2>/dev/null; do\n"
+        "  sleep 0.1; ticks=$((ticks + 1))\n"
+        "done\n"
+    )
 
 
 def _write_file(path: str, text: str) -> str:

@@ -9,17 +9,21 @@ waits, so the switch fires only when this process (or its network) is gone.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
 
 from snakemake_executor_plugin_vastai.bootstrap import HEARTBEAT
 from snakemake_executor_plugin_vastai.instance import Instance
 from snakemake_executor_plugin_vastai.logger import get_logger
-from snakemake_executor_plugin_vastai.remote import RemoteError, error_detail
+from snakemake_executor_plugin_vastai.remote import ExecStream, RemoteError, error_detail
 
 log = get_logger(__name__)
 
 BEATS_PER_PERIOD = 4
 TOUCH_TIMEOUT_SECONDS = 15.0
+# A touch reconnects for this long at most: meanwhile it holds the host's connection, and a
+# job re-attaching after the same outage (a computer waking up) waits behind it.
+RECONNECT_SECONDS = 5.0
 
 
 def beat_interval(deadman: float) -> float:
@@ -47,9 +51,23 @@ class Heartbeat:
     def _touch(self, instance: Instance) -> None:
         try:
             assert instance.host is not None
-            instance.host.run(f"touch {HEARTBEAT}", timeout=TOUCH_TIMEOUT_SECONDS)
+            stream = instance.host.open_stream(f"touch {HEARTBEAT}", b"", RECONNECT_SECONDS)
+            try:
+                _wait_for_end(stream, time.monotonic() + TOUCH_TIMEOUT_SECONDS)
+            finally:
+                stream.close()
+            instance.heartbeat_at = time.time()  # a loss after a long silence is not its fault
         except (RemoteError, OSError) as error:
             log.debug("%s: heartbeat failed: %s", instance.name, error_detail(error, instance.name))
         finally:
             with self._lock:
                 self._beating.discard(instance.label)
+
+
+def _wait_for_end(stream: ExecStream, deadline: float) -> None:
+    """Until the command's output ends (TimeoutError at the deadline); RemoteError when its
+    connection died instead."""
+    while stream.read(1024, max(0.0, deadline - time.monotonic())):
+        pass
+    if stream.lost:
+        raise RemoteError(f"{stream.host_name}: the connection dropped")

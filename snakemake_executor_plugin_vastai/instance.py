@@ -57,6 +57,9 @@ class Instance:
     busy_seconds: float = 0.0
     price_warned: bool = False
     vanished: bool = False  # listed once, then no longer: destroyed outside this run
+    deadman: float = 0.0  # its dead-man switch's period, once the bootstrap armed it; 0: none
+    heartbeat_at: float | None = None  # when this run last gave it a sign of life
+    silence_at_loss: float | None = None  # this run's silence when it vanished, past deadman
     failure: str | None = None  # why it could not be prepared: told to the jobs waiting on it
     retiring: str | None = None  # why it takes no new job and goes once its jobs are done
     creating: bool = False  # its create request has been sent (renting: an answer is due)
@@ -99,13 +102,37 @@ class Instance:
         Call with the table's lock held."""
         if info is None and self.info is not None:
             self.vanished = True
+            now = time.time()
+            if self.switch_may_have_fired(now):
+                self.silence_at_loss = self.silence(now)
         self.info = info
         if info is not None:
             self.dph_total = info.dph_total or self.dph_total
 
+    def silence(self, now: float) -> float:
+        """Seconds since this run last gave it a sign of life (0 before the first)."""
+        return now - self.heartbeat_at if self.heartbeat_at is not None else 0.0
+
+    def switch_may_have_fired(self, now: float) -> bool:
+        """Whether its own dead-man switch may have ended it: this run (asleep, suspended or
+        cut off) gave it no sign of life for longer than the switch's period. Such a loss
+        says nothing about its machine."""
+        return bool(self.deadman) and self.silence(now) > self.deadman
+
+    def loss_blames_host(self, now: float) -> bool:
+        """Whether losing it (or a job on it) now says something about its machine: not when
+        its own dead-man switch fired, or may have, because this run was silent too long."""
+        return self.silence_at_loss is None and not self.switch_may_have_fired(now)
+
     @property
     def lost_reason(self) -> str | None:
         """Why this instance can never run a job again, if it cannot."""
+        if self.vanished and self.silence_at_loss is not None:
+            return (
+                f"its dead-man switch destroyed it: this run gave it no sign of life for "
+                f"{self.silence_at_loss:.0f} s, longer than --vastai-deadman "
+                f"({self.deadman:g} s). Was this computer asleep, or the run suspended?"
+            )
         if self.vanished:
             return "it is no longer listed by Vast.ai (destroyed outside this run?)"
         if self.info is not None and self.info.lost:
@@ -151,13 +178,17 @@ class Instance:
         self.host = host
 
     def bootstrap(self, plan: BootstrapPlan) -> bool:
-        """Prepare the instance; True if it had to install the plan's requirements."""
+        """Prepare the instance; True if it had to install the plan's requirements. A
+        bootstrap that arms the dead-man switch also touches its heartbeat: the first sign of
+        life."""
         assert self.host is not None
         result = self.host.run(SCRIPT_COMMAND, timeout=1800, stdin=plan.script().encode())
         if result.exit_code != 0:
             raise InstanceFailure(
                 f"{self.name}: {explain_failure(result.exit_code, result.stderr or result.stdout)}"
             )
+        self.deadman = plan.deadman
+        self.heartbeat_at = time.time()
         return INSTALLED_MARKER in result.stdout.splitlines()
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ from snakemake_executor_plugin_vastai.jobwire import (
     append_log,
     last_lines,
     name_some,
+    own_error,
 )
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.pool import Cancelled, Placement, Pool
@@ -47,6 +48,9 @@ log = get_logger(__name__)
 WAIT_SLICE_SECONDS = 0.5
 # How long a job may stay unreachable over SSH before the host counts as lost.
 UNREACHABLE_SECONDS = 60.0
+# Lines read from the end of a failed job's log to find its own error among the remote
+# Snakemake's shutdown lines.
+LOG_LINES_READ = 400
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,8 @@ class JobCancelled(VastaiError):
 
 def sentence(text: object) -> str:
     """Text as a sentence that Snakemake can append its own to ("... . For further...")."""
-    return str(text).rstrip().rstrip(".") + ". "
+    text = str(text).rstrip()
+    return text + " " if text.endswith(("?", "!")) else text.rstrip(".") + ". "
 
 
 class JobRun:
@@ -178,7 +183,7 @@ class JobRun:
                 outcome = Outcome(False, sentence(f"{self.spec.name} was cancelled"), True)
             else:
                 outcome = self._failure(sentence(f"{self.spec.name} failed{self._where(error)}"))
-                if isinstance(error, HOST_FAULTS):
+                if isinstance(error, HOST_FAULTS) and self._host_to_blame():
                     host_fault = f"{self.spec.name} failed on it: {error}"
         except Exception as error:  # a bug must fail the job, not hang the run
             log.exception("unexpected error in %s", self.spec.name)
@@ -322,6 +327,11 @@ class JobRun:
                 f"instance: {name_some(problems)}"
             )
 
+    def _host_to_blame(self) -> bool:
+        """Whether the job's failure says something about its machine: not when the run's
+        own silence (a computer asleep) let the instance's dead-man switch end it."""
+        return self.instance is None or self.instance.loss_blames_host(time.time())
+
     def _where(self, error: BaseException) -> str:
         """The end of a failure message: the error, naming the instance once (many errors
         name it already)."""
@@ -335,7 +345,8 @@ class JobRun:
         append_log(self.spec.local_log, chunk)  # capped: the host decides how much comes
 
     def _log_tail(self, lines: int = 20) -> str:
-        text = last_lines(self.spec.local_log, lines)
+        """The end of the job's own error; the rest of its output stays in its log file."""
+        text = own_error(last_lines(self.spec.local_log, LOG_LINES_READ), lines)
         return "Last lines of the job's output:\n" + "\n".join(text) + "\n" if text else ""
 
     def _failure(self, message: str) -> Outcome:

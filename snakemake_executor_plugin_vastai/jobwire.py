@@ -185,6 +185,59 @@ def last_lines(path: Path, count: int) -> list[str]:
         return []
 
 
+# The remote Snakemake's own lines around a failed job, which the local Snakemake prints itself
+# (the rule's header and error block for the job, the shutdown once for the whole run).
+SHUTDOWN_LINE = "Shutting down, this might take some time."
+_TIMESTAMP = re.compile(r"\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\]")
+_RULE_HEADER = re.compile(r"(local)?(rule|checkpoint) \S+:")
+_ERROR_HEADER = re.compile(r"Error in (rule|group) \S+:?")
+
+
+def own_error(lines: list[str], count: int) -> list[str]:
+    """The last ``count`` lines of what the job itself said in its remote Snakemake's log
+    (its command's output, Snakemake's report of its failure), without what the local
+    Snakemake prints anyway: a user reads the job's error once, not every job's copy of the
+    remote shutdown. The log file keeps everything."""
+    start, end = _after_last_header(lines), _shutdown_at(lines)
+    return _without_blocks(lines[start:end], _ERROR_HEADER)[-count:]
+
+
+def _shutdown_at(lines: list[str]) -> int:
+    """Where the remote Snakemake's shutdown begins (the end, when it did not shut down)."""
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index] == SHUTDOWN_LINE:
+            return index
+    return len(lines)
+
+
+def _after_last_header(lines: list[str]) -> int:
+    """Where the last rule's header block (``localrule x:`` and its indented fields) ends;
+    0 when the job failed before any rule started (its whole log is its error)."""
+    starts = [i for i, line in enumerate(lines) if _RULE_HEADER.fullmatch(line)]
+    if not starts:
+        return 0
+    end = starts[-1] + 1
+    while end < len(lines) and lines[end].startswith("    "):
+        end += 1
+    return end
+
+
+def _without_blocks(lines: list[str], header: re.Pattern[str]) -> list[str]:
+    """The lines without each block that opens with ``header``: the header, the timestamp
+    just before it and the indented lines after it."""
+    kept: list[str] = []
+    inside = False
+    for line in lines:
+        if header.fullmatch(line):
+            if kept and _TIMESTAMP.fullmatch(kept[-1]):
+                kept.pop()
+            inside = True
+        elif not (inside and line.startswith((" ", "\t"))):
+            inside = False
+            kept.append(line)
+    return kept
+
+
 @dataclass(frozen=True)
 class JobRequest:
     """What the agent must know about one job (the start adds its files and command)."""

@@ -576,7 +576,8 @@ class Pool:
                 instance.observe(row)
                 if instance.lost_reason and instance.state in USABLE:
                     self.table.move(instance, State.LOST)
-                    self.excluded.exclude(instance.offer, instance.lost_reason)
+                    if instance.loss_blames_host(now):
+                        self.excluded.exclude(instance.offer, instance.lost_reason)
                 elif instance.state is State.BOOTING:
                     self.boot_progress.observe(instance, now)
             self.table.notify()

@@ -10,6 +10,7 @@ functions. The same scheduler says the running total of dollars once a minute.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ from snakemake_executor_plugin_vastai.progress import SPEND_TICK_SECONDS, SpendT
 log = get_logger(__name__)
 
 SWEEP_SECONDS = 0.5
+# A sweep this long after the last one means this process was suspended (a computer asleep):
+# the instance list is read at once, to tell what happened meanwhile. (Its interval is
+# counted in monotonic time, which stands still while a computer sleeps.)
+WAKE_GAP_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -110,14 +115,19 @@ def _try(call: Callable[[int], None], orphan: Orphan) -> bool:
 
 
 class _SkippedRounds(logging.Filter):
-    """A round still running when the next is due makes APScheduler skip the next and warn.
-    With the API paced, a round may well outlast the half-second interval: no news."""
+    """APScheduler warns of each round it skips: one due while the last still runs (with the
+    API paced, a round may well outlast the half-second interval), or one missed while this
+    process was suspended (a computer asleep). The next round comes anyway: no news."""
+
+    NOTICES = ("skipped: maximum number of running instances", "was missed by")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "skipped: maximum number of running instances" not in record.getMessage()
+        return not any(notice in record.getMessage() for notice in self.NOTICES)
 
 
 SKIPPED_ROUNDS = _SkippedRounds()
+# Where APScheduler says so: the scheduler skips rounds still running, its executor missed ones.
+SCHEDULER_LOGGERS = ("apscheduler.scheduler", "apscheduler.executors.default")
 
 
 class Reaper:
@@ -131,9 +141,11 @@ class Reaper:
         self.ledger = ledger
         self.state_dir = state_dir
         self.run_id = run_id
-        logging.getLogger("apscheduler.scheduler").addFilter(SKIPPED_ROUNDS)
+        for name in SCHEDULER_LOGGERS:
+            logging.getLogger(name).addFilter(SKIPPED_ROUNDS)
         self._scheduler = BackgroundScheduler(daemon=True)
         self._ticker = SpendTicker()
+        self._last_sweep = time.time()  # wall-clock time, which a computer's sleep moves on
 
     def start(self, deadman: float = 0.0) -> None:
         """``deadman``: the instances' dead-man time; 0 sends no heartbeat."""
@@ -166,7 +178,7 @@ class Reaper:
         pool's decisions. Driven from here, not from Snakemake's status loop, so a finished
         boot is noticed within a second whatever --seconds-between-status-checks says."""
         try:
-            if self.pool.refresh_due():
+            if self._woke() or self.pool.refresh_due():
                 self.pool.refresh()
         except MarketplaceError as error:
             log.warning("Could not list Vast.ai instances this round: %s", error)
@@ -176,6 +188,11 @@ class Reaper:
             self.pool.sweep()
         except Exception:
             log.exception("the pool sweep failed")
+        self._last_sweep = time.time()  # after the round: a slow list call is no sleep
+
+    def _woke(self) -> bool:
+        """Whether this process was suspended since the last round."""
+        return time.time() - self._last_sweep > WAKE_GAP_SECONDS
 
     def _tick(self) -> None:
         """The running total of dollars; a failure costs a line, never the reaper."""

@@ -212,8 +212,11 @@ def job_errors(output: str) -> list[str]:
 
 
 def fatal_error(output: str) -> str:
-    """The message of the exception that stopped Snakemake as a whole (``XError:`` then text)."""
-    found = re.findall(r"^\w+(?:Error|Exception):\n(.*?)(?=^  File |\Z)", output, re.M | re.S)
+    """The message of the exception that stopped Snakemake as a whole (``XError:`` then text,
+    or ``Error: text``, as Snakemake prints a user's mistake)."""
+    found = re.findall(
+        r"^(?:\w+(?:Error|Exception):\n|Error: )(.*?)(?=^  File |\Z)", output, re.M | re.S
+    )
     return found[-1].strip() if found else ""
 
 

@@ -177,9 +177,9 @@ def ask_runner(prefix: str, job_dir: str) -> tuple[int | None, str]:
             sock.connect(prefix + ".sock")
             sock.sendall(json.dumps(request).encode() + b"\n")
             reply = json.loads(sock.makefile("rb").readline() or b"{}")
-    except (FileNotFoundError, ConnectionRefusedError) as error:
+    except (FileNotFoundError, ConnectionRefusedError):
         revive_runner(prefix)
-        return None, f"the runner is not running ({error.strerror})"
+        return None, "the runner is not running; a new one starts for the next jobs"
     except (OSError, ValueError) as error:
         return None, f"the runner did not answer ({error})"
     if isinstance(reply.get("pid"), int):
