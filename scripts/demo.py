@@ -7,6 +7,8 @@ Run from anywhere: `.venv/bin/python scripts/demo.py [--boot-seconds S] [--jobs 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,9 +32,9 @@ def main() -> int:
     git_workflow(EXAMPLES / "demo", args.workdir)
     with FakeVast(boot_seconds=args.boot_seconds) as fake:
         print(f"Fake Vast.ai marketplace at {fake.url} (boot takes {args.boot_seconds:g} s)")
-        command = snakemake_command(fake, args.jobs)
-        print("Running:", " ".join(command[1:]), f"(in {args.workdir})", flush=True)
-        done = subprocess.run(command, cwd=args.workdir, env=snakemake_env(fake))
+        command, env = snakemake_command(fake, args.jobs), snakemake_env(fake)
+        print("Running:", shell_line(args.workdir, command, env), flush=True)
+        done = subprocess.run(command, cwd=args.workdir, env=env)
         ledger = fake.ledger()
     instances = ledger["instances"]
     alive = [i for i in instances if i["ended_at"] is None]
@@ -51,6 +53,18 @@ def main() -> int:
         f"{refused}."
     )
     return done.returncode or (1 if alive else 0)
+
+
+def shell_line(workdir: Path, command: list[str], env: dict[str, str]) -> str:
+    """The run as one line to paste into a shell: its directory, what its environment changes
+    from this one (variables unset, then set), and the command, all shell-quoted."""
+    unset = [f"-u {shlex.quote(name)}" for name in sorted(os.environ) if name not in env]
+    changed = sorted(name for name, value in env.items() if os.environ.get(name) != value)
+    settings = [f"{name}={shlex.quote(env[name])}" for name in changed]
+    prefix = ["env", *unset] if unset else []
+    return f"cd {shlex.quote(str(workdir))} && " + " ".join(
+        [*prefix, *settings, shlex.join(command)]
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
@@ -28,6 +29,7 @@ from snakemake_interface_executor_plugins.settings import CommonSettings
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.summary import FAILED, FINISHED, KILLED
 
 if TYPE_CHECKING:
     from snakemake_executor_plugin_vastai.jobrun import JobRun
@@ -95,7 +97,8 @@ class Executor(RemoteExecutor):
             raise user_error(error) from None
         self._demand_counted = False
         self._cancelling = False
-        atexit.register(self._teardown)
+        self._stopped_by_error = False  # run_job stopped the whole run (no offer, ...)
+        atexit.register(self._teardown, FAILED)  # only when Snakemake never shut us down
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, self._on_hangup)
 
@@ -113,6 +116,7 @@ class Executor(RemoteExecutor):
                 self.context.check_before_renting(remote, Path.cwd())
                 self.context.check_offers(remote)  # last: the first rents reuse its searches
             except VastaiError as error:  # nothing is rented yet: stop the whole run
+                self._stopped_by_error = True
                 raise user_error(error) from None
         try:
             spec = self.context.job_spec(job, self.format_job_exec(job))
@@ -192,23 +196,33 @@ class Executor(RemoteExecutor):
             log.info(
                 "Cancelled %d job(s): %s. Destroying the run's instances.", len(running), names
             )
-        self._teardown()
+        # Snakemake cancels from its handler of what stopped it: a signal (Ctrl-C, and
+        # SIGTERM through _on_terminate) is a kill; any other exception, a failure.
+        stopped_by = sys.exc_info()[1]
+        self._teardown(KILLED if isinstance(stopped_by, KeyboardInterrupt) else FAILED)
 
     def shutdown(self) -> None:
         super().shutdown()
-        self._teardown()
+        self._teardown(FAILED if self._run_failed() else FINISHED)
+
+    def _run_failed(self) -> bool:
+        """Snakemake's own verdict: a job that failed with no retry left (local jobs and
+        --keep-going included), or an error of ours that stopped the run."""
+        scheduler = getattr(self.workflow, "scheduler", None)
+        return self._stopped_by_error or bool(getattr(scheduler, "failed", None))
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _teardown(self) -> None:
-        """The one way out, whatever triggered it: idempotent, never raises."""
+    def _teardown(self, outcome: str) -> None:
+        """The one way out, whatever triggered it: idempotent, never raises. ``outcome`` is
+        how the run ended, for its summary (the first caller's word counts)."""
         with self._teardown_lock:
             if self._torn_down or not hasattr(self, "context"):
                 return
             self._torn_down = True
         shielded = self._shield_teardown()
         try:
-            self.context.close()
+            self.context.close(outcome)
         except Exception as error:
             log.error(
                 "Tearing down the Vast.ai instances failed: %s. Run 'snakemake-vastai "
@@ -254,7 +268,7 @@ class Executor(RemoteExecutor):
         if self._torn_down:
             return  # the teardown has run or runs: never interrupt it
         log.warning("SIGHUP: destroying every Vast.ai instance of this run")
-        self._teardown()
+        self._teardown(KILLED)
         raise SystemExit(128 + signum)
 
     def _source_lists(self) -> tuple[list[str], list[str]]:

@@ -30,17 +30,15 @@ from snakemake_executor_plugin_vastai.ledger import (
 )
 from snakemake_executor_plugin_vastai.logger import SNAKEMAKE_LOGGER
 from snakemake_executor_plugin_vastai.marketplace import (
-    HELPER_OPTIONS,
     InstanceInfo,
     Marketplace,
     MarketplaceError,
-    pacing_wanted,
-    resolve_api_key,
-    resolve_api_url,
+    helper_market,
 )
 from snakemake_executor_plugin_vastai.preview import add_command
 from snakemake_executor_plugin_vastai.reaper import find_orphans, reap_orphans
 from snakemake_executor_plugin_vastai.settings import DEFAULT_API_URL
+from snakemake_executor_plugin_vastai.summary import KILLED, recorded_outcome
 
 PROG = "snakemake-vastai"
 DESCRIPTION = "Look at and clean up after the Vast.ai runs of a Snakemake workflow directory."
@@ -51,6 +49,9 @@ EPILOG = (
     "same sources in the same order."
 )
 GONE = "gone"  # what the status says of an instance Vast.ai no longer lists
+RUNNING = "running"  # a run that holds its lock
+ENDED = "ended"  # a run whose summary does not say how it ended (an older plugin wrote it)
+UNKNOWN_RUN = "unknown"  # a run this workdir never recorded
 
 
 class HelperError(VastaiError):
@@ -92,7 +93,8 @@ def parser() -> argparse.ArgumentParser:
     add_subcommand(
         commands,
         "status",
-        "this workdir's runs, alive or dead, and what Vast.ai says of their instances",
+        "this workdir's runs (running, finished, failed or killed) and what Vast.ai says of "
+        "their instances",
         show_status,
     )
     reap = add_subcommand(
@@ -160,18 +162,6 @@ def plugin_errors_on_stderr() -> Iterator[None]:
         logger.level, logger.propagate = saved
 
 
-def market(args: argparse.Namespace) -> Marketplace:
-    """The API with the plugin's key and URL sources, checked first: a wrong key or URL is
-    named as such, and not as a failure of whatever came next."""
-    api = Marketplace(
-        resolve_api_key(args.api_key, HELPER_OPTIONS),
-        resolve_api_url(args.api_url, HELPER_OPTIONS),
-        paced=pacing_wanted(),
-    )
-    api.check_credentials(HELPER_OPTIONS)
-    return api
-
-
 # -- status -----------------------------------------------------------------------------------
 
 
@@ -180,7 +170,7 @@ class StatusRow:
     """One instance of a run as the ledger and Vast.ai see it (or a run that rented none)."""
 
     run_id: str
-    run_state: str  # alive, dead, or unknown (a run this workdir never recorded)
+    run_state: str  # RUNNING, how it ended (finished, failed, killed, ENDED) or UNKNOWN_RUN
     instance_id: int | None
     says: str  # Vast.ai's status of the instance, GONE once unlisted, "" for no instance
     dph_total: float | None
@@ -189,7 +179,9 @@ class StatusRow:
 
     @property
     def reapable(self) -> bool:
-        return self.run_state == "dead" and self.says not in ("", GONE)
+        """An instance Vast.ai still lists, of a run of this workdir that is over."""
+        over = self.run_state not in (RUNNING, UNKNOWN_RUN)
+        return over and self.says not in ("", GONE)
 
     def cells(self) -> list[str]:
         return [
@@ -207,7 +199,10 @@ HEADER = ["run", "state", "instance", "Vast.ai", "$/h", "jobs", "label"]
 
 
 def show_status(args: argparse.Namespace, state_dir: Path) -> int:
-    listed = {info.label: info for info in labelled(market(args).list_instances())}
+    listed = {
+        info.label: info
+        for info in labelled(helper_market(args.api_key, args.api_url).list_instances())
+    }
     records = recorded(state_dir)
     rows = [*recorded_rows(records, listed, state_dir), *unrecorded_rows(records, listed)]
     if not rows:
@@ -215,7 +210,7 @@ def show_status(args: argparse.Namespace, state_dir: Path) -> int:
         return 0
     print(f"Runs of {Path(args.workdir).resolve()} and their instances:")
     print(table([HEADER, *(row.cells() for row in rows)]))
-    if any(row.run_state == "unknown" for row in rows):
+    if any(row.run_state == UNKNOWN_RUN for row in rows):
         print(
             "unknown: a run this workdir never recorded (another workdir or machine); reap "
             "leaves its instances alone, reap --all destroys them."
@@ -231,7 +226,7 @@ def recorded_rows(
 ) -> Iterator[StatusRow]:
     """The workdir's runs in the order they started; each instance as Vast.ai lists it."""
     for run_id, rents in by_run(records).items():
-        state = "alive" if run_is_alive(state_dir, run_id) else "dead"
+        state = run_state(state_dir, run_id)
         created = [r for r in rents if r.instance_id is not None or r.label in listed]
         if not created:
             yield StatusRow(run_id, state, None, "", None, None, "")
@@ -257,8 +252,19 @@ def unrecorded_rows(
         if label not in known:
             run_id = run_id_of(label) or ""
             yield StatusRow(
-                run_id, "unknown", info.id, vast_says(info), info.dph_total, None, label
+                run_id, UNKNOWN_RUN, info.id, vast_says(info), info.dph_total, None, label
             )
+
+
+def run_state(state_dir: Path, run_id: str) -> str:
+    """Running while the run holds its lock; then what its summary says of its end. The
+    summary is written by the run's teardown, so a run without one was killed before it."""
+    if run_is_alive(state_dir, run_id):
+        return RUNNING
+    outcome = recorded_outcome(state_dir, run_id)
+    if outcome is None:
+        return KILLED
+    return outcome or ENDED
 
 
 def by_run(records: Iterable[InstanceRecord]) -> dict[str, list[InstanceRecord]]:
@@ -302,7 +308,7 @@ def reap_advice(count: int, workdir: str) -> str:
 
 
 def reap_instances(args: argparse.Namespace, state_dir: Path) -> int:
-    api = market(args)
+    api = helper_market(args.api_key, args.api_url)
     if args.all:
         targets = [(i.id, i.label) for i in labelled(api.list_instances())]
         if not args.dry_run:

@@ -169,7 +169,9 @@ class Destroyer:
                 self._announce(instance, reason)
             ids = [i.instance_id for i, _ in batch if i.instance_id is not None]
             try:
-                self.market.request_destroy_many(ids, give_up=lambda: time.monotonic() > deadline)
+                ended_at = self.market.request_destroy_many(
+                    ids, give_up=lambda: time.monotonic() > deadline
+                )
             except MarketplaceError as error:
                 log.debug("The batch destroy failed (%s); destroying one by one", error)
                 return
@@ -183,7 +185,7 @@ class Destroyer:
                     log.debug("Could not confirm the batch destroy: %s", error)
                     return
                 for instance in [i for i in waiting if i.instance_id not in listed]:
-                    self._gone(instance)
+                    self._gone(instance, ended_at)
                     waiting.remove(instance)
                 if waiting:
                     time.sleep(CONFIRM_PAUSE_SECONDS)
@@ -193,9 +195,10 @@ class Destroyer:
     def _destroy_now(self, instance: Instance, reason: str) -> bool:
         """One instance: its destroy sent and confirmed (by show), then it is gone."""
         self._announce(instance, reason)
+        ended_at = None
         if instance.instance_id is not None:
             try:
-                self.market.destroy(instance.instance_id)
+                ended_at = self.market.destroy(instance.instance_id)
             except MarketplaceError as error:
                 if instance.destroy_error is None:
                     log.error(
@@ -206,12 +209,14 @@ class Destroyer:
                     )
                 instance.destroy_error = str(error)
                 return False
-        self._gone(instance)
+        self._gone(instance, ended_at)
         return True
 
-    def _gone(self, instance: Instance) -> None:
+    def _gone(self, instance: Instance, ended_at: float | None = None) -> None:
         """The marketplace confirmed it gone: closing its SSH connection (which may wait on
-        a reconnect) and the ledger come after, and neither can keep it from gone."""
+        a reconnect) and the ledger come after, and neither can keep it from gone.
+        ``ended_at``: when the destroy that ended it was sent, where Vast.ai's bill for it
+        ends (the confirmation comes later); unknown: now."""
         threading.Thread(target=instance.close, name="vastai-ssh-close", daemon=True).start()
         try:
             self.ledger.data_billed(instance.label, instance.data_cost())
@@ -221,7 +226,7 @@ class Destroyer:
         if instance.destroy_error is not None:  # an error was reported: say it is settled
             say("Destroyed %s after a failed attempt", instance.name)
         with self.table.locked():
-            instance.gone_at = time.time()
+            instance.gone_at = ended_at if ended_at is not None else time.time()
             instance.destroy_error = None
             self.table.move(instance, State.GONE)
 

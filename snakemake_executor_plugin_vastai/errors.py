@@ -2,7 +2,8 @@
 
 Why not Snakemake's ``WorkflowError`` everywhere: each layer (marketplace, resources, pool,
 staging) raises its own types and knows nothing of Snakemake; only ``__init__.py`` turns them
-into ``WorkflowError`` (or a failed job's message) at the boundary.
+into a failed job's message, or an ``ApiError`` when a mistake stops the whole run (printed
+as a message, without a traceback).
 """
 
 from __future__ import annotations

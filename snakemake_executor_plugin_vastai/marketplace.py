@@ -569,9 +569,10 @@ class Marketplace:
             endpoint="manage",
         )
 
-    def request_destroy(self, instance_id: int, give_up: Callable[[], bool] | None = None) -> None:
-        """Send the destroy (retried on rate limits and server errors); gone is fine."""
-        self._call(
+    def request_destroy(self, instance_id: int, give_up: Callable[[], bool] | None = None) -> float:
+        """Send the destroy (retried on rate limits and server errors); gone is fine. Returns
+        when the answered attempt was sent, where Vast.ai's bill ends."""
+        return self._sent_at(
             f"destroy instance {instance_id}",
             lambda: self._sdk.destroy_instance(instance_id),
             endpoint="destroy",
@@ -581,10 +582,11 @@ class Marketplace:
 
     def request_destroy_many(
         self, instance_ids: list[int], give_up: Callable[[], bool] | None = None
-    ) -> None:
+    ) -> float:
         """One batch destroy for several instances (``DELETE /instances/``, vastai SDK 1.9's
-        ``destroy_instances``): one call against the destroy limit instead of one each."""
-        self._call(
+        ``destroy_instances``): one call against the destroy limit instead of one each.
+        Returns when the answered attempt was sent."""
+        return self._sent_at(
             f"destroy instances {', '.join(map(str, instance_ids))}",
             lambda: self._direct("DELETE", "/api/v0/instances/", {"instance_ids": instance_ids}),
             endpoint="destroy",
@@ -592,23 +594,40 @@ class Marketplace:
             give_up=give_up,
         )
 
-    def destroy(self, instance_id: int, budget: float = DESTROY_BUDGET_SECONDS) -> None:
+    def _sent_at(self, what: str, fn: Callable[[], Any], **options: Any) -> float:
+        """``_call``, returning when its last attempt left, after the pacer's wait: the
+        marketplace acts on a request when it arrives, and may answer only later."""
+        sent = 0.0
+
+        def send() -> Any:
+            nonlocal sent
+            sent = time.time()
+            return fn()
+
+        self._call(what, send, **options)
+        return sent
+
+    def destroy(self, instance_id: int, budget: float = DESTROY_BUDGET_SECONDS) -> float:
         """Destroy and confirm the instance is gone; an already-gone instance is fine. Every
-        retry stops within ``budget`` seconds: past it, MarketplaceError says it may bill."""
+        retry stops within ``budget`` seconds: past it, MarketplaceError says it may bill.
+        Returns when the first answered destroy was sent: the bill ends there, not when a
+        later show confirms it (the confirmation's time if no destroy was answered)."""
         deadline = time.monotonic() + budget
+        ended: float | None = None
 
         def late() -> bool:
             return time.monotonic() > deadline
 
         while True:
             try:
-                self.request_destroy(instance_id, give_up=late)
+                sent = self.request_destroy(instance_id, give_up=late)
+                ended = ended or sent
             except MarketplaceError:
                 if late():
                     raise
             try:
                 if self.show(instance_id, give_up=late) is None:
-                    return
+                    return ended or time.time()
             except MarketplaceError:
                 if late():
                     raise
@@ -750,6 +769,19 @@ def machine_share(row: dict[str, Any]) -> float:
     if cores > 0 and effective > 0:
         return min(1.0, effective / cores)
     return min(1.0, fraction) if fraction > 0 else 1.0
+
+
+def helper_market(api_key: str | None, api_url: str | None) -> Marketplace:
+    """The API as the helper command (``snakemake-vastai``) reaches it: the plugin's key and
+    URL sources under the helper's flags, checked first, so that a wrong key or URL is named
+    as such and not as a failure of whatever came next."""
+    api = Marketplace(
+        resolve_api_key(api_key, HELPER_OPTIONS),
+        resolve_api_url(api_url, HELPER_OPTIONS),
+        paced=pacing_wanted(),
+    )
+    api.check_credentials(HELPER_OPTIONS)
+    return api
 
 
 def pacing_wanted() -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 
 from snakemake_executor_plugin_vastai.diagnosis import Diagnosis, diagnose, market_search
 from snakemake_executor_plugin_vastai.errors import VastaiError
-from snakemake_executor_plugin_vastai.marketplace import Marketplace, Offer
+from snakemake_executor_plugin_vastai.marketplace import Marketplace, Offer, helper_market
 from snakemake_executor_plugin_vastai.preflight import KnownResources, SearchKey, search_key
 from snakemake_executor_plugin_vastai.renter import OfferSearch
 from snakemake_executor_plugin_vastai.resources import (
@@ -47,6 +47,13 @@ QUERY_OPTIONS = (
     "order",
 )
 SUMMARY = "the offers each rule would rent now, and what the workflow may cost; rents nothing"
+# Said instead of pricing "0 jobs to run": why there are none, and how to price them anyway
+# (a user who has just run the workflow wants to know what the next run would cost).
+NOTHING_TO_RUN = (
+    "No job to run on Vast.ai: the workflow's outputs are up to date (or only local rules are "
+    "left), so a run would rent nothing now. Add --all to price every job of the workflow, as "
+    "if none had run yet."
+)
 
 
 class WorkflowLoadError(VastaiError):
@@ -93,13 +100,14 @@ def _value_type(annotation: Any) -> type:
 def show_offers(args: argparse.Namespace, state_dir: Path) -> int:
     """The ``offers`` command: 0 when every rule can rent, 1 when one cannot (no offer,
     or resources the plugin refuses)."""
-    from snakemake_executor_plugin_vastai.cli import market  # cli imports this module
-
     chosen = {name: getattr(args, name) for name in QUERY_OPTIONS}
     settings = ExecutorSettings(**{k: v for k, v in chosen.items() if v is not None})
     validate_settings(settings)
     jobs, benchmarks = load_jobs(Path(args.workdir), args.snakefile, args.all, settings)
-    preview = price(jobs, benchmarks, market(args), settings, args.all)
+    if not (jobs or args.all or args.json):
+        print(NOTHING_TO_RUN)
+        return 0
+    preview = price(jobs, benchmarks, helper_market(args.api_key, args.api_url), settings, args.all)
     print(json.dumps(preview.document(), indent=2) if args.json else preview.text())
     return 1 if preview.unrentable or preview.refused else 0
 

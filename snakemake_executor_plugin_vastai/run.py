@@ -223,12 +223,13 @@ class RunContext:
                 self._bundle = SourceBundle.build(files, self.state_dir / "sources")
             return self._bundle
 
-    def close(self) -> None:
+    def close(self, outcome: str) -> None:
+        """The run's end: ``outcome`` (finished, failed or killed) goes into its summary."""
         try:
             self.pool.shutdown()  # first: every destroy goes out before anything else waits
             self.reaper.stop()
             self._report_teardown()
-            self._report_cost()
+            self._report_cost(outcome)
         finally:
             self._settle_key()
             self.lock.release()
@@ -252,12 +253,16 @@ class RunContext:
         if message:
             log.log(level, "%s", message)
 
-    def _report_cost(self) -> None:
-        cost = run_cost(
-            self.run_id, self.pool.instances(), time.time(), self.pool.excluded.snapshot()
-        )
+    def _report_cost(self, outcome: str) -> None:
+        """Printed when something was rented; written whenever a rent was tried, since the
+        ledger then lists the run and `snakemake-vastai status` reads its end from here."""
+        instances = self.pool.instances()
+        if not instances:
+            return
+        excluded = self.pool.excluded.snapshot()
+        cost = run_cost(self.run_id, instances, time.time(), excluded, outcome)
+        path = cost.write(self.state_dir)
         if cost.instances:
-            path = cost.write(self.state_dir)
             log.info("%s\n  (details: %s)", cost.render(), path)
 
 

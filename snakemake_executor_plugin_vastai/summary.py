@@ -1,6 +1,10 @@
-"""The cost summary at the end of a run: what each instance did and cost, and what the warm
-pool saved. Printed for the user and written as JSON under ``.snakemake/vastai/`` so that
-benchmarks and scripts can read it."""
+"""The cost summary at the end of a run: what each instance did and cost, what the warm pool
+saved, and how the run ended. Printed for the user and written as JSON under
+``.snakemake/vastai/`` so that benchmarks, scripts and ``snakemake-vastai status`` can read it.
+
+Time is counted as Vast.ai bills it, so the summary and the bill agree: each instance from its
+creation, as the marketplace records it (its ``start_date``), to its destroy, at its $/h.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from snakemake_executor_plugin_vastai.instance import Instance
+from snakemake_executor_plugin_vastai.ledger import billed_dollars
+
+# How a run ended, as its summary records it (a run that never reached its teardown writes
+# no summary at all).
+FINISHED, FAILED, KILLED = "finished", "failed", "killed"
+BILLING_NOTE = (
+    "Counted as Vast.ai bills: each instance from its creation to its destroy at its $/h, "
+    "plus its bandwidth."
+)
 
 
 @dataclass(frozen=True)
@@ -29,11 +42,12 @@ class InstanceCost:
 
     @classmethod
     def of(cls, instance: Instance, now: float) -> InstanceCost:
-        end = instance.gone_at if instance.gone_at is not None else now
-        life = max(0.0, end - instance.rented_at)
+        start, end = billed_span(instance, now)
+        life = end - start
         ready = instance.running_at if instance.running_at is not None else end
-        boot = max(0.0, min(ready, end) - instance.rented_at)
+        boot = max(0.0, min(ready, end) - start)
         busy = min(instance.busy_seconds, life - boot)
+        data = instance.data_cost()
         return cls(
             instance_id=instance.instance_id or 0,
             label=instance.label,
@@ -44,11 +58,23 @@ class InstanceCost:
             busy_seconds=round(busy, 2),
             idle_seconds=round(max(0.0, life - boot - busy), 2),
             dph_total=instance.dph_total,
-            dollars=round(instance.cost(now), 6),
-            data_dollars=round(instance.data_cost(), 6),
+            dollars=round(billed_dollars(start, end, instance.dph_total) + data, 6),
+            data_dollars=round(data, 6),
             bid=bool(instance.offer and instance.offer.bid_price is not None),
             saved_dollars=round(saved_by_bid(instance, life), 6),
         )
+
+
+def billed_span(instance: Instance, now: float) -> tuple[float, float]:
+    """(start, end) of what Vast.ai bills: from the creation the marketplace records (the
+    instance's start_date; on this machine's clock, never before the run reserved it) to its
+    destroy, or ``now`` while it lives. The run's own reservation starts earlier, by the offer
+    search and the wait for its turn to create, which Vast.ai does not bill."""
+    end = instance.gone_at if instance.gone_at is not None else now
+    start = instance.rented_at
+    if instance.info is not None and instance.info.start_date:
+        start = max(start, instance.info.start_date)
+    return start, max(start, end)
 
 
 def saved_by_bid(instance: Instance, seconds: float) -> float:
@@ -64,6 +90,7 @@ class RunCost:
     run_id: str
     instances: list[InstanceCost]
     excluded_hosts: dict[int, str] = field(default_factory=dict)  # machine_id -> why
+    outcome: str | None = None  # FINISHED, FAILED or KILLED; None: not told
 
     @property
     def dollars(self) -> float:
@@ -89,6 +116,7 @@ class RunCost:
     def to_json(self) -> dict[str, object]:
         return {
             "run_id": self.run_id,
+            "outcome": self.outcome,
             "instances": [asdict(i) for i in self.instances],
             "excluded_hosts": {str(m): why for m, why in self.excluded_hosts.items()},
             "totals": {
@@ -105,7 +133,7 @@ class RunCost:
         }
 
     def write(self, directory: Path) -> Path:
-        path = directory / f"summary-{self.run_id}.json"
+        path = summary_path(directory, self.run_id)
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         return path
 
@@ -123,6 +151,7 @@ class RunCost:
                 f"{i.busy_seconds:>7.1f} {i.idle_seconds:>7.1f} {i.dph_total:>7.3f} "
                 f"{i.data_dollars:>8.4f} {i.dollars:>8.4f}"
             )
+        lines.append(f"  {BILLING_NOTE}")
         if self.data_dollars:
             lines.append(
                 f"  Of the ${self.dollars:.4f}, ${self.data_dollars:.4f} is bandwidth (bytes to "
@@ -141,7 +170,28 @@ class RunCost:
 
 
 def run_cost(
-    run_id: str, instances: list[Instance], now: float, excluded: dict[int, str] | None = None
+    run_id: str,
+    instances: list[Instance],
+    now: float,
+    excluded: dict[int, str] | None = None,
+    outcome: str | None = None,
 ) -> RunCost:
     rented = [i for i in instances if i.instance_id is not None]
-    return RunCost(run_id, [InstanceCost.of(i, now) for i in rented], dict(excluded or {}))
+    costs = [InstanceCost.of(i, now) for i in rented]
+    return RunCost(run_id, costs, dict(excluded or {}), outcome)
+
+
+def summary_path(directory: Path, run_id: str) -> Path:
+    return directory / f"summary-{run_id}.json"
+
+
+def recorded_outcome(directory: Path, run_id: str) -> str | None:
+    """How a run ended, as its summary says: None when it wrote none (it never reached its
+    teardown), "" when the summary does not say (written before outcomes were recorded)."""
+    try:
+        summary = json.loads(summary_path(directory, run_id).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return ""  # torn or unreadable: the run did reach its teardown
+    return str(summary.get("outcome") or "") if isinstance(summary, dict) else ""

@@ -1,6 +1,6 @@
 """cli.py (``snakemake-vastai``) run as the user runs it, a subprocess against the fake: it reads
-the key and URL from the plugin's own sources, status tells live runs from dead ones and says
-what to reap, reap destroys only what is ours and orphaned, looking changes nothing, cost is
+the key and URL from the plugin's own sources, status tells running runs from ended ones and
+says what to reap, reap destroys only what is ours and orphaned, looking changes nothing, cost is
 rebuilt from the ledger alone, and every error is one line on stderr."""
 
 from __future__ import annotations
@@ -136,9 +136,9 @@ def test_status_shows_each_run_its_instances_and_what_to_reap(fleet: Fleet, home
     rows = table_rows(result.out)
     ids, labels = fleet.ids, fleet.labels
     assert [row[:4] for row in rows.values()] == [  # runs in the order they first rented
-        ["run-dead", "dead", str(GONE_ID), "gone"],
-        ["run-dead", "dead", str(ids["dead"]), "running"],
-        ["run-alive", "alive", str(ids["alive"]), "running"],
+        ["run-dead", "killed", str(GONE_ID), "gone"],  # its lock is free; it wrote no summary
+        ["run-dead", "killed", str(ids["dead"]), "running"],
+        ["run-alive", "running", str(ids["alive"]), "running"],
         ["run-elsewhere", "unknown", str(ids["unknown"]), "running"],
     ]
     assert list(rows) == [labels[n] for n in ("finished", "dead", "alive", "unknown")]
@@ -203,7 +203,7 @@ def test_reap_dry_run_then_reap(fleet: Fleet, home: Path) -> None:
     again = helper(home, *reap, env=env)
     assert (again.code, again.out) == (0, "Nothing to reap.\n")
     status = helper(home, "--workdir", str(fleet.workdir), "status", env=env)
-    assert table_rows(status.out)[label][:4] == ["run-dead", "dead", str(orphan), "gone"]
+    assert table_rows(status.out)[label][:4] == ["run-dead", "killed", str(orphan), "gone"]
     assert "reap' to destroy" not in status.out
 
 

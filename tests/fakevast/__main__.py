@@ -1,7 +1,9 @@
 """``python -m tests.fakevast``: serve a fake marketplace until SIGTERM or SIGINT.
 
 The first stdout line is ``URL http://127.0.0.1:<port>`` (flushed), so a parent process can read
-where to connect; everything else goes to stderr. On shutdown every instance is destroyed.
+where to connect; the second is the ``export`` line of the plugin's URL and key variables, for a
+user to paste into the shell that runs Snakemake. Everything else goes to stderr. On shutdown
+every instance is destroyed.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -70,6 +73,14 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def export_line(url: str, api_key: str) -> str:
+    """The shell line that points the plugin (and ``snakemake-vastai``) at this fake: the
+    environment variables it reads first (only its flags come before them), so a key or URL
+    already set up for Vast.ai does not win over them."""
+    pairs = {"SNAKEMAKE_VASTAI_API_URL": url, "SNAKEMAKE_VASTAI_API_KEY": api_key}
+    return "export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in pairs.items())
+
+
 def _stop_at_eof(stop: threading.Event) -> None:
     """Raw reads: a daemon thread blocked in sys.stdin would hold its lock at exit and abort."""
     while os.read(sys.stdin.fileno(), 4096):
@@ -96,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             target=server.serve_forever, args=(0.05,), name="fakevast-http", daemon=True
         )
         serving.start()
-        print(f"URL http://127.0.0.1:{server.port}", flush=True)
+        url = f"http://127.0.0.1:{server.port}"
+        print(f"URL {url}", export_line(url, args.api_key), sep="\n", flush=True)
         while not stop.wait(0.5):
             pass
         server.shutdown()
