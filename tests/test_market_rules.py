@@ -5,6 +5,7 @@ runs finishes. Every test ends with the fake showing nothing alive (the fixtures
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,3 +148,52 @@ def test_eight_gpu_models_two_unlisted_stop_the_run_in_at_most_four_searches(
     assert fake.ledger()["api_calls"]["POST /api/v0/bundles/"] - searched <= 2
     assert refused(fake) == {}, refused(fake)
     assert_nothing_rented(fake)
+
+
+SIXTEEN_GPU_JOBS = """\
+localrules: all
+
+
+rule all:
+    input: expand("out/{i}.txt", i=range(16))
+
+
+rule work:
+    output: "out/{i}.txt"
+    resources: gpu=1
+    shell: "sleep 5; echo job {wildcards.i} > {output}"
+"""
+
+
+def sixteen_offers(path: Path) -> Path:
+    """16 one-GPU offers alike (the flat catalogue's first, under 16 ids and machines)."""
+    [base, *_] = json.loads(FLAT_OFFERS.read_text())
+    rows = [base | {"id": 9400000 + n, "machine_id": 70000 + n} for n in range(16)]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.mark.slow
+def test_sixteen_gpu_jobs_at_once_rent_within_the_create_limit_and_go_in_one_batch(
+    fakevast_factory: Callable[..., FakeVast], tmp_path: Path
+) -> None:
+    """16 one-GPU jobs at --jobs 16 on 16 one-GPU offers. Vast.ai allows a create every
+    4.5 s; its batch create's own limit is not documented, so the fake charges it per
+    offer, and spacing the creates is all a client can do. No call is refused, and jobs that
+    wait meanwhile take an instance whose job has finished. Instances no job still needs are
+    destroyed as the run goes (a destroy every 3 s), and what is left at the end in one batch
+    call."""
+    fake = fakevast_factory(
+        boot_seconds=2, offers=sixteen_offers(tmp_path / "offers.json"), rate_limits=True
+    )
+    workdir = write_workflow(tmp_path / "wf", SIXTEEN_GPU_JOBS)
+
+    run = run_snakemake(workdir, fake, jobs=16, timeout=RUN_TIMEOUT)
+
+    assert run.ok, run.output
+    assert_outputs(workdir, 16)
+    assert refused(fake) == {}, refused(fake)
+    instances = assert_all_destroyed(fake, workdir)
+    assert len(instances) > 1, instances
+    calls = fake.ledger()["api_calls"]
+    assert calls.get("DELETE /api/v0/instances/", 0) <= 1, calls  # the end's batch

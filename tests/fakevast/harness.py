@@ -63,7 +63,8 @@ class FakeVast:
         self.url = self._read_url()
 
     def _read_url(self) -> str:
-        """The first stdout line; later lines are passed on to stderr so the pipe never fills."""
+        """The first stdout line; later lines are passed on to stderr so the pipe never fills
+        (less the `export` line, which is for a person at a terminal)."""
         assert self._process.stdout is not None
         stdout = self._process.stdout
         lines: queue.Queue[str] = queue.Queue()
@@ -71,7 +72,8 @@ class FakeVast:
         def pump() -> None:
             lines.put(stdout.readline())
             for line in stdout:
-                sys.stderr.write(line)
+                if not line.startswith("export "):
+                    sys.stderr.write(line)
 
         self._pump = threading.Thread(target=pump, name="fakevast-stdout", daemon=True)
         self._pump.start()
