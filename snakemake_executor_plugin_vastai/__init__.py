@@ -111,6 +111,9 @@ class Executor(RemoteExecutor):
             self._demand_counted = True
             self._take_over_sigterm()
             remote = [j for j in self.dag.needrun_jobs() if not j.is_local]
+            # what runs now first: when searches run short (a quota), its check comes first
+            now = set(job.jobs) if job.is_group() else {job}
+            remote.sort(key=lambda other: other not in now)
             self.context.count_demand(remote)
             try:
                 self.context.check_before_renting(remote, Path.cwd())

@@ -8,6 +8,7 @@ no Snakemake objects, only the plain facts of the job, so nothing here races the
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from snakemake_executor_plugin_vastai.jobwire import (
     StreamLost,
     append_log,
     last_lines,
+    missing_paths,
     name_some,
     own_error,
 )
@@ -40,6 +42,7 @@ from snakemake_executor_plugin_vastai.staging import (
     Stager,
     StagingError,
 )
+from snakemake_executor_plugin_vastai.startchecks import unshipped_files
 
 log = get_logger(__name__)
 
@@ -176,7 +179,7 @@ class JobRun:
             else:
                 outcome = self._failure(
                     f"{self.spec.name} failed on {self.placement.instance.name} with exit "
-                    f"code {ended.code}. {self._log_tail()}"
+                    f"code {ended.code}. {self._unshipped_hint()}{self._log_tail()}"
                 )
         except (VastaiError, RemoteError, OSError) as error:
             if self._cancelled.is_set() or isinstance(error, Cancelled | JobCancelled):
@@ -348,6 +351,21 @@ class JobRun:
         """The end of the job's own error; the rest of its output stays in its log file."""
         text = own_error(last_lines(self.spec.local_log, LOG_LINES_READ), lines)
         return "Last lines of the job's output:\n" + "\n".join(text) + "\n" if text else ""
+
+    def _unshipped_hint(self) -> str:
+        """The files the job's log says were missing that exist here but went neither as a
+        source nor as an input (so the fix is here, not on the host), with that fix."""
+        said = missing_paths(last_lines(self.spec.local_log, LOG_LINES_READ), self.job_dir)
+        here = [path for path in said if os.path.isfile(path)]
+        missing = unshipped_files(here, self.sources().files, self.spec.inputs)
+        if not missing:
+            return ""
+        one = len(missing) == 1
+        return (
+            f"{name_some(missing)} {'exists' if one else 'exist'} here but "
+            f"{'was' if one else 'were'} not shipped: `git add` {'it' if one else 'them'} or "
+            f"name {'it' if one else 'them'} in `--vastai-deploy-paths`. "
+        )
 
     def _failure(self, message: str) -> Outcome:
         logs = [str(self.spec.local_log)] if self.spec.local_log.is_file() else []

@@ -238,6 +238,42 @@ def _without_blocks(lines: list[str], header: re.Pattern[str]) -> list[str]:
     return kept
 
 
+# How a job's log says that a file was missing: the C library's words (cat, bash, Python's
+# OSError) and Python's exception, whose message may be the library's own ("x not found").
+_MISSING_MARKERS = ("No such file or directory", "FileNotFoundError")
+_QUOTED = re.compile(r"'([^'\n]+)'|\"([^\"\n]+)\"")
+_WORD = re.compile(r"[^\s'\":,\[\]()]+")
+
+
+def missing_paths(lines: list[str], job_dir: str) -> list[str]:
+    """The words that may name a missing file on the lines of a job's log that report one
+    ("No such file or directory: 'x'", "cat: x: No such file or directory"), as paths
+    relative to the workflow directory, once each; the caller tells which exist here. An
+    absolute path counts only inside the job's directory ``job_dir`` on the host."""
+    found: list[str] = []
+    for line in lines:
+        if not any(marker in line for marker in _MISSING_MARKERS):
+            continue
+        quoted = [a or b for a, b in _QUOTED.findall(line)]
+        for word in [*quoted, *_WORD.findall(_QUOTED.sub(" ", line))]:
+            path = _in_job_dir(word, job_dir)
+            if path is not None and path not in found:
+                found.append(path)
+    return found
+
+
+def _in_job_dir(word: str, job_dir: str) -> str | None:
+    """``word`` as a normalised path relative to the job's directory, or None."""
+    if os.path.isabs(word):
+        _, inside, tail = word.partition(f"/{job_dir}/")
+        if not inside:
+            return None
+        word = tail
+    normal = os.path.normpath(word)
+    outside = normal in (os.curdir, os.pardir) or normal.startswith(os.pardir + os.sep)
+    return None if outside else normal
+
+
 @dataclass(frozen=True)
 class JobRequest:
     """What the agent must know about one job (the start adds its files and command)."""

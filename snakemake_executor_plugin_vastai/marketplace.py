@@ -371,6 +371,7 @@ class Marketplace:
         self.paced = paced
         self._retry = retry or RetryPolicy()
         self._pacer = Pacer(book_path(api_url, api_key)) if paced else None
+        self._quota_reset = 0.0  # until when the daily search quota is known to be used up
         # retry=1: the SDK's own retry loop would hide the status codes our policy needs.
         self._sdk = VastAI(api_key=api_key, server_url=api_url, retry=1, raw=True, quiet=True)
 
@@ -393,11 +394,15 @@ class Marketplace:
 
     def check_credentials(self, options: ApiOptions = PLUGIN_OPTIONS) -> None:
         """Stop at start, before anything is rented, with one message naming the one thing to
-        fix: the network, the URL, or the key (and where that key came from)."""
+        fix: the network, the URL, or the key (and where that key came from). A refused
+        connection fails at once: nothing listens at that URL's host and port, which is a
+        wrong URL far more often than a server that will be back in a few seconds."""
         url = self.redact(self.api_url)
         wrong_url = _join(f"Is {url} the Vast.ai API? Check {options.fix_url()}.", options.outcome)
         try:
-            user = self._call("check the API key", self._sdk.show_user, endpoint="user")
+            user = self._call(
+                "check the API key", self._sdk.show_user, endpoint="user", retry_refused=False
+            )
         except ApiUnreachable as error:
             network = f"Check the network, or {options.fix_url()}."
             raise ApiUnreachable(url, error.reason, hint=_join(network, options.outcome)) from None
@@ -650,13 +655,17 @@ class Marketplace:
         retry_server_errors: bool = True,
         gone_is_ok: bool = False,
         give_up: Callable[[], bool] | None = None,
+        retry_refused: bool = True,
     ) -> T:
         """One API call, made when the pacer gives ``endpoint`` its turn, retried as its
         kind allows. A rate limit that comes anyway is waited out, not counted as a failure,
         for up to RATE_LIMIT_BUDGET_SECONDS. ``give_up``: asked while waiting; True ends the
-        call with ``Abandoned`` (nothing was done)."""
+        call with ``Abandoned`` (nothing was done). ``retry_refused``: False makes a refused
+        connection final (mid-run, a server that restarts is retried)."""
         import requests
 
+        if endpoint == "search" and time.time() < self._quota_reset:
+            raise QuotaExhausted(_in_words(self._quota_reset))  # asking again only burns it
         delays = iter(self._retry.delays())
         limited_since: float | None = None
         while True:
@@ -680,7 +689,8 @@ class Marketplace:
                         self.redact(f"{what}: {body.get('msg', status)}"), status
                     ) from None
                 if body.get("error") == "search_quota_exceeded":
-                    raise QuotaExhausted(_reset_time(response)) from None
+                    self._quota_reset = _quota_reset(response)
+                    raise QuotaExhausted(_in_words(self._quota_reset)) from None
                 if status == 429 and self._pacer is not None:
                     limited_since = limited_since or time.monotonic()
                     if time.monotonic() - limited_since > RATE_LIMIT_BUDGET_SECONDS:
@@ -708,8 +718,8 @@ class Marketplace:
                 # No answer, or a garbled one (not JSON, or not the shape the SDK indexes,
                 # as a proxy or a server fault sends): retried like a server error. A request
                 # that could not even be sent (a malformed URL) is not retried.
-                unsent = _unsent(error)
-                wait = next(delays, None) if retry_server_errors and not unsent else None
+                final = _unsent(error) or (not retry_refused and _refused(error))
+                wait = next(delays, None) if retry_server_errors and not final else None
                 if wait is None:
                     raise self._no_answer(error, what) from None
                 self._pause(wait, what, 0, give_up)
@@ -790,12 +800,16 @@ def pacing_wanted() -> bool:
     return not os.environ.get(UNPACED_ENV)
 
 
-def _reset_time(response: Any) -> str:
-    """When a quota resets, from X-RateLimit-Reset (epoch seconds), in words."""
+def _quota_reset(response: Any) -> float:
+    """When a quota resets (epoch seconds): X-RateLimit-Reset, else the next UTC midnight
+    (when Vast.ai resets it)."""
     try:
-        reset = float(response.headers.get("X-RateLimit-Reset"))
+        return float(response.headers.get("X-RateLimit-Reset"))
     except (AttributeError, TypeError, ValueError):
-        return "at the next UTC midnight"
+        return (time.time() // 86400 + 1) * 86400
+
+
+def _in_words(reset: float) -> str:
     return "at " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(reset))
 
 
@@ -813,6 +827,11 @@ def _unsent(error: BaseException) -> bool:
 
     transient = (requests.ConnectionError, requests.Timeout, requests.JSONDecodeError)
     return isinstance(error, requests.RequestException) and not isinstance(error, transient)
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether nothing listened at the host and port (the socket's own ECONNREFUSED)."""
+    return any(isinstance(cause, ConnectionRefusedError) for cause in _causes(error))
 
 
 def _network_reason(error: BaseException) -> str:

@@ -32,6 +32,7 @@ from snakemake_executor_plugin_vastai.resources import (
     validate_settings,
 )
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.startchecks import HiddenOffers, hidden_by_defaults
 
 SHOWN_OFFERS = 3
 # The options that shape the offer query, offered as flags under their run names without
@@ -211,6 +212,7 @@ class RuleOffers:
     timed_jobs: int = 0
     runtime_source: str = ""
     unknown: set[str] = field(default_factory=set)  # resources left out of the query
+    hidden: HiddenOffers | None = None  # cheaper offers the defaults leave out
 
     def add_job(self, job: JobView, measured_s: float | None) -> None:
         """Measured beats declared: a ``runtime`` resource is often a generous limit."""
@@ -257,8 +259,20 @@ class RuleOffers:
             "diagnosis": diagnosis,
             "error": self.error or None,
             "unknown_resources": sorted(self.unknown),
+            "defaults_leave_out": self._hidden_document(),
             "runtime": runtime,
             "cost_usd": self.cost,
+        }
+
+    def _hidden_document(self) -> dict[str, Any] | None:
+        if self.hidden is None:
+            return None
+        return {
+            "offers": self.hidden.count,
+            "at_least": self.hidden.at_least,
+            "cheapest_dph_total": self.hidden.cheapest,
+            "options": [option for _, option in self.hidden.left_out],
+            "message": self.hidden.sentence(),
         }
 
     def text(self) -> list[str]:
@@ -272,6 +286,8 @@ class RuleOffers:
         if self.diagnosis is not None:
             return [*lines, f"  No offer. {self.diagnosis.message}"]
         lines += ["  " + line for line in _offer_table(self.offers)]
+        if self.hidden is not None:
+            lines.append(f"  {self.hidden.sentence()}")
         if self.timed_jobs:
             lines.append(
                 f"  runtime: {_duration(self.runtime_s)} for {_count(self.timed_jobs, 'job')} "
@@ -377,15 +393,19 @@ def price(
         for entry in entries.values()
         if entry.request is not None
     )
-    diagnosis_search = market_search(market)  # the diagnoses share their answers
+    # The diagnoses and the searches without the defaults share their answers: one search
+    # per distinct query.
+    market_answers = market_search(market)
     for entry in entries.values():
         request = entry.request
         if request is None:
             continue
         found = search.offers(request.offer_query(), request.disk_gb)
         entry.offers = found[:SHOWN_OFFERS]
-        if not entry.offers:
-            entry.diagnosis = diagnose(request, diagnosis_search, settings)
+        if entry.offers:
+            entry.hidden = hidden_by_defaults(request, found, market_answers)
+        else:
+            entry.diagnosis = diagnose(request, market_answers, settings)
     ordered = sorted(entries.values(), key=lambda entry: (entry.rule, entry.jobs))
     return Preview(market.api_url, settings.order, every_job, ordered)
 

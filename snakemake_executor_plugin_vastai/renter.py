@@ -33,6 +33,7 @@ from snakemake_executor_plugin_vastai.marketplace import (
 from snakemake_executor_plugin_vastai.offershelf import OfferShelf
 from snakemake_executor_plugin_vastai.resources import ResourceRequest
 from snakemake_executor_plugin_vastai.slots import Lease
+from snakemake_executor_plugin_vastai.startchecks import hidden_by_defaults
 from snakemake_executor_plugin_vastai.table import Cancelled, InstanceTable, State
 
 log = get_logger(__name__)
@@ -248,6 +249,7 @@ class Renter:
             maxsize=64, ttl=DIAGNOSIS_TTL_SECONDS
         )
         self._diagnosis_lock = threading.Lock()
+        self._first_rent = threading.Lock()  # taken by the first rent, never released
 
     def rent(self, reserved: Instance, request: ResourceRequest) -> Lease:
         """Rent an offer for ``reserved`` (state renting). On return it is booting, and the
@@ -267,6 +269,7 @@ class Renter:
                 refusal = refusal or why
                 lease = self._create_claimed(reserved, request, offer) if claimed else None
                 if lease is not None:
+                    self._say_hidden_offers(request, offers)
                     return lease
             if not offers or refusal is not None:
                 break
@@ -313,6 +316,16 @@ class Renter:
             if offers[0] is not cheapest:
                 log.info("%s", _bandwidth_note(request, offers[0], cheapest))
         return offers
+
+    def _say_hidden_offers(self, request: ResourceRequest, offers: list[Offer]) -> None:
+        """At the run's first rent only (one extra search, made after the create so the
+        instance boots meanwhile): the cheaper offers the defaults leave out, if any."""
+        if not self._first_rent.acquire(blocking=False):
+            return
+        search = market_search(self.market, self.excluded.query_clause())
+        hidden = hidden_by_defaults(request, offers, search)
+        if hidden is not None:
+            log.info("%s", hidden.sentence())
 
     def _diagnosis(self, request: ResourceRequest, query: str) -> str:
         """Why nothing matches, kept for a while: a job that waits for one of the run's

@@ -51,6 +51,7 @@ from snakemake_executor_plugin_vastai.startchecks import (
     cpu_only_notice,
     not_git_warning,
     refuse_outside_outputs,
+    unshipped_warning,
 )
 from snakemake_executor_plugin_vastai.summary import run_cost
 from snakemake_executor_plugin_vastai.table import State
@@ -209,7 +210,10 @@ class RunContext:
         notice = cpu_only_notice(planned)
         if notice:
             log.info("%s", notice)  # may well be meant: said once, not as a warning
-        warning = not_git_warning(workdir, list(self.source_bundle().files))
+        shipped = list(self.source_bundle().files)
+        warning = not_git_warning(workdir, shipped) or unshipped_warning(
+            workdir, shipped, declared_files(jobs)
+        )
         if warning:
             log.warning("%s", warning)
 
@@ -301,6 +305,19 @@ def returned_files(job: Any) -> tuple[list[str], list[str]]:
         if benchmark and not is_storage(benchmark):
             outputs.add(str(benchmark))
     return sorted(outputs), sorted(logs)
+
+
+def declared_files(jobs: list[Any]) -> set[str]:
+    """Every local file a job of the workflow declares (inputs, outputs, logs, benchmarks),
+    local rules and jobs already done included: none of them needs to be a shipped source.
+    Read from the DAG of ``jobs`` (all of them share one)."""
+    if not jobs:
+        return set()
+    found = set()
+    for job in jobs[0].dag.jobs:
+        outputs, logs = returned_files(job)
+        found.update(outputs, logs, (str(f) for f in job.input if not is_storage(f)))
+    return found
 
 
 def job_tag(job: Any) -> str:

@@ -2,7 +2,9 @@
 remotely is refused, and what may surprise the user is said while it is still free to fix.
 
 Why before the first rent: an output outside the workflow directory, or a script that is not
-shipped, used to show up only after an instance had booted and billed.
+shipped, used to show up only after an instance had booted and billed. The same goes for the
+safe defaults (datacenters only, reliability 0.98): the cheaper offers they leave out are
+named where a price is first seen (``offers``, the first rent), not when a price cap fails.
 """
 
 from __future__ import annotations
@@ -10,14 +12,24 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from snakemake_executor_plugin_vastai.diagnosis import Search
 from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.marketplace import Offer
 from snakemake_executor_plugin_vastai.progress import count
+from snakemake_executor_plugin_vastai.resources import ResourceRequest
+from snakemake_executor_plugin_vastai.settings import DEFAULT_RELIABILITY
 
 SHOWN_FILES = 8
 """How many shipped files the not-a-git-repository warning lists by name."""
+SHOWN_UNSHIPPED = 10
+"""How many untracked files the not-shipped warning lists by name."""
+OWN_STATE = ".snakemake"
+"""Snakemake's and the plugin's state in the workflow directory: never a source."""
+HIDDEN_LIMIT = 100
+"""Offers the search without the defaults counts (cheapest first); more are said as "100+"."""
 
 
 class OutsideWorkdirError(VastaiError):
@@ -82,6 +94,116 @@ def not_git_warning(workdir: Path, shipped: list[str]) -> str | None:
         "make the directory a git repository and `git add` them, or name them with "
         "--vastai-deploy-paths."
     )
+
+
+def unshipped_warning(workdir: Path, shipped: Iterable[str], declared: Iterable[str]) -> str | None:
+    """A warning naming the files git neither tracks nor ignores that no instance gets
+    (neither a shipped source nor a job's declared file), with the fix; None without any.
+    Why: a job that reads one fails only after renting, on a file that exists here."""
+    missing = unshipped_files(untracked_files(workdir), shipped, declared)
+    if not missing:
+        return None
+    shown = ", ".join(missing[:SHOWN_UNSHIPPED])
+    more = len(missing) - SHOWN_UNSHIPPED
+    return (
+        f"Not tracked by git, so not shipped to the instances ({count(len(missing), 'file')}): "
+        f"{shown}{f' and {more} more' if more > 0 else ''}. A remote job that reads one "
+        "without declaring it as an input will not find it: `git add` it or name it in "
+        "`--vastai-deploy-paths`."
+    )
+
+
+def untracked_files(workdir: Path) -> list[str]:
+    """Files below ``workdir`` that git neither tracks nor ignores, relative to it; none
+    outside a git work tree or without git."""
+    try:
+        found = subprocess.run(
+            ["git", "-C", str(workdir), "ls-files", "--others", "--exclude-standard", "-z"],
+            capture_output=True,
+            check=False,
+        )
+    except OSError:
+        return []
+    if found.returncode != 0:
+        return []
+    return [os.fsdecode(name) for name in found.stdout.split(b"\0") if name]
+
+
+def unshipped_files(
+    untracked: Iterable[str], shipped: Iterable[str], declared: Iterable[str]
+) -> list[str]:
+    """The ``untracked`` files that are not shipped: neither a source in the bundle nor a
+    job's declared file or below a declared directory (inputs travel on their own; outputs
+    and logs are made remotely), nor Snakemake's or the plugin's own state."""
+    sources = {os.path.normpath(path) for path in shipped}
+    known = {os.path.normpath(os.path.relpath(p) if os.path.isabs(p) else p) for p in declared}
+    left = []
+    for path in map(os.path.normpath, untracked):
+        parts = path.split(os.sep)
+        tops = {os.sep.join(parts[:depth]) for depth in range(1, len(parts) + 1)}
+        if path not in sources and parts[0] != OWN_STATE and not tops & known:
+            left.append(path)
+    return sorted(left)
+
+
+@dataclass(frozen=True)
+class HiddenOffers:
+    """Offers cheaper than the cheapest the request finds, that only the safe defaults the
+    user left as they are keep out."""
+
+    count: int
+    at_least: bool  # the search stopped at its limit: there may be more
+    cheapest: float  # $/h
+    left_out: tuple[tuple[str, str], ...]  # (what the defaults leave out, the option)
+
+    def sentence(self) -> str:
+        offers = f"{self.count}{'+' if self.at_least else ''} cheaper offer"
+        offers += "" if self.count == 1 else "s"
+        parts = " and ".join(f"{what} ({option})" for what, option in self.left_out)
+        return f"The defaults leave out {offers} (from ${self.cheapest:.3f}/h): {parts}."
+
+
+def hidden_by_defaults(
+    request: ResourceRequest, visible: list[Offer], search: Search
+) -> HiddenOffers | None:
+    """One search without the defaults the user did not change (datacenters only,
+    reliability 0.98): what it finds below the cheapest of ``visible`` (what the request
+    finds). None when nothing is cheaper, when the user chose those filters, for bids
+    (priced otherwise than the search), or when the search fails: this is advice, never a
+    reason to stop."""
+    relaxed = _without_defaults(request)
+    if relaxed is None or not visible or request.interruptible:
+        return None
+    try:
+        found = search(relaxed, HIDDEN_LIMIT)
+    except VastaiError:
+        return None
+    floor = min(offer.dph_total for offer in visible)
+    cheaper = [offer for offer in found if offer.dph_total < floor]
+    left_out = []
+    if request.datacenter_only and not relaxed.datacenter_only:
+        left_out.append(("hosts outside datacenters", "--vastai-no-datacenter"))
+    lower = relaxed.reliability < request.reliability
+    if lower and any(offer.reliability < request.reliability for offer in cheaper):
+        below = f"reliability below {request.reliability:g}"
+        left_out.append((below, "--vastai-reliability"))
+    if not (cheaper and left_out):
+        return None
+    full = len(found) >= HIDDEN_LIMIT and len(cheaper) == len(found)
+    cheapest = min(offer.dph_total for offer in cheaper)
+    return HiddenOffers(len(cheaper), full, cheapest, tuple(left_out))
+
+
+def _without_defaults(request: ResourceRequest) -> ResourceRequest | None:
+    """The request without the safe defaults the user left as they are (a filter the
+    user's own query names counts as chosen); None when none is left."""
+    chosen = request.extra_query
+    changes: dict[str, object] = {}
+    if request.datacenter_only and "datacenter" not in chosen:
+        changes["datacenter_only"] = False
+    if request.reliability == DEFAULT_RELIABILITY and "reliability" not in chosen:
+        changes["reliability"] = 0.0
+    return replace(request, **changes) if changes else None
 
 
 def is_git_work_tree(workdir: Path) -> bool:

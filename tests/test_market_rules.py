@@ -80,10 +80,11 @@ rule later:
 def test_the_daily_search_quota_stops_new_rents_and_names_the_reset(
     fakevast_factory: Callable[..., FakeVast], tmp_path: Path
 ) -> None:
-    """One search a day: the check before renting spends it on the first kind of job and is
-    refused for the second (it goes on: what it found stays valid). The first job runs on
-    that search and finishes; the later job's rent needs a search the quota refuses: it
-    fails at once, naming the quota and when it resets, without retrying."""
+    """One search a day: the check before renting spends it on the job submitted first and
+    is refused for the other kind (it goes on: what it found stays valid). The first job
+    runs on that search and finishes; the later job's rent needs a search, which the run
+    knows is refused until the reset: it fails at once, naming the quota and when it
+    resets, without asking Vast.ai again."""
     fake = fakevast_factory(boot_seconds=0, offers=FLAT_OFFERS, rate_limits=True, search_quota=1)
     workdir = write_workflow(tmp_path / "wf", QUOTA_WORKFLOW)
 
@@ -94,7 +95,7 @@ def test_the_daily_search_quota_stops_new_rents_and_names_the_reset(
     [error] = job_errors(run.output)
     assert "daily offer-search quota for this API key is used up (it resets at " in error, error
     assert "UTC)" in error, error
-    assert fake.ledger()["quota_exceeded"] == {"POST /api/v0/bundles/": 2}, fake.ledger()
+    assert fake.ledger()["quota_exceeded"] == {"POST /api/v0/bundles/": 1}, fake.ledger()
     assert fake.ledger()["rate_limited"] == {}
     assert_all_destroyed(fake, workdir)
 

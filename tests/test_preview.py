@@ -111,8 +111,12 @@ def test_text(fakevast: FakeVast, workdir: Path) -> None:
     )
     assert train[1].split() == ["$/h", "GPU", "cores", "RAM", "GB", "region", "reliability"]
     assert train[2].split() == ["1.016", "2x", "RTX", "4090", "24", "48", "Tokyo,", "JP", "99.4%"]
-    assert len(train) == 6  # query, heading, three offers, runtime
-    assert train[5] == "  runtime: 60 min for 2 jobs (runtime resource), about $1.02"
+    assert len(train) == 7  # query, heading, three offers, what the defaults hide, runtime
+    assert train[5] == (  # 2x RTX 4090 in Bavaria, DE: a hobbyist host at 95.4%
+        "  The defaults leave out 1 cheaper offer (from $0.807/h): hosts outside datacenters "
+        "(--vastai-no-datacenter) and reliability below 0.98 (--vastai-reliability)."
+    )
+    assert train[6] == "  runtime: 60 min for 2 jobs (runtime resource), about $1.02"
     prep = section(text, "rule prep: 1 job")  # prep_A is done
     assert prep[-1] == "  runtime: 2 min for 1 job (benchmarks of earlier runs), about $0.02"
     assert section(text, "rule plain: 1 job")[-1] == "  runtime: unknown"
@@ -170,6 +174,14 @@ def test_json(fakevast: FakeVast, workdir: Path) -> None:
     }
     assert train["runtime"] == {"seconds": 3600.0, "jobs": 2, "source": "runtime resource"}
     assert train["cost_usd"] == pytest.approx(1.008 + 0.15 * 40 / 720)
+    assert train["defaults_leave_out"] == {
+        "offers": 1,
+        "at_least": False,
+        "cheapest_dph_total": pytest.approx(0.796 + 0.2 * 40 / 720),
+        "options": ["--vastai-no-datacenter", "--vastai-reliability"],
+        "message": "The defaults leave out 1 cheaper offer (from $0.807/h): hosts outside "
+        "datacenters (--vastai-no-datacenter) and reliability below 0.98 (--vastai-reliability).",
+    }
     assert rules["prep"]["runtime"]["source"] == "benchmarks of earlier runs"
     assert rules["plain"]["runtime"] is None
     huge = rules["huge"]
@@ -212,6 +224,7 @@ def test_options_and_every_job(fakevast: FakeVast, workdir: Path) -> None:
     assert plain["query"].endswith("dph_total<=0.5")
     # Europe, at most $0.50/h, reliability >= 0.95, hobbyist hosts too: an RTX 3060 in DE.
     assert plain["offers"][0]["id"] == 9210023
+    assert plain["defaults_leave_out"] is None  # both defaults changed: nothing they hide
     assert_nothing_ran(fakevast, workdir)
 
 
