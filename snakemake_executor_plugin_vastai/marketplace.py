@@ -8,6 +8,7 @@ answers become small dataclasses, and every message is scrubbed of secrets.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -38,6 +39,7 @@ DESTROY_BUDGET_SECONDS = 60.0  # sending and confirming one destroy, retries inc
 PAUSE_SLICE_SECONDS = 0.25  # a retry's wait looks this often whether to give up
 # What the SDK raises on an unreadable answer (AttributeError: it calls dict methods on it).
 GARBLED = (ValueError, KeyError, TypeError, AttributeError)
+LIST_PAGE_SIZE = 25  # the most instances one list call returns (vast-api.md, "List instances")
 WRONG_SHAPE = "not the shape the Vast.ai API sends"
 FATAL_BOOT_MESSAGES = (
     "oci runtime create failed",
@@ -509,9 +511,31 @@ class Marketplace:
         return None
 
     def list_instances(self) -> list[InstanceInfo]:
-        """Every instance of the account: one paged list call, used once per status round."""
-        rows = self._call("list instances", self._sdk.show_instances, endpoint="list")
-        return [InstanceInfo.from_api(row) for row in rows]
+        """Every instance of the account, once per status round. The list comes in pages of
+        LIST_PAGE_SIZE, and each page is a call under the list limit: an account with more
+        instances than a page would otherwise be refused on every later page."""
+        from vastai.api.instances import show_instances_v1
+
+        params: dict[str, Any] = {
+            "select_filters": {},
+            "order_by": [{"col": "id", "dir": "asc"}],
+            "limit": LIST_PAGE_SIZE,
+        }
+
+        def one_page() -> tuple[list[InstanceInfo], str | None]:
+            answer = show_instances_v1(self._sdk.client, params)
+            rows = [InstanceInfo.from_api(row) for row in answer["instances"] or []]
+            return rows, answer.get("next_token") or None
+
+        found: list[InstanceInfo] = []
+        for page in itertools.count(1):
+            rows, next_token = self._call(
+                f"list instances (page {page})", one_page, endpoint="list"
+            )
+            found.extend(rows)
+            if next_token is None:
+                return found
+            params["after_token"] = next_token
 
     def show(
         self, instance_id: int, give_up: Callable[[], bool] | None = None

@@ -98,10 +98,9 @@ class Pacer:
         """The marketplace refused a call anyway (another machine or tool spends the same
         key): no call to that endpoint before its penalty, or one interval, is over."""
         limit = self.limits[endpoint]
+        interval = limit.seconds / limit.calls  # search: 6 s, not the whole minute's window
         with self._book() as book:
-            self._block(
-                book, endpoint, self.clock() + (limit.penalty or limit.seconds) + SLACK_SECONDS
-            )
+            self._block(book, endpoint, self.clock() + (limit.penalty or interval) + SLACK_SECONDS)
 
     def _block(self, book: dict[str, Any], endpoint: str, until: float) -> None:
         blocked = book.setdefault("blocked", {})

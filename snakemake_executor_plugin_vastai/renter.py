@@ -269,7 +269,12 @@ class Renter:
                 refusal = refusal or why
                 lease = self._create_claimed(reserved, request, offer) if claimed else None
                 if lease is not None:
-                    self._say_hidden_offers(request, offers)
+                    threading.Thread(  # a search of its own: the job need not wait for it
+                        target=self._say_hidden_offers,
+                        args=(request, offers),
+                        name="vastai-hidden-offers",
+                        daemon=True,
+                    ).start()
                     return lease
             if not offers or refusal is not None:
                 break

@@ -3,6 +3,7 @@ create that must not be repeated, auth, gone offers, confirmed destroys and secr
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -536,3 +537,36 @@ def test_a_rejected_key_from_the_fake(
 
 def test_the_right_key_passes_the_check(fakevast: FakeVast) -> None:
     Marketplace(fakevast.api_key, fakevast.url, FAST_RETRY).check_credentials(HELPER_OPTIONS)
+
+
+def test_a_list_longer_than_a_page_is_paced_page_by_page(
+    fakevast_factory: Callable[..., FakeVast], tmp_path: Path
+) -> None:
+    """30 instances come in two pages of the list, and each page is a call under the list
+    limit (one a second): the later page waits its turn instead of being refused."""
+    from tests.fakevast.clients import rent as rent_one
+    from tests.fakevast.clients import sdk
+    from tests.test_market_rules import sixteen_offers
+
+    offers = tmp_path / "offers.json"
+    sixteen_offers(offers)
+    rows = json.loads(offers.read_text())
+    offers.write_text(json.dumps([*rows, *({**r, "id": r["id"] + 100} for r in rows)]))
+    fake = fakevast_factory(offers=offers)  # limits off while the 30 are created
+    vast = sdk(fake)
+    ids = [rent_one(vast, query="num_gpus=1") for _ in range(30)]
+    fake.set_limits(enabled=True)
+    market = Marketplace(fake.api_key, fake.url, paced=True)
+
+    try:
+        listed = market.list_instances()
+        listed_again = market.list_instances()
+        refused = fake.ledger()["rate_limited"]
+    finally:
+        fake.set_limits(enabled=False)
+        for instance_id in ids:
+            vast.destroy_instance(id=instance_id)
+
+    assert sorted(row.id for row in listed) == sorted(ids)
+    assert sorted(row.id for row in listed_again) == sorted(ids)
+    assert refused == {}, refused

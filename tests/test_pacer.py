@@ -151,3 +151,16 @@ def test_a_batch_holds_the_allowance_of_all_its_calls(tmp_path: Path) -> None:
     pacer.wait_turn("destroy", weight=3)
 
     assert pacer.wait_turn("destroy") >= 3 * 0.5
+
+
+def test_a_refused_search_waits_one_interval_not_the_whole_window(tmp_path: Path) -> None:
+    """Search has no penalty: after a 429 that came anyway, the next search may go one
+    interval later (Vast.ai's 10 a minute: 6 s), not after the minute's whole window."""
+    book = tmp_path / "book.json"
+    pacer = Pacer(book, FAST, clock=lambda: 1000.0)
+
+    pacer.refused("search")
+
+    interval = FAST["search"].seconds / FAST["search"].calls
+    blocked = json.loads(book.read_text())["blocked"]["search"]
+    assert blocked == pytest.approx(1000.0 + interval + SLACK_SECONDS)
