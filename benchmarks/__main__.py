@@ -1,11 +1,12 @@
 """``python -m benchmarks [--quick] [--case all|standard|load] [--boot-seconds S] [--rtt-ms MS]
-[--only chain|fanout|tiny] [--modes ...] [--no-faults]``
+[--only chain|fanout|tiny] [--modes ...] [--no-faults] [--no-rate-limits]``
 
 The standard cases: each workflow in its modes against a fresh fake marketplace, written to
 ``benchmarks/results/<name>.json`` after every case (a crash keeps what was measured). Then
 the load case (``benchmarks/load.py``): many short jobs under API errors, with and without
 packing, written to ``benchmarks/results/load.json`` (quick: ``quick-load.json``). Prints the
-tables. Exits 1, loudly, when a case fails or leaves an instance running.
+tables. Exits 1, loudly, when a case fails, leaves an instance running or has a call refused
+under the fake's rate limits (which are on, as on Vast.ai, unless ``--no-rate-limits``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from benchmarks import load, plot
-from benchmarks.measure import MODES, BenchmarkError, Case, CaseResult, run_case
+from benchmarks.measure import MODES, RATE_LIMITS, BenchmarkError, Case, CaseResult, run_case
 from benchmarks.report import document, header, render, write
 from benchmarks.workflows import load_workflow, standard_workflows
 
@@ -71,6 +72,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="load case without its API errors (a diagnostic; results/<name>-nofaults.json)",
     )
     parser.add_argument(
+        "--no-rate-limits",
+        dest="rate_limits",
+        action="store_false",
+        default=RATE_LIMITS,
+        help="a fake without Vast.ai's rate limits and a plugin that does not pace: for "
+        "comparison only (results/<name>-nolimits.json)",
+    )
+    parser.add_argument(
         "--output", type=Path, help="results file (default: results/<name>.json; one case only)"
     )
     args = parser.parse_args(argv)
@@ -105,13 +114,24 @@ def result_name(args: argparse.Namespace) -> str:
         name += "-" + "-".join(args.modes)
     if "pool-rtt" in args.modes and args.rtt_ms != RTT_MS:
         name += f"-rtt{args.rtt_ms:g}"
-    return name
+    return name + limits_suffix(args)
+
+
+def limits_suffix(args: argparse.Namespace) -> str:
+    """A run without the rate limits never overwrites the results README quotes."""
+    return "" if args.rate_limits else "-nolimits"
 
 
 def standard_cases(args: argparse.Namespace) -> list[Case]:
     """Each workflow in its modes (WORKFLOW_MODES) that --modes kept, local first."""
     return [
-        Case(w, mode, args.boot_seconds, args.rtt_ms if mode == "pool-rtt" else 0.0)
+        Case(
+            w,
+            mode,
+            args.boot_seconds,
+            args.rtt_ms if mode == "pool-rtt" else 0.0,
+            rate_limits=args.rate_limits,
+        )
         for w in standard_workflows(args.quick)
         if args.only in (None, w.name)
         for mode in args.modes
@@ -122,7 +142,7 @@ def standard_cases(args: argparse.Namespace) -> list[Case]:
 def load_result_name(args: argparse.Namespace) -> str:
     """load / quick-load, with -nofaults when run without its faults."""
     name = "quick-load" if args.quick else "load"
-    return name + ("-nofaults" if args.no_faults else "")
+    return name + ("-nofaults" if args.no_faults else "") + limits_suffix(args)
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:
@@ -149,7 +169,9 @@ def run_standard(args: argparse.Namespace, argv: list[str], stamp: str) -> int:
     name = result_name(args)
     output = args.output or HERE / "results" / f"{name}.json"
     scratch = HERE / "scratch" / f"{name}-{stamp}"
-    head = header(args.boot_seconds, args.quick, ["python", "-m", "benchmarks", *argv])
+    head = header(
+        args.boot_seconds, args.quick, ["python", "-m", "benchmarks", *argv], args.rate_limits
+    )
     cases = standard_cases(args)
     results: list[CaseResult] = []
     for case in cases:
@@ -160,6 +182,8 @@ def run_standard(args: argparse.Namespace, argv: list[str], stamp: str) -> int:
         try:
             result = run_case(case, scratch / case.name.replace("/", "-"))
         except BenchmarkError as error:
+            if error.result is not None:  # it ran to the end: keep its figures
+                results.append(error.result)
             doc = document(head, results, args.boot_seconds) | {"error": f"{case.name}: {error}"}
             write(output, doc)
             print(f"\nBENCHMARK FAILED in {case.name}: {error}", file=sys.stderr)
@@ -168,7 +192,8 @@ def run_standard(args: argparse.Namespace, argv: list[str], stamp: str) -> int:
             print("\ninterrupted; Snakemake and the fake were stopped", file=sys.stderr)
             return 130
         results.append(result)
-        print(f"   {result.wall_seconds:.1f} s", flush=True)
+        refused = "" if result.bill is None else f", {result.bill.refused_calls} refused"
+        print(f"   {result.wall_seconds:.1f} s{refused}", flush=True)
         write(output, document(head, results, args.boot_seconds))
     doc = document(head, results, args.boot_seconds)
     print("\n" + render(doc))
@@ -182,20 +207,22 @@ def run_load(args: argparse.Namespace, argv: list[str], stamp: str) -> int:
     output = args.output or HERE / "results" / f"{name}.json"
     scratch = HERE / "scratch" / f"{name}-{stamp}"
     boot = args.load_boot_seconds
-    head = header(boot, args.quick, ["python", "-m", "benchmarks", *argv])
+    head = header(boot, args.quick, ["python", "-m", "benchmarks", *argv], args.rate_limits)
     workflow = load_workflow(args.quick)
     faults = None if args.no_faults else load.FAULTS
     results: list[load.LoadResult] = []
     for variant in load.VARIANTS:
         print(
             f"== load/{variant}: {workflow.jobs} jobs, {workflow.parallel} at once, faults "
-            f"{'on' if faults else 'OFF'}",
+            f"{'on' if faults else 'OFF'}, rate limits {'on' if args.rate_limits else 'OFF'}",
             flush=True,
         )
         try:
-            result = load.run_variant(workflow, variant, scratch / variant, boot, faults)
+            result = load.run_variant(
+                workflow, variant, scratch / variant, boot, faults, args.rate_limits
+            )
         except BenchmarkError as error:
-            doc = load.load_document(head, workflow, boot, faults, results)
+            doc = load.load_document(head, workflow, boot, faults, results, args.rate_limits)
             write(output, doc | {"error": f"load/{variant}: {error}"})
             print(f"\nBENCHMARK FAILED in load/{variant}: {error}", file=sys.stderr)
             return 1
@@ -204,8 +231,9 @@ def run_load(args: argparse.Namespace, argv: list[str], stamp: str) -> int:
             return 130
         results.append(result)
         print(f"   {result.wall_seconds:.1f} s, exit {result.exit_status}", flush=True)
-        write(output, load.load_document(head, workflow, boot, faults, results))
-    print("\n" + load.render_load(load.load_document(head, workflow, boot, faults, results)))
+        write(output, load.load_document(head, workflow, boot, faults, results, args.rate_limits))
+    doc = load.load_document(head, workflow, boot, faults, results, args.rate_limits)
+    print("\n" + load.render_load(doc))
     print(f"\nresults: {output}\nscratch: {scratch}")
     failed = [r.variant for r in results if not r.ok]
     if failed:

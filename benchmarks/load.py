@@ -3,9 +3,11 @@
 Why: the chain and the fanout measure what the pool saves on a few jobs. This measures how the
 plugin holds up when it is busy: 500 jobs of ``sleep 0.1`` at ``--jobs 32`` (quick: 60 at 8),
 with 10 % of all API calls answered 429 and 2 % answered 503, once with job packing (the
-default) and once with ``--vastai-no-pack``. What counts is that the run finishes (exit 0,
-every output right, nothing left rented), and at what price: wall time, the local Snakemake's
-peak memory, API calls per job and instances rented.
+default) and once with ``--vastai-no-pack``, against a fake that also keeps to Vast.ai's rate
+limits (a create every 4.5 s, ...), as the real marketplace does. What counts is that the run
+finishes (exit 0, every output right, nothing left rented, no call refused by the limits),
+and at what price: wall time, the local Snakemake's peak memory, API calls per job and
+instances rented.
 
 Unlike the standard cases, a failed variant does not stop the benchmark: its exit status is
 one of the figures, and the next variant still runs. ``python -m benchmarks`` exits 1 at the
@@ -32,7 +34,10 @@ from benchmarks.measure import (
     BenchmarkError,
     FakeBill,
     clean_env,
+    last_output_at,
     plugin_summary,
+    plugin_tree_digest,
+    save_requests,
     wait_or_stop,
 )
 from benchmarks.workflows import LOAD_SLEEP_SECONDS, Workflow, load_outputs
@@ -42,7 +47,9 @@ BOOT_SECONDS = 5.0  # a small image already cached on the host; both full and qu
 # 10 % of all API calls answered 429, 2 % answered 503, for the whole run. The fake draws
 # from a seeded generator, but the order of the plugin's calls varies from run to run, so
 # which calls fail does too; the rates hold. (The 503 rule only draws for calls the 429 rule
-# let through, so its rate is 0.9 x 2 % = 1.8 % of all calls.)
+# let through, so its rate is 0.9 x 2 % = 1.8 % of all calls.) The fake's rate limits answer
+# before the fault rules: a call they refuse draws no fault, and the ledger counts it apart
+# (``rate_limited``), so these injected 429s are never mistaken for the limiter's.
 FAULTS: dict[str, Any] = {
     "seed": 1,
     "http": [
@@ -120,9 +127,15 @@ class LoadResult:
     bill: FakeBill
     # Statuses of the /api/ answers as the fake logged them; None if the fake keeps no log.
     api_statuses: dict[str, int] | None
-    faults_fired: dict[str, int] | None  # of those, the statuses the fault rules answer with
+    # Of those, the answers the fault rules gave (429 less the limiter's refusals, 503).
+    faults_fired: dict[str, int] | None
     plugin_summary: dict[str, Any] | None
     load_average_1min: tuple[float, float]
+    rate_limits: bool = RATE_LIMITS
+    # The last output's mtime to the last destroy in the fake, and to Snakemake's exit.
+    teardown_seconds: float | None = None
+    exit_after_last_output_seconds: float | None = None
+    plugin_tree_sha256: str | None = None  # the plugin's files as this variant started
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -143,6 +156,9 @@ class LoadResult:
             "ssh_bytes_up": bill.ssh_bytes_up,
             "ssh_bytes_down": bill.ssh_bytes_down,
             "api_calls": bill.api_calls,
+            "refused_calls": bill.refused_calls,
+            "rate_limited": bill.rate_limited,
+            "quota_exceeded": bill.quota_exceeded,
         }
 
 
@@ -163,14 +179,16 @@ def run_variant(
     scratch: Path,
     boot_seconds: float = BOOT_SECONDS,
     faults: dict[str, Any] | None = FAULTS,
+    rate_limits: bool = RATE_LIMITS,
 ) -> LoadResult:
     """One run of the load in ``scratch`` (created here; must not exist), measured."""
     scratch.mkdir(parents=True)
     workdir = workflow.create(scratch / "workflow")
     offers = write_offers(scratch / "offers.json")
     load_before = os.getloadavg()[0]
+    plugin_tree = plugin_tree_digest()
     cpu_before = children_cpu_seconds()
-    with FakeVast(rate_limits=RATE_LIMITS, boot_seconds=boot_seconds, offers=offers) as fake:
+    with FakeVast(rate_limits=rate_limits, boot_seconds=boot_seconds, offers=offers) as fake:
         if faults is not None:
             set_faults(fake, faults)
         command = [
@@ -180,17 +198,19 @@ def run_variant(
             "--vastai-api-url", fake.url,
             *VARIANTS[variant],
         ]  # fmt: skip
-        env = clean_env() | {"VAST_API_KEY": fake.api_key}
+        env = clean_env(rate_limits) | {"VAST_API_KEY": fake.api_key}
         wall, code, peak = run_sampled(
             command, workdir, env, timeout(workflow), scratch / "snakemake.log"
         )
+        exited_at = time.time()
         ledger = fake.ledger()
         alive = sum(1 for row in ledger["instances"] if row["ended_at"] is None)
         bill = FakeBill.from_ledger(ledger, time.time())
-        statuses = api_statuses(fake)
+        statuses = api_statuses(save_requests(fake, scratch / "requests.json"))
+    (scratch / "ledger.json").write_text(json.dumps(ledger))  # for analysis after the run
     case_cpu = children_cpu_seconds() - cpu_before  # the fake has exited and been reaped
-    fault_statuses = {str(rule["status"]) for rule in (faults or {}).get("http", [])}
     correct = correct_outputs(workdir, workflow.jobs)
+    last_output = last_output_at(workdir, workflow.outputs)
     result = LoadResult(
         variant=variant,
         args=list(VARIANTS[variant]),
@@ -206,11 +226,15 @@ def run_variant(
         instances_left_alive=alive,
         bill=bill,
         api_statuses=statuses,
-        faults_fired=None
-        if statuses is None
-        else {s: n for s, n in statuses.items() if s in fault_statuses},
+        faults_fired=faults_fired(statuses, faults, bill),
         plugin_summary=plugin_summary(workdir),
         load_average_1min=(round(load_before, 2), round(os.getloadavg()[0], 2)),
+        rate_limits=rate_limits,
+        teardown_seconds=bill.teardown_seconds(last_output),
+        exit_after_last_output_seconds=None
+        if last_output is None
+        else round(exited_at - last_output, 3),
+        plugin_tree_sha256=plugin_tree,
     )
     if code != 0:
         result.problems.append(f"Snakemake exited with {code}; see {scratch / 'snakemake.log'}")
@@ -218,7 +242,30 @@ def run_variant(
         result.problems.append(f"{workflow.jobs - correct} of {workflow.jobs} outputs wrong")
     if alive:
         result.problems.append(f"{alive} instances still alive in the fake after Snakemake")
+    if bill.refused_calls:
+        result.problems.append(
+            f"the fake refused {bill.refused_calls} calls under its rate limits or quota "
+            f"(rate_limited {bill.rate_limited}, quota_exceeded {bill.quota_exceeded}); see "
+            f"{scratch / 'ledger.json'}"
+        )
     return result
+
+
+def faults_fired(
+    statuses: dict[str, int] | None, faults: dict[str, Any] | None, bill: FakeBill
+) -> dict[str, int] | None:
+    """The answers the fault rules gave: the request log's counts of their statuses, less
+    the limiter's and the quota's refusals (also 429s, but counted in the ledger apart)."""
+    if statuses is None:
+        return None
+    fired = {}
+    for rule in (faults or {}).get("http", []):
+        status = str(rule["status"])
+        count = statuses.get(status, 0)
+        if status == "429":
+            count -= bill.refused_calls
+        fired[status] = count
+    return {s: n for s, n in sorted(fired.items()) if n}
 
 
 def run_sampled(
@@ -255,12 +302,10 @@ def set_faults(fake: FakeVast, faults: dict[str, Any]) -> None:
         ) from None
 
 
-def api_statuses(fake: FakeVast) -> dict[str, int] | None:
+def api_statuses(requests: list[dict[str, Any]] | None) -> dict[str, int] | None:
     """How the fake answered every /api/ request, by status; None if it keeps no request
     log (GET /_fake/requests), since the ledger counts calls without their answers."""
-    try:
-        requests = fake.requests()
-    except Exception:  # an older fake: no such method or no such route
+    if requests is None:
         return None
     counts = Counter(str(row.get("status")) for row in requests)
     return dict(sorted(counts.items()))
@@ -286,10 +331,12 @@ def load_document(
     boot_seconds: float,
     faults: dict[str, Any] | None,
     results: list[LoadResult],
+    rate_limits: bool = RATE_LIMITS,
 ) -> dict[str, Any]:
     return {
         "header": head,
         "load": {
+            "rate_limits": rate_limits,
             "jobs": workflow.jobs,
             "parallel": workflow.parallel,
             "job": f"sleep {LOAD_SLEEP_SECONDS:g}, then write a one-line output",
@@ -305,23 +352,27 @@ def render_load(doc: dict[str, Any]) -> str:
     load = doc["load"]
     lines = [
         f"load: {load['jobs']} jobs at --jobs {load['parallel']}, boot {load['boot_seconds']:g} s,"
-        f" faults {'on' if load['faults'] else 'OFF'}",
+        f" faults {'on' if load['faults'] else 'OFF'}, rate limits "
+        f"{'on' if load.get('rate_limits') else 'OFF'}",
         f"{'variant':<9}{'exit':>5}{'wall s':>8}{'RSS MB':>8}{'thr':>5}{'smk CPU':>8}"
         f"{'all CPU':>8}{'API':>6}{'/job':>6}{'inst':>6}{'alive':>6}{'billed s':>10}{'$':>8}"
-        f"{'outputs':>9}{'load':>11}  faults",
+        f"{'outputs':>9}{'load':>11}{'refused':>8}{'teardown s':>11}  faults",
     ]
     for v in doc["variants"]:
         fired = v["faults_fired"]
         before, after = v["load_average_1min"]
         load = f"{before:>5.1f}>{after:<4.1f}"
         faults = "?" if fired is None else " ".join(f"{s}x{n}" for s, n in fired.items()) or "0"
+        teardown = v.get("teardown_seconds")
+        teardown_cell = f"{'-':>11}" if teardown is None else f"{teardown:>11.1f}"
         lines.append(
             f"{v['variant']:<9}{v['exit_status']:>5}{v['wall_seconds']:>8.1f}"
             f"{v['peak_rss_mb']:>8.1f}{v['peak_threads']:>5}{v['snakemake_cpu_seconds']:>8.1f}"
             f"{v['case_cpu_seconds']:>8.0f}{v['api_calls_total']:>6}"
             f"{v['api_calls_per_job']:>6.2f}{v['instances']:>6}"
             f"{v['instances_left_alive']:>6}{v['billed_instance_seconds']:>10.1f}"
-            f"{v['dollars']:>8.4f}{v['outputs_correct']:>5}/{v['jobs']:<3}{load:>11}  {faults}"
+            f"{v['dollars']:>8.4f}{v['outputs_correct']:>5}/{v['jobs']:<3}{load:>11}"
+            f"{v.get('refused_calls', '?'):>8}{teardown_cell}  {faults}"
         )
     for v in doc["variants"]:
         for problem in v["problems"]:

@@ -7,6 +7,7 @@ starts empty, so no number depends on the order the cases ran in.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -15,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,10 @@ from snakemake_executor_plugin_vastai.marketplace import UNPACED_ENV
 from tests.fakevast.harness import FakeVast
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The figures README quotes were measured on a fake without Vast.ai's rate limits (and so
-# with the plugin unpaced); issue 17's measurement reruns every case with them on.
-RATE_LIMITS = False
+# Every case runs against a fake that lives by Vast.ai's rate limits (search 10/min, a create
+# every 4.5 s, destroy 3 s, list 1 s, show 2 s), with the plugin pacing itself, as a user's run
+# does; ``--no-rate-limits`` runs without both, for comparison only (its own results file).
+RATE_LIMITS = True
 # "pool-rtt": the pool with a simulated round-trip time on the fake's SSH relays (--rtt-ms).
 MODES = ("local", "ttl0", "pool", "pool-rtt")
 POOL_TTL = {"ttl0": 0, "pool": 300, "pool-rtt": 300}
@@ -44,7 +46,13 @@ OFFER = {"gpu_name": "RTX 4090", "dph_base": 0.40, "hosting_type": 1}
 
 
 class BenchmarkError(RuntimeError):
-    """A case did not run as it must (Snakemake failed or timed out, an instance was left)."""
+    """A case did not run as it must (Snakemake failed or timed out, an instance was left, the
+    fake refused a call under its rate limits). ``result`` is the case as measured, when it
+    ran to the end, so a results file keeps the figures of the case that failed."""
+
+    def __init__(self, message: str, result: CaseResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class Case:
     mode: str  # one of MODES
     boot_seconds: float
     rtt_ms: float = 0.0  # the fake's SSH round-trip time; only the pool-rtt mode sets one
+    rate_limits: bool = RATE_LIMITS  # the fake's rate limits, and the plugin's pacing
 
     @property
     def label(self) -> str:
@@ -83,6 +92,12 @@ class FakeBill:
     ssh_bytes_up: int
     ssh_bytes_down: int
     ssh_round_trips: int = 0  # request/response turns over all relays (the fake counts them)
+    # Calls the fake refused with 429 under its rate limits and under the daily search quota,
+    # by endpoint (its ledger's counters; a fault rule's 429 is in neither). A run that paces
+    # itself has none.
+    rate_limited: dict[str, int] = field(default_factory=dict)
+    quota_exceeded: dict[str, int] = field(default_factory=dict)
+    last_ended_at: float | None = None  # epoch time of the last destroy; None if none ended
 
     @classmethod
     def from_ledger(cls, ledger: dict[str, Any], now: float) -> FakeBill:
@@ -101,11 +116,26 @@ class FakeBill:
             ssh_bytes_up=int(ledger["ssh_bytes"]["up"]),
             ssh_bytes_down=int(ledger["ssh_bytes"]["down"]),
             ssh_round_trips=int(ledger.get("ssh_round_trips", 0)),
+            rate_limited=dict(sorted(ledger.get("rate_limited", {}).items())),
+            quota_exceeded=dict(sorted(ledger.get("quota_exceeded", {}).items())),
+            last_ended_at=max((r["ended_at"] for r in rows if r["ended_at"]), default=None),
         )
 
     @property
     def api_calls_total(self) -> int:
         return sum(self.api_calls.values())
+
+    @property
+    def refused_calls(self) -> int:
+        """Calls refused by the limits or the quota: must be 0 for a plugin that paces."""
+        return sum(self.rate_limited.values()) + sum(self.quota_exceeded.values())
+
+    def teardown_seconds(self, last_output_at: float | None) -> float | None:
+        """From the last job's output to the last instance's destroy in the fake: how long
+        the instances outlived the work (the pool's teardown, paced destroys included)."""
+        if last_output_at is None or self.last_ended_at is None:
+            return None
+        return round(self.last_ended_at - last_output_at, 3)
 
 
 @dataclass(frozen=True)
@@ -131,6 +161,14 @@ class CaseResult:
     warm_period_seconds: float | None = None
     ssh_round_trips_per_warm_job: float | None = None
     remote_cpu_seconds_per_warm_job: float | None = None
+    rate_limits: bool = RATE_LIMITS
+    # Executor modes: the last output's mtime (the last job's result arriving here) to the
+    # last destroy in the fake, and to Snakemake's exit (its teardown confirmed).
+    teardown_seconds: float | None = None
+    exit_after_last_output_seconds: float | None = None
+    # The plugin's files as this case started: the header's digest is the run's start, and
+    # a plugin edited while the benchmark runs shows here, case by case.
+    plugin_tree_sha256: str | None = None
 
     @property
     def api_calls_per_job(self) -> float | None:
@@ -144,6 +182,7 @@ class CaseResult:
             data["api_calls_total"] = self.bill.api_calls_total
             data["api_calls_per_job"] = self.api_calls_per_job
             data["ssh_round_trips_per_job"] = round(self.bill.ssh_round_trips / self.jobs, 2)
+            data["refused_calls"] = self.bill.refused_calls
         return data
 
 
@@ -152,18 +191,23 @@ def run_case(case: Case, scratch: Path) -> CaseResult:
     scratch.mkdir(parents=True)
     workdir = case.workflow.create(scratch / "workflow")
     load_before = os.getloadavg()[0]
-    bill = summary = phases = None
+    plugin_tree = plugin_tree_digest()
+    bill = summary = phases = teardown = after_exit = None
     if case.mode == "local":
         command = snakemake_command("--cores", str(case.workflow.parallel))
-        wall = run_snakemake(command, workdir, clean_env(), case.timeout, scratch / "snakemake.log")
+        env = clean_env(case.rate_limits)
+        wall = run_snakemake(command, workdir, env, case.timeout, scratch / "snakemake.log")
     else:
-        wall, bill, round_trip_times = run_on_fake(case, scratch, workdir)
+        wall, bill, round_trip_times, exited_at = run_on_fake(case, scratch, workdir)
+        last_output = last_output_at(workdir, case.workflow.outputs)
+        teardown = bill.teardown_seconds(last_output)
+        after_exit = None if last_output is None else round(exited_at - last_output, 3)
         summary = plugin_summary(workdir)
         phases = job_phases(
             scratch / "trace.jsonl", workdir / LOGS, case.workflow.sequential, round_trip_times
         )
     warm = ((phases or {}).get("warm") or {}).get("median", {})
-    return CaseResult(
+    result = CaseResult(
         workflow=case.workflow.name,
         mode=case.label,
         jobs=case.workflow.jobs,
@@ -178,7 +222,37 @@ def run_case(case: Case, scratch: Path) -> CaseResult:
         warm_period_seconds=warm.get("period"),
         ssh_round_trips_per_warm_job=warm.get("ssh_round_trips"),
         remote_cpu_seconds_per_warm_job=warm.get("remote_cpu_seconds"),
+        rate_limits=case.rate_limits,
+        teardown_seconds=teardown,
+        exit_after_last_output_seconds=after_exit,
+        plugin_tree_sha256=plugin_tree,
     )
+    if bill is not None and bill.refused_calls:
+        raise BenchmarkError(
+            f"the fake refused {bill.refused_calls} calls under its rate limits or quota "
+            f"(rate_limited {bill.rate_limited}, quota_exceeded {bill.quota_exceeded}): the "
+            f"plugin did not pace them; see {scratch / 'ledger.json'} and "
+            f"{scratch / 'snakemake.log'}",
+            result,
+        )
+    return result
+
+
+def last_output_at(workdir: Path, outputs: list[str]) -> float | None:
+    """The newest output's modification time: the plugin writes each output here as it
+    collects the job's results, so this is when the last job's work was done."""
+    times = [(workdir / p).stat().st_mtime for p in outputs if (workdir / p).is_file()]
+    return max(times, default=None)
+
+
+def plugin_tree_digest() -> str:
+    """SHA-256 over the plugin's Python files as they are on disk (paths and contents), so two
+    results files tell whether they measured the same code, committed or not."""
+    digest = hashlib.sha256()
+    package = REPO_ROOT / "snakemake_executor_plugin_vastai"
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def output_period(workdir: Path, workflow: Workflow) -> float | None:
@@ -191,13 +265,16 @@ def output_period(workdir: Path, workflow: Workflow) -> float | None:
 
 def run_on_fake(
     case: Case, scratch: Path, workdir: Path
-) -> tuple[float, FakeBill, list[float] | None]:
-    """Wall seconds, the fake's bill and its SSH round trips' times of a run with the plugin,
-    probes on; fails loudly if an instance outlives Snakemake."""
+) -> tuple[float, FakeBill, list[float] | None, float]:
+    """Wall seconds, the fake's bill, its SSH round trips' times and Snakemake's exit (epoch)
+    of a run with the plugin, probes on; fails loudly if an instance outlives Snakemake."""
     offers = scratch / "offers.json"
     offers.write_text(json.dumps([{"id": 9300001 + i, **OFFER} for i in range(OFFER_COUNT)]))
     with FakeVast(
-        rate_limits=RATE_LIMITS, boot_seconds=case.boot_seconds, offers=offers, rtt_ms=case.rtt_ms
+        rate_limits=case.rate_limits,
+        boot_seconds=case.boot_seconds,
+        offers=offers,
+        rtt_ms=case.rtt_ms,
     ) as fake:
         command = snakemake_command(
             "--executor", "vastai",
@@ -206,15 +283,31 @@ def run_on_fake(
             "--vastai-pool-ttl", str(POOL_TTL[case.mode]),
             traced=True,
         )  # fmt: skip
-        env = clean_env() | {"VAST_API_KEY": fake.api_key, TRACE_ENV: str(scratch / "trace.jsonl")}
+        env = clean_env(case.rate_limits) | {
+            "VAST_API_KEY": fake.api_key,
+            TRACE_ENV: str(scratch / "trace.jsonl"),
+        }
         wall = run_snakemake(command, workdir, env, case.timeout, scratch / "snakemake.log")
+        exited_at = time.time()
         ledger = fake.ledger()
         bill = FakeBill.from_ledger(ledger, time.time())
+        save_requests(fake, scratch / "requests.json")
     (scratch / "ledger.json").write_text(json.dumps(ledger))  # for analysis after the run
     if not bill.nothing_left_running:
         raise BenchmarkError("instances still running in the fake after Snakemake exited")
     times = ledger.get("ssh_round_trip_times")  # None from a fake that does not count them
-    return wall, bill, None if times is None else [float(t) for t in times]
+    return wall, bill, None if times is None else [float(t) for t in times], exited_at
+
+
+def save_requests(fake: FakeVast, path: Path) -> list[dict[str, Any]] | None:
+    """The fake's request log (every /api/ call: time, endpoint, status) into ``path``, for
+    telling after the run which call a 429 answered and when; None from a fake without one."""
+    try:
+        requests = fake.requests()
+    except Exception:  # an older fake: no such method or no such route
+        return None
+    path.write_text(json.dumps(requests))
+    return requests
 
 
 def snakemake_command(*args: str, traced: bool = False) -> list[str]:
@@ -222,13 +315,13 @@ def snakemake_command(*args: str, traced: bool = False) -> list[str]:
     return [sys.executable, "-m", entry, *args]
 
 
-def clean_env() -> dict[str, str]:
+def clean_env(rate_limits: bool = RATE_LIMITS) -> dict[str, str]:
     """This environment without Vast or Snakemake settings a developer may have exported;
     the repository on PYTHONPATH so that ``-m benchmarks.tracer`` works from the workdir.
     Without the fake's rate limits, the plugin need not pace either."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VAST_", "SNAKEMAKE_"))}
     env |= {"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
-    return env if RATE_LIMITS else env | {UNPACED_ENV: "1"}
+    return env if rate_limits else env | {UNPACED_ENV: "1"}
 
 
 def run_snakemake(

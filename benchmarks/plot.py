@@ -56,7 +56,7 @@ def bars(standard: dict[str, Any] | None, load: dict[str, Any] | None) -> list[B
     return found
 
 
-def draw(found: list[Bar], output: Path) -> Path:
+def draw(found: list[Bar], output: Path, limits: str = "") -> Path:
     """Two panels (wall seconds, dollars on a log scale: a per-job instance costs tens of
     times the pool), one cluster of bars per workflow, one colour per mode."""
     groups = list(dict.fromkeys(bar.group for bar in found))
@@ -80,7 +80,10 @@ def draw(found: list[Bar], output: Path) -> Path:
         axes.set_title(title)
         axes.grid(axis="y", alpha=0.3)
     wall.legend(fontsize="small")
-    figure.suptitle("snakemake-executor-plugin-vastai: the same workflows, by mode (2-core VM)")
+    figure.suptitle(
+        "snakemake-executor-plugin-vastai: the same workflows, by mode (2-core VM"
+        + (f"; {limits})" if limits else ")")
+    )
     figure.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, dpi=100)
@@ -98,17 +101,29 @@ def read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def limits_note(*docs: dict[str, Any] | None) -> str:
+    """Whether the results were measured under Vast.ai's rate limits, for the title: the
+    figures mean something else without them."""
+    seen = {(doc.get("header") or {}).get("rate_limits") for doc in docs if doc}
+    if seen == {True}:
+        return "Vast.ai's rate limits on"
+    if seen == {False}:
+        return "no rate limits"
+    return "rate limits: mixed or unknown" if seen else ""
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__)
     parser.add_argument("--standard", type=Path, default=RESULTS / "full.json")
     parser.add_argument("--load", type=Path, default=RESULTS / "load.json")
     parser.add_argument("--output", type=Path, default=RESULTS / "overview.png")
     args = parser.parse_args(argv)
-    found = bars(read(args.standard), read(args.load))
+    standard, load = read(args.standard), read(args.load)
+    found = bars(standard, load)
     if not found:
         print(f"no results in {args.standard} or {args.load}", file=sys.stderr)
         return 1
-    print(f"plot: {draw(found, args.output)}")
+    print(f"plot: {draw(found, args.output, limits_note(standard, load))}")
     return 0
 
 

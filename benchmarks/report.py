@@ -7,7 +7,6 @@ the measured value and whether it was met, and leaves judging a miss to whoever 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -18,7 +17,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import REPO_ROOT, CaseResult
+from benchmarks.measure import RATE_LIMITS, REPO_ROOT, CaseResult, plugin_tree_digest
 
 BILLED_SLACK = 1.2  # billed instance-seconds may exceed boot + busy by 20 %
 MAX_CALLS_PER_JOB = 3.0
@@ -210,8 +209,11 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("inf")
 
 
-def header(boot_seconds: float, quick: bool, argv: list[str]) -> dict[str, Any]:
-    """What a reader needs to compare two results files: when, which code, which machine."""
+def header(
+    boot_seconds: float, quick: bool, argv: list[str], rate_limits: bool = RATE_LIMITS
+) -> dict[str, Any]:
+    """What a reader needs to compare two results files: when, which code, which machine,
+    and whether the fake kept to Vast.ai's rate limits (and the plugin paced itself)."""
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "git_commit": _git("rev-parse", "HEAD"),
@@ -224,18 +226,9 @@ def header(boot_seconds: float, quick: bool, argv: list[str]) -> dict[str, Any]:
         "snakemake_version": version("snakemake"),
         "boot_seconds": boot_seconds,
         "quick": quick,
+        "rate_limits": rate_limits,
         "argv": argv,
     }
-
-
-def plugin_tree_digest() -> str:
-    """SHA-256 over the plugin's Python files as they are on disk (paths and contents), so two
-    results files tell whether they measured the same code, committed or not."""
-    digest = hashlib.sha256()
-    package = REPO_ROOT / "snakemake_executor_plugin_vastai"
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def _git(*args: str) -> str:
@@ -267,9 +260,12 @@ def write(path: Path, doc: dict[str, Any]) -> None:
 def render(doc: dict[str, Any]) -> str:
     """The compact tables: one line per case, the per-warm-job figures, then targets,
     speedups and the warm and cold jobs' phases."""
+    limits = (doc.get("header") or {}).get("rate_limits")
     lines = [
+        f"rate limits: {'?' if limits is None else 'on' if limits else 'OFF'}",
         f"{'case':<19}{'wall s':>8}{'inst':>6}{'billed s':>10}{'$':>9}{'API':>6}{'/job':>6}"
         f"{'SSH up KB':>11}{'down KB':>9}{'RT/job':>8}{'clean':>7}{'load':>11}"
+        f"{'refused':>9}{'teardown s':>12}",
     ]
     for case in doc["cases"]:
         name = f"{case['workflow']}/{case['mode']}"
@@ -278,6 +274,7 @@ def render(doc: dict[str, Any]) -> str:
         if "instances" not in case:
             lines.append(f"{name:<19}{case['wall_seconds']:>8.1f}{'':>71}{load:>11}")
             continue
+        teardown = case.get("teardown_seconds")
         lines.append(
             f"{name:<19}{case['wall_seconds']:>8.1f}{case['instances']:>6}"
             f"{case['billed_instance_seconds']:>10.1f}{case['dollars']:>9.4f}"
@@ -285,6 +282,7 @@ def render(doc: dict[str, Any]) -> str:
             f"{case['ssh_bytes_up'] / 1000:>11.1f}{case['ssh_bytes_down'] / 1000:>9.1f}"
             f"{case['ssh_round_trips_per_job']:>8.1f}"
             f"{'yes' if case['nothing_left_running'] else 'NO':>7}{load:>11}"
+            f"{case.get('refused_calls', '?'):>9}{_cell(teardown, 12, 1)}"
         )
     lines += ["", _per_warm_job(doc["cases"]), ""]
     for target in doc["targets"]:

@@ -80,6 +80,9 @@ class SizeResult:
             "api_calls_total": self.bill.api_calls_total,
             "billed_instance_seconds": self.bill.billed_instance_seconds,
             "dollars": self.bill.dollars,
+            "refused_calls": self.bill.refused_calls,  # under the fake's rate limits or quota
+            "rate_limited": self.bill.rate_limited,
+            "quota_exceeded": self.bill.quota_exceeded,
         }
 
 
@@ -152,6 +155,11 @@ def run_size(
         result.problems.append(f"{jobs - correct} of {jobs} outputs missing or wrong")
     if alive:
         result.problems.append(f"{alive} instances still alive in the fake after Snakemake")
+    if result.bill.refused_calls:  # a call the plugin did not pace
+        result.problems.append(
+            f"the fake refused {result.bill.refused_calls} calls under its rate limits or "
+            f"quota: {result.bill.rate_limited} {result.bill.quota_exceeded}"
+        )
     return result
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.__main__ import parse, result_name, standard_cases
+from benchmarks.__main__ import load_result_name, parse, result_name, standard_cases
+from benchmarks.load import FAULTS, faults_fired
 from benchmarks.measure import Case, CaseResult, FakeBill, run_case
 from benchmarks.report import document, render, speedups, targets, warm_overhead
 from benchmarks.workflows import Workflow
@@ -47,6 +48,10 @@ def test_chain_in_the_pool_is_measured(tmp_path: Path) -> None:
     assert result.ssh_round_trips_per_warm_job is not None
     assert result.remote_cpu_seconds_per_warm_job is not None
     assert result.output_period_seconds is not None
+    # With Vast.ai's rate limits on (the benchmarks' default) and the plugin pacing itself.
+    assert result.rate_limits and result.bill.refused_calls == 0
+    assert result.teardown_seconds is not None and result.plugin_tree_sha256
+    assert (tmp_path / "case" / "requests.json").is_file()
     doc = document({}, [result], 0.0)
     assert doc["cases"][0]["warm_overhead_seconds"] is None  # no local case to compare with
     assert "tiny/pool" in render(doc)
@@ -132,6 +137,27 @@ def test_targets_and_speedups_from_results() -> None:
     assert "MISSED" in render(document({}, results, 20.0))
 
 
+def test_refused_calls_are_the_limiters_not_the_injected_faults() -> None:
+    """A 429 from a fault rule is the load case's own; one from the rate limits or the quota
+    is a call the plugin failed to pace, and the ledger counts those apart."""
+    ledger = {
+        "instances": [
+            {"created_at": 0.0, "running_at": 5.0, "ended_at": 50.0, "dph_total": 0.4},
+            {"created_at": 4.5, "running_at": 9.5, "ended_at": 60.0, "dph_total": 0.4},
+        ],
+        "api_calls": {"GET /api/v1/instances/": 10},
+        "ssh_bytes": {"up": 1, "down": 1},
+        "rate_limited": {"GET /api/v1/instances/": 2},
+        "quota_exceeded": {"POST /api/v0/bundles/": 1},
+    }
+    found = FakeBill.from_ledger(ledger, now=100.0)
+    assert found.refused_calls == 3 and found.last_ended_at == 60.0
+    assert found.teardown_seconds(55.0) == 5.0 and found.teardown_seconds(None) is None
+    statuses = {"200": 20, "429": 7, "503": 1}
+    assert faults_fired(statuses, FAULTS, found) == {"429": 4, "503": 1}
+    assert faults_fired(None, FAULTS, found) is None
+
+
 def test_partial_runs_get_their_own_results_file() -> None:
     assert result_name(parse(["--quick"])) == "quick"
     assert result_name(parse([])) == "full"
@@ -140,6 +166,9 @@ def test_partial_runs_get_their_own_results_file() -> None:
     )
     assert result_name(parse(["--rtt-ms", "0"])) == "full-local-ttl0-pool"
     assert result_name(parse(["--rtt-ms", "100"])) == "full-rtt100"
+    assert parse([]).rate_limits and not parse(["--no-rate-limits"]).rate_limits
+    assert result_name(parse(["--no-rate-limits"])) == "full-nolimits"
+    assert load_result_name(parse(["--case", "load", "--no-rate-limits"])) == "load-nolimits"
     assert parse(["--quick"]).boot_seconds == 5.0 and parse([]).boot_seconds == 5.0
     names = [c.name for c in standard_cases(parse([]))]
     assert names == [
