@@ -68,9 +68,9 @@ class Executor(RemoteExecutor):
     _outcome_ready: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
-        from snakemake_executor_plugin_vastai.bootstrap import storage_providers
         from snakemake_executor_plugin_vastai.credentials import forwarded_environment
         from snakemake_executor_plugin_vastai.run import RunContext
+        from snakemake_executor_plugin_vastai.snakemake_internals import storage_providers
 
         settings: ExecutorSettings = self.workflow.executor_settings
         # The jobs whose outcome Snakemake has not had yet (for cancel_jobs): a job's state is
@@ -300,7 +300,7 @@ class Executor(RemoteExecutor):
         """Every storage plugin the workflow uses, pinned to the version here. One that is no
         installed package here (a module on the path) has no version to pin nor any other
         to choose: the image must bring it."""
-        from snakemake_executor_plugin_vastai.bootstrap import storage_providers
+        from snakemake_executor_plugin_vastai.snakemake_internals import storage_providers
 
         packages = []
         for provider in storage_providers(self.workflow):

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from importlib.metadata import distributions
 from importlib.resources import files
-from typing import Any
 
 from snakemake_executor_plugin_vastai.errors import VastaiError
 from snakemake_executor_plugin_vastai.staging import REMOTE_BASE
@@ -140,7 +139,6 @@ _UNPACK = (
 
 
 STORAGE_PLUGIN_PREFIX = "snakemake-storage-plugin-"
-STORAGE_MODULE_PREFIX = "snakemake_storage_plugin_"
 # Exits 0 if the installed distribution argv[1] ("name==version") is that version. (No "pip"
 # in here: tests trace the bootstrap's python calls to see whether pip ran.)
 _HAS_VERSION = (
@@ -157,19 +155,6 @@ def local_storage_plugins() -> tuple[str, ...]:
         if name.startswith(STORAGE_PLUGIN_PREFIX):
             found[name] = f"{name}=={dist.version}"
     return tuple(sorted(found.values()))
-
-
-def storage_providers(workflow: Any) -> tuple[str, ...]:
-    """The storage plugins the workflow uses: the default provider, ``storage:`` directives
-    and ``storage.<name>(...)`` calls, by plugin name. (Snakemake's registry of them is not
-    part of the executor interface: read defensively.)"""
-    registered = getattr(workflow.storage_registry, "_storages", None) or {}
-    names = set()
-    for provider in registered.values():
-        module = type(provider).__module__.partition(".")[0]
-        if module.startswith(STORAGE_MODULE_PREFIX):
-            names.add(module.removeprefix(STORAGE_MODULE_PREFIX))
-    return tuple(sorted(names))
 
 
 def onhost_source(name: str) -> str:

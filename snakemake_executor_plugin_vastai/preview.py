@@ -32,6 +32,7 @@ from snakemake_executor_plugin_vastai.resources import (
     validate_settings,
 )
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.snakemake_internals import loaded_dag
 from snakemake_executor_plugin_vastai.startchecks import HiddenOffers, hidden_by_defaults
 
 SHOWN_OFFERS = 3
@@ -133,33 +134,10 @@ def load_jobs(
     """(the remote jobs to run, every benchmark file of each rule's jobs that exists).
     Snakemake's API has no public way to a DAG's jobs short of running them; this takes the
     path of its own ``--summary`` and ``--printdag``, with the plugin as the executor and
-    the command line's resource settings, so that local rules and resources are a run's."""
-    from snakemake.api import SnakemakeApi, resolve_snakefile
-    from snakemake.settings.enums import Quietness
-    from snakemake.settings.types import (
-        DAGSettings,
-        OutputSettings,
-        ResourceSettings,
-        StorageSettings,
-    )
-    from snakemake_interface_executor_plugins.registry import ExecutorPluginRegistry
-
-    output = OutputSettings(quiet={Quietness.ALL}, enable_file_logging=False)
+    the command line's resource settings, so that local rules and resources are a run's
+    (``snakemake_internals.loaded_dag``)."""
     try:
-        with contextlib.chdir(workdir), SnakemakeApi(output) as api:
-            workflow_api = api.workflow(
-                resource_settings=ResourceSettings(nodes=1),
-                storage_settings=StorageSettings(shared_fs_usage=frozenset()),
-                snakefile=Path(resolve_snakefile(snakefile)).absolute(),
-            )
-            workflow_api.dag(DAGSettings(forceall=every_job))  # hands the workflow these
-            workflow = workflow_api._workflow
-            workflow._executor_plugin = ExecutorPluginRegistry().get_plugin("vastai")
-            workflow._prepare_dag(
-                forceall=every_job, ignore_incomplete=True, lock_warn_only=True, nolock=True
-            )
-            workflow._build_dag()
-            dag = workflow.dag
+        with loaded_dag(workdir, snakefile, every_job) as dag:
             jobs = [_view(job, settings) for job in dag.needrun_jobs() if not job.is_local]
             benchmarks: dict[str, list[Path]] = {}
             for job in dag.jobs:

@@ -30,8 +30,8 @@ from snakemake_executor_plugin_vastai.bootstrap import (
     INSTALLED_MARKER,
     SCRIPT_COMMAND,
     BootstrapPlan,
-    storage_providers,
 )
+from snakemake_executor_plugin_vastai.snakemake_internals import storage_providers
 from tests.fakevast.container import namespaces_available
 from tests.fakevast.harness import FakeVast
 from tests.instances import logged_in
