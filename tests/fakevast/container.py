@@ -639,11 +639,14 @@ class Container:
         last process. unshare must stay alive to reap PID 1; were it killed, the orphaned PID 1
         would linger as a zombie of the host's init."""
         init = self._init_pid or self._find_init()
-        if init is None:
+        namespace = self._pidns or (_pidns_of(init) if init is not None else None)
+        if init is None or namespace is None:
             unshare.kill()  # not forked yet; `--kill-child` takes down a PID 1 forked meanwhile
             return
-        self._pidns = self._pidns or _pidns_of(init)
-        if unshare.poll() is None:  # else PID 1 is gone and its pid may be reused
+        self._pidns = namespace
+        # Only while it is still our PID 1: with pid_max at 32768 and tests running side by
+        # side, a PID 1 that just exited may have its pid reused by another process already.
+        if unshare.poll() is None and _pidns_of(init) == namespace:
             _kill(init)
 
     def _kill_all(self) -> bool:
