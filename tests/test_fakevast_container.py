@@ -297,6 +297,20 @@ def test_sshd_failure_is_reported_with_its_log(containers, monkeypatch) -> None:
 
 
 @needs_namespaces
+def test_a_port_taken_before_sshd_binds_it_costs_a_second_start_not_a_failure(
+    containers, ssh, monkeypatch
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        picks = iter([busy.getsockname()[1]])
+        free = container_module._free_port
+        monkeypatch.setattr(container_module, "_free_port", lambda: next(picks, None) or free())
+        instance = containers()
+        assert instance.sshd_port != busy.getsockname()[1]
+        assert run(ssh(instance.sshd_port), "echo up")[1] == "up\n"
+        assert "Address already in use" not in instance.log_text()
+
+
+@needs_namespaces
 def test_kill_sshd_drops_live_sessions(containers, ssh) -> None:
     instance = containers()
     transport = ssh(instance.sshd_port).get_transport()

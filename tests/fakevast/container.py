@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 START_TIMEOUT = 20.0
+_START_ATTEMPTS = 3
 STOP_TIMEOUT = 10.0
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BARE_IMAGE_PREFIX = "bare/"
@@ -303,20 +304,34 @@ class Container:
     # -- public interface ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Boot the instance; returns once sshd listens (ssh mode) or the main process runs."""
+        """Boot the instance; returns once sshd listens (ssh mode) or the main process runs.
+
+        sshd binds the port we picked a moment later, and anything on this machine may take it
+        meanwhile. A real instance has a network of its own and never meets this, so the fake
+        must not show it: a start that lost that race starts again on another port (sshd comes
+        first, so nothing of the renter's ran yet)."""
         with self._lock:
             if self._destroyed:
                 raise ContainerError(f"instance {self.spec.instance_id} was destroyed")
             if self._proc is not None:
                 raise ContainerError(f"instance {self.spec.instance_id} was already started")
             self._prepare()
-            self._proc = self._launch()
-        try:
-            self._wait_started()
-        except ContainerError:
-            if not self._destroyed:
-                self._stop_processes()
-            raise
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            with self._lock:
+                if self._destroyed:
+                    raise ContainerError(f"instance {self.spec.instance_id} was destroyed")
+                log_start = self._log_size()
+                self._proc = self._launch()
+            try:
+                self._wait_started()
+                return
+            except ContainerError:
+                if not self._destroyed:
+                    self._stop_processes()
+                if self._destroyed or attempt == _START_ATTEMPTS or not self._lost_port(log_start):
+                    raise
+            with self._lock:
+                self._forget_failed_start(log_start)
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None and not self._destroyed
@@ -430,6 +445,28 @@ class Container:
                 whiteout = self._layout.make_dir(inner) / name
                 if not os.path.lexists(whiteout):
                     os.mknod(whiteout, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+
+    def _log_size(self) -> int:
+        try:
+            return self._log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _lost_port(self, log_start: int) -> bool:
+        """Whether the start that logged from `log_start` on failed only because sshd's port
+        was taken between our pick and its bind."""
+        with self._log_path.open("rb") as log:
+            log.seek(log_start)
+            said = log.read().decode(errors="replace")
+        return f"Bind to port {self.sshd_port} " in said and "Address already in use" in said
+
+    def _forget_failed_start(self, log_start: int) -> None:
+        """Back to a prepared instance on a fresh port, its log as if that start never was."""
+        os.truncate(self._log_path, log_start)
+        self._proc = None
+        self._init_pid = self._pidns = None
+        self.sshd_port = _free_port()
+        self._layout.write(self._layout.config, self._sshd_config())
 
     def _prepare_no_sshd(self) -> None:
         """An ssh-mode instance of an image without sshd: its endpoints are published as
