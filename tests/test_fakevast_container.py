@@ -7,6 +7,7 @@ import getpass
 import io
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -409,3 +410,35 @@ def test_unisolated_fallback_serves_ssh_and_cleans_up(containers, ssh, privsep_d
     assert not host_processes_running("sleep 987653")
     assert refuses_connections(instance.sshd_port)
     assert not instance.state_dir.exists()
+
+
+@needs_namespaces
+def test_a_held_namespace_is_never_mistaken_for_one_made_after_it_died() -> None:
+    """The kernel hands a dead namespace's number to the next one within a second; a destroy
+    that compared numbers alone SIGKILLed the PID 1 of an instance that had just started."""
+
+    def namespace_process() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(["unshare", "--pid", "--kill-child", "sleep", "60"])
+        assert wait_for(lambda: _children_of(process.pid), timeout=5)
+        return process
+
+    first = namespace_process()
+    held = container_module._HeldNamespace.of(_children_of(first.pid)[0])
+    assert held is not None
+    first.kill()
+    first.wait()
+    time.sleep(0.5)  # past the grace period after which an unheld number is handed out again
+    second = namespace_process()
+    try:
+        assert not held.holds(_children_of(second.pid)[0])
+        assert not held.holds(second.pid)  # unshare itself lives in this machine's namespace
+    finally:
+        second.kill()
+        second.wait()
+        held.close()
+
+
+def _children_of(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []

@@ -296,7 +296,7 @@ class Container:
         self._pending_keys = list(spec.authorized_keys)
         self._proc: subprocess.Popen[bytes] | None = None
         self._init_pid: int | None = None
-        self._pidns: str | None = None
+        self._pidns: _HeldNamespace | None = None
         self._lock = threading.Lock()
         self._prepared = False
         self._destroyed = False
@@ -464,7 +464,8 @@ class Container:
         """Back to a prepared instance on a fresh port, its log as if that start never was."""
         os.truncate(self._log_path, log_start)
         self._proc = None
-        self._init_pid = self._pidns = None
+        self._init_pid = None
+        self._release_namespace()
         self.sshd_port = _free_port()
         self._layout.write(self._layout.config, self._sshd_config())
 
@@ -610,7 +611,8 @@ class Container:
             time.sleep(_POLL_INTERVAL)
         if self.isolated:
             self._init_pid = self._find_init()
-            self._pidns = _pidns_of(self._init_pid) if self._init_pid else None
+            if self._init_pid is not None:
+                self._pidns = _HeldNamespace.of(self._init_pid)
 
     def _start_failure(self, what: str) -> ContainerError:
         tail = self.log_text()[-_LOG_TAIL_CHARS:].strip()
@@ -635,9 +637,10 @@ class Container:
     def _instance_processes(self) -> list[_Process]:
         processes = _processes()
         if self.isolated:
-            if self._pidns is None:
+            namespace = self._pidns
+            if namespace is None:
                 return []
-            return [p for p in processes if _pidns_of(p.pid) == self._pidns]
+            return [p for p in processes if namespace.holds(p.pid)]
         return self._unisolated_processes(processes)
 
     def _unisolated_processes(self, processes: list[_Process]) -> list[_Process]:
@@ -667,23 +670,33 @@ class Container:
         else:
             self._kill_all()  # the process tree must be collected before its root dies
             proc.kill()
-        proc.wait(timeout=STOP_TIMEOUT)
-        if not _wait_for(lambda: not self._kill_all(), STOP_TIMEOUT):
-            raise ContainerError(f"instance {self.spec.instance_id}: processes survived destroy")
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+            if not _wait_for(lambda: not self._kill_all(), STOP_TIMEOUT):
+                raise ContainerError(
+                    f"instance {self.spec.instance_id}: processes survived destroy"
+                )
+        finally:
+            self._release_namespace()
+
+    def _release_namespace(self) -> None:
+        if self._pidns is not None:
+            self._pidns.close()
+            self._pidns = None
 
     def _stop_namespace(self, unshare: subprocess.Popen[bytes]) -> None:
         """Kill PID 1: the kernel then kills the whole namespace, and the mounts go with its
         last process. unshare must stay alive to reap PID 1; were it killed, the orphaned PID 1
         would linger as a zombie of the host's init."""
         init = self._init_pid or self._find_init()
-        namespace = self._pidns or (_pidns_of(init) if init is not None else None)
-        if init is None or namespace is None:
+        if init is not None and self._pidns is None:
+            self._pidns = _HeldNamespace.of(init)
+        if init is None or self._pidns is None:
             unshare.kill()  # not forked yet; `--kill-child` takes down a PID 1 forked meanwhile
             return
-        self._pidns = namespace
         # Only while it is still our PID 1: with pid_max at 32768 and tests running side by
         # side, a PID 1 that just exited may have its pid reused by another process already.
-        if unshare.poll() is None and _pidns_of(init) == namespace:
+        if unshare.poll() is None and self._pidns.holds(init):
             _kill(init)
 
     def _kill_all(self) -> bool:
@@ -747,11 +760,36 @@ def _processes() -> list[_Process]:
     return result
 
 
-def _pidns_of(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/pid")
-    except OSError:
-        return None
+class _HeldNamespace:
+    """An instance's PID namespace, held open so that its identity stays its own.
+
+    The kernel numbers namespaces like inodes and hands a freed number to the next namespace
+    (within a second, here): compared by number alone, the processes of an instance started
+    just after this one's namespace died would count as this one's, and its destroy would
+    SIGKILL them. A namespace with an open file descriptor is never freed.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        status = os.fstat(fd)
+        self._identity = (status.st_dev, status.st_ino)
+
+    @classmethod
+    def of(cls, pid: int) -> _HeldNamespace | None:
+        try:
+            return cls(os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            return None
+
+    def holds(self, pid: int) -> bool:
+        try:
+            status = os.stat(f"/proc/{pid}/ns/pid")
+        except OSError:
+            return False
+        return (status.st_dev, status.st_ino) == self._identity
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def _has_environ_entry(pid: int, entry: bytes) -> bool:
