@@ -49,6 +49,7 @@ class Instance:
     host: RemoteHost | None = None
     files: InstanceFiles = field(default_factory=InstanceFiles)
     rented_at: float = field(default_factory=lambda: time.time())  # freezable in tests
+    created_at: float | None = None  # the create answered: Vast.ai made it a moment before
     running_at: float | None = None
     gone_at: float | None = None
     last_released_at: float | None = None
@@ -61,6 +62,7 @@ class Instance:
     heartbeat_at: float | None = None  # when this run last gave it a sign of life
     silence_at_loss: float | None = None  # this run's silence when it vanished, past deadman
     failure: str | None = None  # why it could not be prepared: told to the jobs waiting on it
+    machine_fault: bool = False  # it failed to boot through its machine: jobs may boot elsewhere
     retiring: str | None = None  # why it takes no new job and goes once its jobs are done
     creating: bool = False  # its create request has been sent (renting: an answer is due)
     unknown_since: float | None = None  # when its create's answer was lost

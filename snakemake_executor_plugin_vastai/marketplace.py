@@ -49,8 +49,24 @@ FATAL_BOOT_MESSAGES = (
     "no space left on device",
     "error response from daemon",
 )
+# Of those, the ones every machine would meet: the image itself is wrong (a misspelt name or
+# tag, a private image without credentials). The others are the machine's (its disk, its
+# pulls, its daemon), and another machine may well boot.
+IMAGE_FAULT_MESSAGES = (
+    "manifest unknown",
+    "unauthorized: authentication required",
+    "pull access denied",
+    "repository does not exist",
+    "invalid reference format",
+)
 # Runtype that starts sshd in the container and wires both the direct port and Vast's proxy.
 SSH_RUNTYPE = "ssh_direc ssh_proxy"
+
+
+def image_fault(message: str) -> bool:
+    """Whether a boot error is the image's, so that no machine would boot it."""
+    text = message.lower()
+    return any(pattern in text for pattern in IMAGE_FAULT_MESSAGES)
 
 
 class MarketplaceError(VastaiError):

@@ -42,6 +42,7 @@ from snakemake_executor_plugin_vastai.marketplace import (
     CreateOutcomeUnknown,
     Marketplace,
     MarketplaceError,
+    image_fault,
 )
 from snakemake_executor_plugin_vastai.progress import BootProgress, count, say, short_name
 from snakemake_executor_plugin_vastai.remote import RemoteError
@@ -72,6 +73,10 @@ REFRESH_SLACK_SECONDS = 0.2  # the reaper's 0.5 s rounds must not skip a due ref
 WAIT_SECONDS = 1.0  # a waiting job re-checks at least this often
 RENT_ATTEMPTS = 3  # creates whose answer was lost, per job, before it fails
 RENT_BACKOFF_SECONDS = 1.0
+# Instances a job may see fail to boot before it fails. A failed boot is nearly always its
+# machine's fault (a pull that broke, a full disk, a host gone offline), so the job moves on
+# to another machine; a bad image fails at once instead (marketplace.image_fault).
+BOOT_ATTEMPTS = 3
 ORPHAN_WAIT_SECONDS = 60.0  # the first rent waits this long at most for the orphan reap
 SHUTDOWN_WAIT_SECONDS = 30.0  # for creates still in flight at teardown
 TEARDOWN_SECONDS = 120.0  # the whole teardown; what is not confirmed gone by then is named
@@ -108,6 +113,29 @@ class Placement:
     lease: Lease
 
 
+@dataclass
+class Seeker:
+    """One job looking for its place, and what its search met so far."""
+
+    request: ResourceRequest
+    tag: str
+    signatures: tuple[Signature, ...]  # the job's in the workflow's demand
+    wanted: Signature = field(init=False)
+    needs: Needs = field(init=False)
+    counted: list[Signature] = field(init=False)  # still counted in the demand; [] once placed
+    lost_creates: int = 0
+    failed_boots: int = 0
+    said_refusal: str = ""
+
+    def __post_init__(self) -> None:
+        self.wanted = self.request.signature()
+        self.needs = self.request.needs()
+        self.counted = list(self.signatures)
+
+
+GIVEN_UP = "its jobs went to ready instances and no job still to run needs it"
+
+
 # -- decisions (pure, so they can be tested with a frozen clock) ---------------------------
 
 
@@ -133,13 +161,21 @@ def pick_instance(
     )
 
 
+def pick_ready(instances: Iterable[Instance], wanted: Signature, needs: Needs) -> Instance | None:
+    """A ready instance with room for the job now: where a job waiting for a boot goes."""
+    return pick_instance((i for i in instances if i.state in READY), wanted, needs)
+
+
 def least_recently_used(instances: Iterable[Instance]) -> Instance | None:
     idle = [i for i in instances if i.state is State.IDLE]
     return min(idle, key=lambda i: i.last_released_at or 0.0, default=None)
 
 
-def retire_reason(instance: Instance, now: float, config: PoolConfig, demand: Demand) -> str | None:
-    """Why an idle (or just emptied) instance should be destroyed now; None keeps it."""
+def retire_reason(
+    instance: Instance, now: float, config: PoolConfig, demand: Demand, awaited: bool = False
+) -> str | None:
+    """Why an idle (or just emptied) instance should be destroyed now; None keeps it.
+    ``awaited``: a job waiting for another instance's boot could start on it now."""
     if instance.retiring:
         return instance.retiring
     if instance.lost_reason:
@@ -151,6 +187,8 @@ def retire_reason(instance: Instance, now: float, config: PoolConfig, demand: De
         )
     if config.max_lifetime and now - instance.rented_at >= config.max_lifetime:
         return f"it is older than --vastai-pool-max-lifetime ({config.max_lifetime:g} s)"
+    if awaited:
+        return None
     if not demand.wants(instance.signature):
         return "no job still to run can use it"
     if now - (instance.last_released_at or now) >= config.ttl:
@@ -166,6 +204,11 @@ def unprepared_reason(instance: Instance, error: BaseException) -> str:
     if instance.state is State.BOOTSTRAPPING:
         return "its bootstrap failed"
     return "it did not boot"
+
+
+def fails_everywhere(boot_error: str) -> bool:
+    """A boot error no other machine would heal: the image is wrong or has no sshd."""
+    return NO_SSHD_FIX in boot_error or image_fault(boot_error)
 
 
 def pending_rent_for(instances: Iterable[Instance], wanted: Signature) -> bool:
@@ -219,6 +262,7 @@ class Pool:
         self.boot_progress = BootProgress(market.redact)
         self._serial = itertools.count(1)
         self._last_refresh = 0.0
+        self._awaiting_boot: list[Seeker] = []  # under the table's lock
 
     # -- placing a job ---------------------------------------------------------------------
 
@@ -228,48 +272,62 @@ class Pool:
         """A share of a ready instance for this job: of a live one when one has room (no API
         call at all), of a new one otherwise. ``counted`` are the job's signatures in the
         workflow's demand, counted off once the job is placed: while it waits, it still
-        wants instances of its kind, so none is retired under it."""
-        wanted, needs = request.signature(), request.needs()
-        counted = list(counted)
-        lost_creates = 0
-        said_refusal = ""
+        wants instances of its kind, so none is retired under it. A job waits for capacity,
+        not for one instance: placed on one that is still booting, it takes a share that is
+        ready first elsewhere, and when its instance fails to boot it looks again."""
+        seeker = Seeker(request, tag, tuple(counted))
         while True:
-            step = self._next_step(wanted, needs, tag, counted)
-            if isinstance(step, Placement):
-                self._wait_ready(step)
-                return step
-            if step is None:
-                self.table.wait(WAIT_SECONDS)
+            placement = self._placement(seeker)
+            if placement is None:
                 continue
-            if step.state is State.DESTROYING:  # an idle instance evicted to make room
-                self.destroyer.finish(step, "the pool is full and a job needs another kind")
-                continue
-            try:
-                with self._reservation(step):
-                    return self._rent_and_prepare(step, request, tag, counted)
-            except (NoOfferError, CapRefusal) as refusal:
-                price_bound = isinstance(refusal, CapRefusal)
-                if price_bound and self._evict_idle("the run's price cap needs room for a job"):
-                    continue
-                with self.table.locked():
-                    instances = self.table.all()
-                    if not will_free_up(instances, wanted, needs) and not (
-                        price_bound and any(i.state in BUSY_OR_COMING for i in instances)
-                    ):
-                        raise
-                # the headline only: a job that waits needs no diagnosis of the market
-                reason = refusal.headline if isinstance(refusal, NoOfferError) else str(refusal)
-                if reason != said_refusal:  # once, not every round of the wait
-                    said_refusal = reason
-                    say("%s Waiting for one of the run's instances.", reason)
-                self.table.wait(WAIT_SECONDS)
-            except CreateOutcomeUnknown as error:
-                lost_creates += 1
-                if lost_creates >= RENT_ATTEMPTS:
-                    raise InstanceFailure(
-                        f"could not rent an instance for {request.rule}: {error}"
-                    ) from None
-                self.table.wait(RENT_BACKOFF_SECONDS * lost_creates)
+            ready = self._wait_ready(placement, seeker)
+            if ready is not None:
+                return ready
+
+    def _placement(self, seeker: Seeker) -> Placement | None:
+        """A share for the job (maybe of an instance still booting), or None after a wait
+        when there is none yet."""
+        step = self._next_step(seeker)
+        if isinstance(step, Placement):
+            return step
+        if step is None:
+            self.table.wait(WAIT_SECONDS)
+            return None
+        if step.state is State.DESTROYING:  # an idle instance evicted to make room
+            self.destroyer.finish(step, "the pool is full and a job needs another kind")
+            return None
+        try:
+            with self._reservation(step):
+                return self._rent(step, seeker)
+        except (NoOfferError, CapRefusal) as refusal:
+            self._wait_out_refusal(refusal, seeker)
+        except CreateOutcomeUnknown as error:
+            seeker.lost_creates += 1
+            if seeker.lost_creates >= RENT_ATTEMPTS:
+                raise InstanceFailure(
+                    f"could not rent an instance for {seeker.request.rule}: {error}"
+                ) from None
+            self.table.wait(RENT_BACKOFF_SECONDS * seeker.lost_creates)
+        return None
+
+    def _wait_out_refusal(self, refusal: NoOfferError | CapRefusal, seeker: Seeker) -> None:
+        """No offer, or none under the caps: wait when one of the run's own instances will
+        free what the job needs (or an eviction makes room), else raise the refusal."""
+        price_bound = isinstance(refusal, CapRefusal)
+        if price_bound and self._evict_idle("the run's price cap needs room for a job"):
+            return
+        with self.table.locked():
+            instances = self.table.all()
+            if not will_free_up(instances, seeker.wanted, seeker.needs) and not (
+                price_bound and any(i.state in BUSY_OR_COMING for i in instances)
+            ):
+                raise refusal
+        # the headline only: a job that waits needs no diagnosis of the market
+        reason = refusal.headline if isinstance(refusal, NoOfferError) else str(refusal)
+        if reason != seeker.said_refusal:  # once, not every round of the wait
+            seeker.said_refusal = reason
+            say("%s Waiting for one of the run's instances.", reason)
+        self.table.wait(WAIT_SECONDS)
 
     def _evict_idle(self, reason: str) -> bool:
         """Destroy the least recently used idle instance (of another kind: one of the job's
@@ -281,25 +339,21 @@ class Pool:
         self.destroyer.finish(victim, reason)
         return True
 
-    def _next_step(
-        self, wanted: Signature, needs: Needs, tag: str, counted: list[Signature]
-    ) -> Placement | Instance | None:
+    def _next_step(self, seeker: Seeker) -> Placement | Instance | None:
         """Under the lock: a placement, a reservation (renting), an eviction (destroying),
         or None to wait for the table to change."""
         with self.table.locked():
             self.table.check_open()
             instances = self.table.all()
-            chosen = pick_instance(instances, wanted, needs)
+            chosen = pick_instance(instances, seeker.wanted, seeker.needs)
             if chosen is not None:
-                self.demand.submitted(counted)
-                counted.clear()  # counted off once, however often this job waits
-                return self._place(chosen, needs, tag)
-            if self.config.pack and pending_rent_for(instances, wanted):
+                self._count_off(seeker)
+                return self._place(chosen, seeker.needs, seeker.tag)
+            if self.config.pack and pending_rent_for(instances, seeker.wanted):
                 return None
             if len(self.table.counted()) < self.config.caps.max_instances:
-                reserved = Instance(
-                    make_label(self.config.run_id, f"{tag}-{next(self._serial)}"), wanted
-                )
+                label = make_label(self.config.run_id, f"{seeker.tag}-{next(self._serial)}")
+                reserved = Instance(label, seeker.wanted)
                 self.table.add(reserved)
                 return reserved
             victim = least_recently_used(instances)
@@ -307,14 +361,31 @@ class Pool:
                 return victim
             return None
 
-    def _place(self, instance: Instance, needs: Needs, tag: str) -> Placement:
+    def _count_off(self, seeker: Seeker) -> None:
+        """The job is placed: it no longer counts as a job still to come (once, however
+        often it waits)."""
+        self.demand.submitted(seeker.counted)
+        seeker.counted.clear()
+
+    def _place(
+        self, instance: Instance, needs: Needs, tag: str, moved_from: Instance | None = None
+    ) -> Placement:
         assert instance.slots is not None
         if instance.slots.empty:
             instance.busy_since = time.time()
         beside = len(instance.slots.leases)
         lease = instance.slots.take(needs)
-        if instance.state is State.IDLE:
+        was_idle = instance.state is State.IDLE
+        if was_idle:
             self.table.move(instance, State.BUSY)
+        if moved_from is not None:
+            say(
+                "Moving %s to %s, which is ready, from %s (still starting)",
+                tag,
+                short_name(instance),
+                short_name(moved_from),
+            )
+        elif was_idle:
             say("Reusing %s for %s (no rent, no boot)", short_name(instance), tag)
         else:
             still = " (still booting)" if instance.state in STARTING else ""
@@ -327,8 +398,8 @@ class Pool:
     def _reservation(self, reserved: Instance) -> Iterator[Instance]:
         """A rent's reservation counts toward every cap from the start; released on every
         path that rents nothing. A create with a lost answer stays (as unknown). One that
-        was created but escapes with an error before it is ready (a ledger write that
-        failed, say) is destroyed, never dropped: nobody else would prepare it."""
+        was created but escapes with an error before its preparation starts (a ledger write
+        that failed, say) is destroyed, never dropped: nobody else would prepare it."""
         try:
             yield reserved
         except BaseException as error:
@@ -342,20 +413,24 @@ class Pool:
                 self.destroyer.destroy(reserved, unprepared_reason(reserved, error))
             raise
 
-    def _rent_and_prepare(
-        self, reserved: Instance, request: ResourceRequest, tag: str, counted: list[Signature]
-    ) -> Placement:
+    def _rent(self, reserved: Instance, seeker: Seeker) -> Placement:
+        """Rent the reservation with the job's share in it, and start preparing it on a
+        thread of its own: the job waits for it like any other job placed there."""
         if not self.orphans_reaped.wait(ORPHAN_WAIT_SECONDS):
             log.warning("The search for instances of dead earlier runs is slow; renting anyway")
         with self.table.locked():
             self.table.check_open()
-        placement = Placement(reserved, self.renter.rent(reserved, request))
+        placement = Placement(reserved, self.renter.rent(reserved, seeker.request))
         assert reserved.offer is not None
-        say("Rented %s for %s, %s", short_name(reserved), tag, reserved.offer.describe())
-        self.demand.submitted(counted)  # placed: no longer a job still to come
-        counted.clear()
-        self.ledger.job_ran(reserved.label, tag)
-        self._prepare(reserved)
+        say("Rented %s for %s, %s", short_name(reserved), seeker.tag, reserved.offer.describe())
+        self._count_off(seeker)
+        self.ledger.job_ran(reserved.label, seeker.tag)
+        threading.Thread(
+            target=self._prepare,
+            args=(reserved,),
+            name=f"prepare-{reserved.instance_id}",
+            daemon=True,
+        ).start()
         return placement
 
     def _prepare(self, instance: Instance) -> None:
@@ -366,16 +441,22 @@ class Pool:
             self._boot_and_bootstrap(instance)
         except BaseException as error:
             reason = unprepared_reason(instance, error)
-            booting = instance.state is State.BOOTING and not isinstance(error, Cancelled)
+            cancelled = isinstance(error, Cancelled)
+            booting = instance.state is State.BOOTING and not cancelled
+            host_gone = instance.state is State.LOST and not cancelled
             claimed = self.destroyer.claim(instance)  # nobody places a job on it any more
             if booting and claimed and isinstance(error, InstanceFailure | RemoteError):
                 error = self._with_boot_log(instance, error)  # a teardown destroys meanwhile
-            instance.failure = str(error)
-            if booting:
+            if booting:  # before the jobs waiting on it hear of it and rent again
                 self.excluded.exclude(instance.offer, f"its instance did not boot: {error}")
+            with self.table.locked():  # both at once: the jobs waiting on it read both
+                machine = booting or host_gone
+                instance.machine_fault = machine and not fails_everywhere(str(error))
+                instance.failure = str(error)
+                self.table.notify()
             if claimed:
                 self.destroyer.finish(instance, reason)
-            raise error from None
+            log.debug("%s was not prepared: %s", instance.name, error)
 
     def _with_boot_log(self, instance: Instance, error: Exception) -> InstanceFailure:
         """The boot error, with the last lines of the instance's own log (fetched before the
@@ -474,23 +555,101 @@ class Pool:
                 raise InstanceFailure(f"{instance.name} was destroyed while being prepared")
             self.table.move(instance, to)
 
-    def _wait_ready(self, placement: Placement) -> None:
-        """For a job placed on an instance still booting: wait until it is ready, or give
-        the share back and fail with the reason it never became ready."""
+    def _wait_ready(self, placement: Placement, seeker: Seeker) -> Placement | None:
+        """For a job placed on an instance still starting: wait until it is ready, or until
+        a share of its kind is ready elsewhere first (the job moves there). None: the
+        instance failed to boot in a way another machine need not share, so the job looks
+        for a place again; any other failure is the job's, with the reason."""
         instance = placement.instance
         # The preparing thread always ends a boot (ready, or destroyed); the bound is a guard.
         limit = self.config.boot_timeout + PREPARE_GRACE_SECONDS
-        if not self.table.wait_for(lambda: instance.state not in STARTING, timeout=limit):
-            instance.failure = f"{instance.name} was not ready after {limit:.0f} s"
-            self.destroyer.destroy(instance, f"it was not ready after {limit:.0f} s")
-        with self.table.locked():
-            if instance.state in READY:
-                return
-            if instance.slots is not None and placement.lease in instance.slots.leases:
-                instance.slots.give_back(placement.lease)
-            reason = instance.failure or f"{instance.name} was destroyed before it was ready"
+        deadline = time.monotonic() + limit
+        while True:
+            if not self._wait_settled(instance, seeker, deadline):
+                instance.failure = f"{instance.name} was not ready after {limit:.0f} s"
+                self.destroyer.destroy(instance, f"it was not ready after {limit:.0f} s")
+            moved = self.move_to_ready(placement, seeker)
+            if moved is not None:
+                return moved
+            with self.table.locked():
+                if instance.state in READY:
+                    return placement
+                if instance.state in STARTING and instance.failure is None:
+                    continue  # the ready share went to another job first
+                if instance.slots is not None and placement.lease in instance.slots.leases:
+                    instance.slots.give_back(placement.lease)
+                reason = instance.failure or f"{instance.name} was destroyed before it was ready"
+                break
         self.table.check_open()
-        raise InstanceFailure(reason)
+        if not instance.machine_fault:
+            raise InstanceFailure(reason)
+        seeker.failed_boots += 1
+        if seeker.failed_boots >= BOOT_ATTEMPTS:
+            raise InstanceFailure(
+                f"{count(seeker.failed_boots, 'instance')} failed to boot, each on another "
+                f"machine; the last: {reason}"
+            )
+        say("%s did not boot; renting another for %s", short_name(instance), seeker.tag)
+        self.demand.returned(seeker.signatures)
+        seeker.counted = list(seeker.signatures)
+        return None
+
+    def _wait_settled(self, instance: Instance, seeker: Seeker, deadline: float) -> bool:
+        """Wait, counted among the jobs awaiting a boot, until the job's instance is settled
+        (see `_settled`); False at the deadline."""
+        with self.table.locked():
+            self._awaiting_boot.append(seeker)
+        try:
+            return self.table.wait_for(
+                lambda: self._settled(instance, seeker), max(0.0, deadline - time.monotonic())
+            )
+        finally:
+            with self.table.locked():
+                self._awaiting_boot.remove(seeker)
+
+    def _awaited(self, instance: Instance) -> bool:
+        """Under the lock: could a job waiting for a boot start on this instance now?"""
+        return instance.slots is not None and any(
+            instance.signature.can_serve(s.wanted) and instance.slots.fits(s.needs)
+            for s in self._awaiting_boot
+        )
+
+    def _settled(self, instance: Instance, seeker: Seeker) -> bool:
+        """Under the lock: the job's instance is ready, or its preparation has said why it
+        never will be, or a share of the job's kind is ready elsewhere."""
+        return (
+            instance.state in READY
+            or instance.failure is not None
+            or instance.state is State.GONE
+            or pick_ready(self.table.all(), seeker.wanted, seeker.needs) is not None
+        )
+
+    def move_to_ready(self, placement: Placement, seeker: Seeker) -> Placement | None:
+        """The job's share moves from its instance, still starting, to a ready one with
+        room; None when there is none (or its own is ready). The starting instance is given
+        up (destroyed) when no job is left on it and no job still to come could use it."""
+        starting = placement.instance
+        with self.table.locked():
+            warm = pick_ready(self.table.all(), seeker.wanted, seeker.needs)
+            if starting.state not in STARTING or warm is None:
+                return None
+            assert starting.slots is not None
+            starting.slots.give_back(placement.lease)
+            moved = self._place(warm, seeker.needs, seeker.tag, moved_from=starting)
+            given_up = self._deserted(starting) and self.destroyer.claim(starting)
+        if given_up:
+            self.destroyer.finish(starting, GIVEN_UP)
+        return moved
+
+    def _deserted(self, starting: Instance) -> bool:
+        """Under the lock: a starting instance whose jobs all went elsewhere, which no job
+        still to come can use: its boot would only add to the bill."""
+        return (
+            starting.slots is not None
+            and starting.slots.empty
+            and not self.demand.wants(starting.signature)
+            and not self._awaited(starting)
+        )
 
     # -- taking back -----------------------------------------------------------------------
 
@@ -519,7 +678,8 @@ class Pool:
             if self.config.keep_instances:
                 self.table.move(instance, State.IDLE)
                 return
-            reason = retire_reason(instance, now, self.config, self.demand)
+            awaited = self._awaited(instance)
+            reason = retire_reason(instance, now, self.config, self.demand, awaited)
             if reason is None:
                 self.table.move(instance, State.IDLE)
                 return
@@ -530,7 +690,8 @@ class Pool:
 
     def sweep(self, now: float | None = None) -> None:
         """Destroy idle instances past TTL or lifetime, over the price cap or wanted by no
-        remaining job, and lost ones; retry failed destroys. No API call unless one goes."""
+        remaining job, starting ones whose jobs all left and that no remaining job wants, and
+        lost ones; retry failed destroys. No API call unless one goes."""
         now = time.time() if now is None else now
         doomed = []
         with self.table.locked():
@@ -538,9 +699,12 @@ class Pool:
                 return
             for instance in self.table.all():
                 if instance.state is State.IDLE:
-                    reason = retire_reason(instance, now, self.config, self.demand)
+                    awaited = self._awaited(instance)
+                    reason = retire_reason(instance, now, self.config, self.demand, awaited)
                 elif instance.state is State.LOST:
                     reason = instance.lost_reason or "its host was lost"
+                elif instance.state in STARTING:
+                    reason = GIVEN_UP if self._deserted(instance) else None
                 else:
                     if instance.state is State.BUSY:
                         self._warn_price(instance)

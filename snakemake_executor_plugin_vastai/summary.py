@@ -69,11 +69,12 @@ def billed_span(instance: Instance, now: float) -> tuple[float, float]:
     """(start, end) of what Vast.ai bills: from the creation the marketplace records (the
     instance's start_date; on this machine's clock, never before the run reserved it) to its
     destroy, or ``now`` while it lives. The run's own reservation starts earlier, by the offer
-    search and the wait for its turn to create, which Vast.ai does not bill."""
+    search and the wait for its turn to create, which Vast.ai does not bill. An instance
+    destroyed before any list showed it starts when the create's answer came."""
     end = instance.gone_at if instance.gone_at is not None else now
-    start = instance.rented_at
+    start = instance.created_at or instance.rented_at
     if instance.info is not None and instance.info.start_date:
-        start = max(start, instance.info.start_date)
+        start = max(instance.rented_at, instance.info.start_date)
     return start, max(start, end)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from snakemake_executor_plugin_vastai.bootstrap import NO_SSHD_FIX, NO_SSHD_MARKER
+from snakemake_executor_plugin_vastai.pool import BOOT_ATTEMPTS
 from tests.fakevast.faults import BOOT_FAILURES
 from tests.fakevast.harness import FakeVast
 from tests.workflows import (
@@ -53,12 +54,19 @@ def assert_failed(run_output: str, returncode: int) -> None:
 # -- boot ------------------------------------------------------------------------------------
 
 
+IMAGE_FAULTS = {"manifest", "unauthorized"}  # every machine would fail them
+
+
 @pytest.mark.parametrize(
     "status_msg", BOOT_FAILURES, ids=["oci", "toomanyrequests", "manifest", "unauthorized", "disk"]
 )
-def test_fatal_boot_error_fails_fast(fakevast: FakeVast, tmp_path: Path, status_msg: str) -> None:
-    """A Docker error that waiting cannot heal fails the job at once (not after the 120 s
-    boot timeout), quoting the error, and the broken instance is destroyed."""
+def test_fatal_boot_error_fails_fast(
+    fakevast: FakeVast, tmp_path: Path, status_msg: str, request: pytest.FixtureRequest
+) -> None:
+    """A Docker error that waiting cannot heal ends that boot at once (not after the 120 s
+    boot timeout), quoting the error, and the broken instance is destroyed. A bad image fails
+    the job then and there; a machine's error sends the job to another machine, and the
+    job fails only when BOOT_ATTEMPTS machines in turn did not boot."""
     workdir = one_rule_workflow(tmp_path / "wf", "echo hi > {output}")
     fakevast.set_faults({"next_creates": {"count": None, "boot_failure": status_msg}})
 
@@ -68,25 +76,32 @@ def test_fatal_boot_error_fails_fast(fakevast: FakeVast, tmp_path: Path, status_
     message = only_job_error(run.output)
     assert status_msg in message and "boot timeout" not in message, message
     assert f"Last lines of the instance's log:\n    {status_msg}" in message, message
-    assert_all_destroyed(fakevast, workdir)
+    instances = assert_all_destroyed(fakevast, workdir)
+    if request.node.callspec.id in IMAGE_FAULTS:
+        assert len(instances) == 1, instances
+    else:
+        assert len(instances) == BOOT_ATTEMPTS, instances
+        assert len({i["machine_id"] for i in instances}) == BOOT_ATTEMPTS, instances
+        assert f"{BOOT_ATTEMPTS} instances failed to boot, each on another" in message, message
     assert not (workdir / "out.txt").exists()
 
 
-def test_a_machine_that_failed_to_boot_is_not_rented_again(
+def test_a_job_whose_instance_did_not_boot_runs_on_another_machine(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:
-    """The first instance fails to boot: its machine is left out of every later search of the
-    run (the offer query says so), so --retries 1 lands on another machine and succeeds, and
-    the cost summary names the excluded machine and why."""
+    """The first instance fails to boot: the job rents again by itself (no --retries), its
+    machine is left out of every later search of the run (the offer query says so), and the
+    cost summary names the excluded machine and why."""
     workdir = one_rule_workflow(tmp_path / "wf", "echo hi > {output}")
     fakevast.set_faults({"next_creates": {"count": 1, "boot_failure": BOOT_FAILURES[0]}})
 
-    run = run_snakemake(workdir, fakevast, "--retries", "1", "--verbose", jobs=1)
+    run = run_snakemake(workdir, fakevast, "--verbose", jobs=1)
 
     assert run.ok, run.output
     failed, retried = assert_all_destroyed(fakevast, workdir)
     assert failed["machine_id"] != retried["machine_id"]
     assert f"machine_id notin [{failed['machine_id']}]" in run.output
+    assert f"instance {failed['id']} did not boot; renting another for" in run.output
     excluded = run_summary(workdir)["excluded_hosts"]
     assert list(excluded) == [str(failed["machine_id"])]
     assert "did not boot" in excluded[str(failed["machine_id"])]

@@ -15,8 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from snakemake_executor_plugin_vastai.summary import BILLING_NOTE
+from snakemake_executor_plugin_vastai.instance import Instance
+from snakemake_executor_plugin_vastai.summary import BILLING_NOTE, billed_span
 from tests.fakevast.harness import FakeVast
+from tests.test_pool_decisions import SIG
 from tests.workflows import (
     FLAT_OFFERS,
     assert_all_destroyed,
@@ -79,3 +81,17 @@ def test_the_summary_counts_each_instance_as_the_marketplace_bills_it(
     assert f"Vast.ai cost of run {summary['run_id']}: ${total:.4f} " in run.output
     assert BILLING_NOTE in run.output
     assert sum(fake.ledger()["rate_limited"].values()) == 0
+
+
+def test_an_instance_never_listed_is_billed_from_its_create_not_its_reservation() -> None:
+    """Destroyed before any list showed it (a rent given up while booting): its bill starts
+    when the create's answer came, not when the run reserved it, whose turn to create may
+    have come seconds later under the rate limits."""
+    instance = Instance("snakemake-vastai:run:job", SIG)
+    instance.rented_at = 1_900_000_000.0
+    instance.created_at = instance.rented_at + 4.5  # a create interval later
+    instance.gone_at = instance.created_at + 2.0
+    assert billed_span(instance, now=instance.gone_at + 60) == (
+        instance.created_at,
+        instance.gone_at,
+    )

@@ -26,7 +26,7 @@ import pytest
 from freezegun import freeze_time
 from freezegun.api import FrozenDateTimeFactory
 
-from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan
+from snakemake_executor_plugin_vastai.bootstrap import NO_SSHD_FIX, BootstrapPlan
 from snakemake_executor_plugin_vastai.caps import BUDGET_HORIZON_SECONDS, Caps, rent_refusal
 from snakemake_executor_plugin_vastai.demand import Demand
 from snakemake_executor_plugin_vastai.instance import Instance
@@ -36,6 +36,7 @@ from snakemake_executor_plugin_vastai.pool import (
     Placement,
     Pool,
     PoolConfig,
+    fails_everywhere,
     least_recently_used,
     pick_instance,
     retire_reason,
@@ -317,6 +318,38 @@ def test_look_ahead(remaining: list[Signature] | None, kept: bool) -> None:
         instance = make_instance(released_at=time.time())
         reason = retire_reason(instance, time.time(), config(ttl=3600.0), demand)
     assert reason == (None if kept else "no job still to run can use it")
+
+
+def test_an_instance_a_waiting_job_could_use_is_kept_past_demand_and_ttl() -> None:
+    """Every job of its kind is placed (demand is empty) and its TTL is over, but a job that
+    waits for another instance's boot could start on it now: it stays, for that job."""
+    demand = Demand()
+    demand.reset([])
+    with frozen_clock():
+        instance = make_instance(released_at=time.time() - 7200)
+        now = time.time()
+        assert retire_reason(instance, now, config(ttl=60.0), demand) is not None
+        assert retire_reason(instance, now, config(ttl=60.0), demand, awaited=True) is None
+
+
+@pytest.mark.parametrize(
+    ("error", "everywhere"),
+    [
+        pytest.param("failed to boot: manifest for acme/x:1 not found: manifest unknown", True),
+        pytest.param("failed to boot: pull access denied for acme/private", True),
+        pytest.param(f"did not boot. {NO_SSHD_FIX}", True, id="no-sshd"),
+        pytest.param("failed to boot: OCI runtime create failed: runc create failed", False),
+        pytest.param("failed to boot: write /var/lib/docker: no space left on device", False),
+        pytest.param("failed to boot: toomanyrequests: You have reached your pull rate", False),
+        pytest.param("did not boot within the boot timeout: still loading", False),
+    ],
+)
+def test_a_bad_image_fails_everywhere_a_machine_fault_does_not(
+    error: str, everywhere: bool
+) -> None:
+    """Which boot errors send the job to another machine (BOOT_ATTEMPTS in all): those of
+    the machine; a wrong image would fail on every machine and only cost boots."""
+    assert fails_everywhere(error) is everywhere
 
 
 def test_look_ahead_counts_submissions_and_retries() -> None:

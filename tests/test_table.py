@@ -27,8 +27,9 @@ from snakemake_executor_plugin_vastai.caps import Caps
 from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure
 from snakemake_executor_plugin_vastai.ledger import Ledger
 from snakemake_executor_plugin_vastai.marketplace import Marketplace, MarketplaceError, RetryPolicy
-from snakemake_executor_plugin_vastai.pool import Placement, Pool, PoolConfig
+from snakemake_executor_plugin_vastai.pool import Placement, Pool, PoolConfig, Seeker
 from snakemake_executor_plugin_vastai.renter import CapRefusal, NoOfferError
+from snakemake_executor_plugin_vastai.resources import ResourceRequest
 from snakemake_executor_plugin_vastai.sshkey import RunKey
 from snakemake_executor_plugin_vastai.table import (
     STARTING,
@@ -81,13 +82,13 @@ class Driver:
         key = RunKey.create(state_dir / "keys", "stress")
         self.pool = Pool(market, Ledger(state_dir), key, config)
         self.pool.orphans_reaped.set()
-        self.held: list[Placement] = []
+        self.held: list[tuple[Placement, ResourceRequest]] = []
         self.lock = threading.Lock()
         self.errors: list[BaseException] = []
 
     def step(self, rng: random.Random) -> None:
         pool = self.pool
-        actions = (self.place, self.finish_boot, self.release, self.lose, self.destroy)
+        actions = (self.place, self.finish_boot, self.release, self.lose, self.destroy, self.move)
         action = rng.choice([*actions, self.place, self.release, pool.refresh, pool.sweep])
         try:
             if action in (self.pool.refresh, self.pool.sweep):
@@ -103,7 +104,7 @@ class Driver:
         request = rng.choice(REQUESTS)
         tag = f"job{rng.randrange(10**6)}"
         pool = self.pool
-        step = pool._next_step(request.signature(), request.needs(), tag, [])
+        step = pool._next_step(Seeker(request, tag, ()))
         if step is None:
             return
         if isinstance(step, Placement):
@@ -115,7 +116,7 @@ class Driver:
             with pool._reservation(step):
                 placement = Placement(step, pool.renter.rent(step, request))
         with self.lock:
-            self.held.append(placement)
+            self.held.append((placement, request))
 
     def finish_boot(self, rng: random.Random) -> None:
         starting = self.pool.table.in_states(STARTING)
@@ -133,8 +134,21 @@ class Driver:
         with self.lock:
             if not self.held:
                 return
-            placement = self.held.pop(rng.randrange(len(self.held)))
+            placement, _ = self.held.pop(rng.randrange(len(self.held)))
         self.pool.release(placement, healthy=rng.random() < 0.8)
+
+    def move(self, rng: random.Random) -> None:
+        """A job waiting for its instance's boot takes a ready share elsewhere."""
+        with self.lock:
+            if not self.held:
+                return
+            placement, request = self.held.pop(rng.randrange(len(self.held)))
+        moved = None
+        try:
+            moved = self.pool.move_to_ready(placement, Seeker(request, "moved", ()))
+        finally:
+            with self.lock:
+                self.held.append((moved or placement, request))
 
     def lose(self, rng: random.Random) -> None:
         with self.pool.table.locked():
