@@ -30,6 +30,9 @@ TagOf = Callable[[tuple[Any, ...]], str | None]
 Detail = Callable[[tuple[Any, ...]], Any]  # JSON-able
 
 _current = threading.local()  # the tag of the job this worker thread runs
+# Spans that mark their thread as working for their job: a job's own thread, and the thread
+# that prepares the instance rented for it (its boot wait, login and bootstrap).
+THREAD_SPANS = ("job", "prepare_instance")
 
 
 def _job_run_tag(args: tuple[Any, ...]) -> str:
@@ -48,6 +51,12 @@ def _snakemake_job_tag(args: tuple[Any, ...]) -> str | None:
 
 def _api_what(args: tuple[Any, ...]) -> str:
     return str(args[1])
+
+
+def _rented_for(args: tuple[Any, ...]) -> str:
+    """The tag of the job an instance was rented for: its label is
+    ``snakemake-vastai:<run>:<tag>-<serial>``."""
+    return str(args[1].label).rsplit(":", 1)[-1].rsplit("-", 1)[0]
 
 
 def _instance_label(args: tuple[Any, ...]) -> str:
@@ -77,11 +86,11 @@ PROBES: tuple[tuple[str, str, str, str, TagOf | None, Detail | None], ...] = (
     ("collect", ".jobrun", "JobRun", "_collect", None, _usage),
     ("acquire", ".pool", "Pool", "acquire", None, None),
     ("rent", ".renter", "Renter", "rent", None, None),
-    ("prepare_instance", ".pool", "Pool", "_prepare", None, None),
+    ("prepare_instance", ".preparer", "Preparer", "prepare", _rented_for, None),
     ("release", ".pool", "Pool", "release", None, None),
     ("destroy", ".destroyer", "Destroyer", "finish", None, _instance_label),
     ("refresh", ".pool", "Pool", "refresh", None, None),
-    ("boot_wait", ".pool", "Pool", "_wait_booted", None, None),
+    ("boot_wait", ".preparer", "Preparer", "_wait_booted", None, None),
     ("connect", ".instance", "Instance", "connect", None, None),
     ("bootstrap", ".instance", "Instance", "bootstrap", None, None),
     ("stage", ".staging", "Stager", "prepare", None, None),
@@ -120,7 +129,7 @@ def probe(
     @functools.wraps(fn)
     def timed(*args: Any, **kwargs: Any) -> Any:
         tag = _safe(tag_of, args) if tag_of else getattr(_current, "tag", None)
-        if span == "job":
+        if span in THREAD_SPANS:
             _current.tag = tag
         start = time.time()
         try:

@@ -26,7 +26,7 @@ from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import CommonSettings
 
-from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.errors import UserError, VastaiError
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 from snakemake_executor_plugin_vastai.summary import FAILED, FINISHED, KILLED
@@ -79,10 +79,11 @@ class Executor(RemoteExecutor):
         self._runs_lock = threading.Lock()  # run_job, the status thread and cancel_jobs
         self._teardown_lock = threading.Lock()
         self._torn_down = False
+        state_dir = Path(self.workflow.persistence.path) / "vastai"
         try:
             self.context = RunContext.start(
                 settings=settings,
-                state_dir=Path(self.workflow.persistence.path) / "vastai",
+                state_dir=state_dir,
                 envvars=forwarded_environment(
                     self.envvars(),
                     storage_providers(self.workflow),
@@ -94,7 +95,13 @@ class Executor(RemoteExecutor):
                 is_preemptible=self._preemptible_rule_test(),
             )
         except VastaiError as error:  # a bad option or key: stop before anything is rented
+            self._stop_status_thread()
             raise user_error(error) from None
+        except OSError as error:  # its state (ledger, lock, key) cannot be written there
+            self._stop_status_thread()
+            raise user_error(
+                UserError(f"Cannot keep the run's state in {state_dir}: {error}")
+            ) from None
         self._demand_counted = False
         self._cancelling = False
         self._stopped_by_error = False  # run_job stopped the whole run (no offer, ...)
@@ -168,6 +175,15 @@ class Executor(RemoteExecutor):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._outcome_ready.wait(), STATUS_SECONDS)
         self._outcome_ready.clear()
+
+    def _stop_status_thread(self) -> None:
+        """Before a start that failed raises: Snakemake never shuts down an executor whose
+        start failed, and its status thread, left looping, printed a stray "cannot schedule
+        new futures after shutdown" under the error once Snakemake's thread pool was gone."""
+        with self.lock:
+            self.wait = False
+        self._wake_status_round()
+        self.wait_thread.join(timeout=2 * STATUS_SECONDS)
 
     def _wake_status_round(self) -> None:
         """Called from a job's thread; the status loop runs in another thread's event loop."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.errors import UserError, VastaiError
 from snakemake_executor_plugin_vastai.ledger import (
     InstanceRecord,
     Ledger,
@@ -54,7 +54,7 @@ ENDED = "ended"  # a run whose summary does not say how it ended (an older plugi
 UNKNOWN_RUN = "unknown"  # a run this workdir never recorded
 
 
-class HelperError(VastaiError):
+class HelperError(UserError):
     """A mistake in how the helper was called that argparse cannot see (a missing workdir)."""
 
 

@@ -14,7 +14,7 @@ from snakemake_executor_plugin_vastai.bootstrap import (
     BootstrapPlan,
     explain_failure,
 )
-from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.errors import HostError
 from snakemake_executor_plugin_vastai.ledger import billed_dollars
 from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Offer
 from snakemake_executor_plugin_vastai.remote import (
@@ -32,7 +32,7 @@ from snakemake_executor_plugin_vastai.table import State
 BYTES_PER_GB = 1e9  # Vast.ai's bandwidth prices are per GB (decimal, as the fake bills)
 
 
-class InstanceFailure(VastaiError):
+class InstanceFailure(HostError):
     """The instance cannot run jobs (boot failed, host lost, bootstrap failed)."""
 
 

@@ -15,14 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.errors import HostError, VastaiError
 from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure
 from snakemake_executor_plugin_vastai.jobwire import (
-    AgentFailed,
     JobExit,
     JobRequest,
     RemoteJob,
-    ResultError,
     StreamLost,
     append_log,
     last_lines,
@@ -31,7 +29,7 @@ from snakemake_executor_plugin_vastai.jobwire import (
     own_error,
 )
 from snakemake_executor_plugin_vastai.logger import get_logger
-from snakemake_executor_plugin_vastai.pool import Cancelled, Placement, Pool
+from snakemake_executor_plugin_vastai.pool import Placement, Pool
 from snakemake_executor_plugin_vastai.progress import short_name, transfer
 from snakemake_executor_plugin_vastai.remote import HostKeyMismatch, RemoteError, error_detail
 from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
@@ -43,6 +41,7 @@ from snakemake_executor_plugin_vastai.staging import (
     StagingError,
 )
 from snakemake_executor_plugin_vastai.startchecks import unshipped_files
+from snakemake_executor_plugin_vastai.table import Cancelled
 
 log = get_logger(__name__)
 
@@ -93,10 +92,6 @@ class Outcome:
 
 class JobFailed(VastaiError):
     pass
-
-
-# Failures that say more about the host than about the job: its machine is not rented again.
-HOST_FAULTS = (InstanceFailure, RemoteError, AgentFailed, ResultError)
 
 
 class JobCancelled(VastaiError):
@@ -181,12 +176,12 @@ class JobRun:
                     f"{self.spec.name} failed on {self.placement.instance.name} with exit "
                     f"code {ended.code}. {self._unshipped_hint()}{self._log_tail()}"
                 )
-        except (VastaiError, RemoteError, OSError) as error:
+        except (VastaiError, OSError) as error:
             if self._cancelled.is_set() or isinstance(error, Cancelled | JobCancelled):
                 outcome = Outcome(False, sentence(f"{self.spec.name} was cancelled"), True)
             else:
                 outcome = self._failure(sentence(f"{self.spec.name} failed{self._where(error)}"))
-                if isinstance(error, HOST_FAULTS) and self._host_to_blame():
+                if isinstance(error, HostError) and self._host_to_blame():
                     host_fault = f"{self.spec.name} failed on it: {error}"
         except Exception as error:  # a bug must fail the job, not hang the run
             log.exception("unexpected error in %s", self.spec.name)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from snakemake_executor_plugin_vastai.credentials import FileValue
-from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.errors import HostError, UserError, VastaiError
 from snakemake_executor_plugin_vastai.progress import human_bytes
 from snakemake_executor_plugin_vastai.remote import ExecStream, RemoteError, RemoteHost
 from snakemake_executor_plugin_vastai.staging import (
@@ -66,7 +66,7 @@ _LOG_TAIL_START = LOG_HEAD_BYTES + len(LOG_CUT_MARKER)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-class AgentFailed(VastaiError):
+class AgentFailed(HostError):
     """The agent on the instance reported that it could not stage, start or watch the job."""
 
 
@@ -74,7 +74,7 @@ class StreamLost(RemoteError):
     """The job's stream ended before its results: the connection dropped (reattach)."""
 
 
-class ResultError(VastaiError):
+class ResultError(HostError):
     """The host broke the protocol: a malformed frame, a path not declared, a wrong length or
     digest. No honest agent does that, so the host is not rented again."""
 
@@ -88,7 +88,10 @@ def env_file(env: dict[str, str]) -> str:
 def _check_names(names: Iterable[str]) -> None:
     bad = [name for name in names if not _ENV_NAME.match(name)]
     if bad:
-        raise ValueError(f"invalid environment variable names: {bad}")
+        raise UserError(
+            f"cannot pass these environment variables to the instance, their names are not "
+            f"shell names (letters, digits, _): {bad}; leave them out of --envvars"
+        )
 
 
 _REQUIRED: Any = object()  # the default of a field that must be there

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.errors import MarketError
 from snakemake_executor_plugin_vastai.keyfiles import key_file
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.pacer import Pacer, Unpaced, book_path
@@ -69,7 +69,7 @@ def image_fault(message: str) -> bool:
     return any(pattern in text for pattern in IMAGE_FAULT_MESSAGES)
 
 
-class MarketplaceError(VastaiError):
+class MarketplaceError(MarketError):
     """A Vast.ai API call failed for good; the message is safe to print. ``status`` is the
     last HTTP status, 0 when the API could not be reached at all."""
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snakemake_executor_plugin_vastai.errors import PluginError
 from snakemake_executor_plugin_vastai.keyfiles import key_file, locked_json
 
 
@@ -49,7 +50,7 @@ SLACK_SECONDS = 0.25
 WAIT_SLICE_SECONDS = 0.25  # a wait looks this often whether to give up
 
 
-class Unpaced(Exception):
+class Unpaced(PluginError):
     """The caller gave up waiting for its turn (the run is closing, a deadline passed)."""
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from snakemake_executor_plugin_vastai.diagnosis import diagnose, market_search
-from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.errors import UserError
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.marketplace import MarketplaceError
 from snakemake_executor_plugin_vastai.renter import Renter
@@ -28,7 +28,7 @@ TBD = "<TBD>"  # Snakemake's value of a resource that depends on input not yet m
 SearchKey = tuple[str, int, bool]
 
 
-class Unrentable(VastaiError):
+class Unrentable(UserError):
     """Some rules of the workflow match no offer; the message diagnoses each of them."""
 
 

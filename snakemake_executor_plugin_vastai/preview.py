@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from snakemake_executor_plugin_vastai.diagnosis import Diagnosis, diagnose, market_search
-from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.errors import UserError
 from snakemake_executor_plugin_vastai.marketplace import Marketplace, Offer, helper_market
 from snakemake_executor_plugin_vastai.preflight import KnownResources, SearchKey, search_key
 from snakemake_executor_plugin_vastai.renter import OfferSearch
@@ -58,7 +58,7 @@ NOTHING_TO_RUN = (
 )
 
 
-class WorkflowLoadError(VastaiError):
+class WorkflowLoadError(UserError):
     """Snakemake could not load the workflow or build its DAG."""
 
 

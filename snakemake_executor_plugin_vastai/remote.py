@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import paramiko
 
+from snakemake_executor_plugin_vastai.errors import HostError, PluginBug
 from snakemake_executor_plugin_vastai.logger import get_logger
 
 log = get_logger(__name__)
@@ -151,7 +152,7 @@ class Traffic:
             self.received += received
 
 
-class RemoteError(Exception):
+class RemoteError(HostError):
     """An SSH-level failure; the message names what failed, and the instance unless the
     caller names it (a failed first login: the instance wraps it)."""
 
@@ -187,7 +188,7 @@ class RemoteHost:
         """``endpoints`` in order of preference; ``reconnect_timeout`` bounds the transparent
         reconnects after a dropped connection (the first connect has its own deadline)."""
         if not endpoints:
-            raise ValueError(f"{name}: no SSH endpoints")
+            raise PluginBug(f"{name}: no SSH endpoints")  # only a booted instance connects
         self.name = name
         self.endpoints = list(endpoints)
         self.reconnect_timeout = reconnect_timeout

@@ -18,7 +18,7 @@ from cachetools import TTLCache
 
 from snakemake_executor_plugin_vastai.caps import Caps, rent_refusal
 from snakemake_executor_plugin_vastai.diagnosis import diagnose, market_search
-from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.errors import MarketError, UserError, VastaiError
 from snakemake_executor_plugin_vastai.hosts import ExcludedHosts
 from snakemake_executor_plugin_vastai.instance import Instance
 from snakemake_executor_plugin_vastai.ledger import Ledger
@@ -49,7 +49,7 @@ SEARCH_LIMIT = 20  # offers one search of one request keeps (the marketplace's d
 FAMILY_LIMIT = 500  # the most offers a search shared by several GPU models asks for
 
 
-class NoOfferError(VastaiError):
+class NoOfferError(MarketError):
     """No offer matches a job's request; the message is the diagnosis: which single
     change to the request would find offers, and at what price. The diagnosis costs a
     dozen searches, so it is made only when the message is read: a job that waits for one
@@ -69,7 +69,7 @@ class NoOfferError(VastaiError):
         return self._explained
 
 
-class CapRefusal(VastaiError):
+class CapRefusal(UserError):
     """Every matching offer would take the run past a price cap or the budget."""
 
 

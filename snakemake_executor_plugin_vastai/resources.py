@@ -47,7 +47,8 @@ from decimal import Decimal
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .errors import VastaiError
+from snakemake_executor_plugin_vastai.errors import UserError
+
 from .marketplace import parse_offer_query
 from .regions import expand_geolocation
 from .slots import Needs
@@ -71,7 +72,7 @@ _QUERY_FIX = (
 )
 
 
-class ResourceError(VastaiError):
+class ResourceError(UserError):
     """A job resource Vast.ai cannot serve. The message names the job, the resource, the
     bad value, why it is bad and how to fix it, because the user only sees this text."""
 
@@ -79,7 +80,7 @@ class ResourceError(VastaiError):
         super().__init__(f"{job}: resource {resource}={value!r} is invalid: {why}. {fix}")
 
 
-class SettingsError(VastaiError):
+class SettingsError(UserError):
     """A ``--vastai-*`` option with a bad value, worded like :class:`ResourceError`."""
 
     def __init__(self, option: str, value: object, why: str, fix: str) -> None:

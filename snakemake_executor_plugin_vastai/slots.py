@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from snakemake_executor_plugin_vastai.errors import PluginBug
+
 # A small margin for rounding in the marketplace's figures (cores are often 15.9 "effective").
 _EPSILON = 1e-6
 
@@ -92,7 +94,7 @@ class SlotBook:
 
     def take(self, needs: Needs) -> Lease:
         if not self.fits(needs):
-            raise ValueError(f"{needs} does not fit into what is free of {self.capacity}")
+            raise PluginBug(f"{needs} does not fit into what is free of {self.capacity}")
         gpu_ids = None if self.exclusive else tuple(self._free_gpus()[: needs.gpus])
         lease = Lease(needs, gpu_ids)
         self.leases.append(lease)

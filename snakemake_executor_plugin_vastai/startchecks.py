@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from snakemake_executor_plugin_vastai.diagnosis import Search
-from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.errors import UserError, VastaiError
 from snakemake_executor_plugin_vastai.marketplace import Offer
 from snakemake_executor_plugin_vastai.progress import count
 from snakemake_executor_plugin_vastai.resources import ResourceRequest
@@ -32,7 +32,7 @@ HIDDEN_LIMIT = 100
 """Offers the search without the defaults counts (cheapest first); more are said as "100+"."""
 
 
-class OutsideWorkdirError(VastaiError):
+class OutsideWorkdirError(UserError):
     """A remote job would write a file outside the workflow directory, which is all that a
     job's results may touch here (a host must never write elsewhere on this machine)."""
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from snakemake_executor_plugin_vastai.errors import VastaiError
+from snakemake_executor_plugin_vastai.errors import PluginBug, VastaiError
 
 if TYPE_CHECKING:
     from snakemake_executor_plugin_vastai.instance import Instance
@@ -55,7 +55,7 @@ USABLE = READY | STARTING  # may run jobs now or soon
 BILLING = frozenset(set(State) - {State.GONE})  # may cost money: counted toward every cap
 
 
-class IllegalTransition(RuntimeError):
+class IllegalTransition(PluginBug):
     """A move the transition map forbids: a bug in the plugin, never a user error."""
 
 

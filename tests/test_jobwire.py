@@ -23,6 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from snakemake_executor_plugin_vastai.bootstrap import SCRIPT_COMMAND, BootstrapPlan
+from snakemake_executor_plugin_vastai.errors import UserError
 from snakemake_executor_plugin_vastai.jobwire import (
     LOG_CUT_MARKER,
     LOG_HEAD_BYTES,
@@ -470,7 +471,7 @@ def test_the_env_file_reads_back_what_was_written(tmp_path_factory, env: dict[st
 
 
 def test_env_file_refuses_bad_names() -> None:
-    with pytest.raises(ValueError, match="BAD-NAME"):
+    with pytest.raises(UserError, match=r"BAD-NAME.*leave them out of --envvars"):
         env_file({"BAD-NAME": "x"})
 
 

@@ -36,11 +36,11 @@ from snakemake_executor_plugin_vastai.pool import (
     Placement,
     Pool,
     PoolConfig,
-    fails_everywhere,
     least_recently_used,
     pick_instance,
     retire_reason,
 )
+from snakemake_executor_plugin_vastai.preparer import fails_everywhere
 from snakemake_executor_plugin_vastai.reaper import find_orphans, reap_orphans
 from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
 from snakemake_executor_plugin_vastai.slots import Lease, Needs

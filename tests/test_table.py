@@ -124,11 +124,11 @@ class Driver:
             return
         instance = rng.choice(starting)
         if instance.state is State.BOOTING:
-            self.pool._advance(instance, State.BOOTING, State.BOOTSTRAPPING)
+            self.pool.preparer.advance(instance, State.BOOTING, State.BOOTSTRAPPING)
         with self.pool.table.locked():
             assert instance.slots is not None
             ready = State.IDLE if instance.slots.empty else State.BUSY
-            self.pool._advance(instance, State.BOOTSTRAPPING, ready)
+            self.pool.preparer.advance(instance, State.BOOTSTRAPPING, ready)
 
     def release(self, rng: random.Random) -> None:
         with self.lock:
