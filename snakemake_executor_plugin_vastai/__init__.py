@@ -261,13 +261,11 @@ class Executor(RemoteExecutor):
         return {signum: signal.signal(signum, self._during_teardown) for signum in SHIELDED}
 
     def _during_teardown(self, signum: int, frame: object) -> None:
-        from snakemake_executor_plugin_vastai.pool import TEARDOWN_SECONDS
-
         log.warning(
             "%s: still destroying this run's Vast.ai instances; that is not interrupted (it "
             "ends within %.0f s)",
             signal.Signals(signum).name,
-            TEARDOWN_SECONDS,
+            self.context.pool.teardown_left(),
         )
 
     def _take_over_sigterm(self) -> None:

@@ -501,7 +501,7 @@ class Marketplace:
             answer = self._call(
                 "rent", create, endpoint="create", retry_server_errors=False, give_up=give_up
             )
-        except OfferGone:
+        except (OfferGone, Abandoned):  # Abandoned: never sent, so nothing to look for
             raise
         except MarketplaceError as error:
             if error.status == 0 or error.status >= 500:

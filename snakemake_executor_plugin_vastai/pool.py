@@ -37,6 +37,7 @@ from snakemake_executor_plugin_vastai.marketplace import (
     Marketplace,
     MarketplaceError,
 )
+from snakemake_executor_plugin_vastai.pacer import LIMITS
 from snakemake_executor_plugin_vastai.preparer import Preparer, unprepared_reason
 from snakemake_executor_plugin_vastai.progress import BootProgress, count, say, short_name
 from snakemake_executor_plugin_vastai.renter import (
@@ -44,6 +45,7 @@ from snakemake_executor_plugin_vastai.renter import (
     NoOfferError,
     OfferSearch,
     Renter,
+    RentNotNeeded,
     RentPlan,
 )
 from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
@@ -71,7 +73,7 @@ RENT_BACKOFF_SECONDS = 1.0
 BOOT_ATTEMPTS = 3
 ORPHAN_WAIT_SECONDS = 60.0  # the first rent waits this long at most for the orphan reap
 SHUTDOWN_WAIT_SECONDS = 30.0  # for creates still in flight at teardown
-TEARDOWN_SECONDS = 120.0  # the whole teardown; what is not confirmed gone by then is named
+TEARDOWN_SECONDS = 120.0  # the teardown, plus each instance's destroy turn (teardown_budget)
 PREPARE_GRACE_SECONDS = 1800.0  # bootstrap (pip installs) on top of the boot timeout
 
 
@@ -127,6 +129,13 @@ GIVEN_UP = "its jobs went to ready instances and no job still to run needs it"
 
 
 # -- decisions (pure, so they can be tested with a frozen clock) ---------------------------
+
+
+def teardown_budget(billing: int) -> float:
+    """How long a teardown may take: TEARDOWN_SECONDS, plus a destroy turn per instance that
+    may bill (Vast.ai allows one destroy every 3 s: forty instances take two minutes alone,
+    and a teardown that gave up sooner would leave some billing)."""
+    return TEARDOWN_SECONDS + billing * LIMITS["destroy"].seconds
 
 
 def pick_instance(
@@ -249,6 +258,7 @@ class Pool:
         self._serial = itertools.count(1)
         self._last_refresh = 0.0
         self._awaiting_boot: list[Seeker] = []  # under the table's lock
+        self._teardown_deadline: float | None = None  # monotonic, once the teardown began
 
     # -- placing a job ---------------------------------------------------------------------
 
@@ -285,6 +295,8 @@ class Pool:
         try:
             with self._reservation(step):
                 return self._rent(step, seeker)
+        except RentNotNeeded:
+            return None  # a share came free while the create waited: the next step takes it
         except (NoOfferError, CapRefusal) as refusal:
             self._wait_out_refusal(refusal, seeker)
         except CreateOutcomeUnknown as error:
@@ -406,7 +418,8 @@ class Pool:
             log.warning("The search for instances of dead earlier runs is slow; renting anyway")
         with self.table.locked():
             self.table.check_open()
-        placement = Placement(reserved, self.renter.rent(reserved, seeker.request))
+        lease = self.renter.rent(reserved, seeker.request, lambda: self._free_share(seeker))
+        placement = Placement(reserved, lease)
         assert reserved.offer is not None
         say("Rented %s for %s, %s", short_name(reserved), seeker.tag, reserved.offer.describe())
         self._count_off(seeker)
@@ -465,6 +478,13 @@ class Pool:
         finally:
             with self.table.locked():
                 self._awaiting_boot.remove(seeker)
+
+    def _free_share(self, seeker: Seeker) -> bool:
+        """Is a share for this job free right now (ready or booting)? Asked while its create
+        waits for its turn: under Vast.ai's create rate limit that wait is seconds, and a
+        job of a few seconds frees a share sooner."""
+        with self.table.locked():
+            return pick_instance(self.table.all(), seeker.wanted, seeker.needs) is not None
 
     def _awaited(self, instance: Instance) -> bool:
         """Under the lock: could a job waiting for a boot start on this instance now?"""
@@ -625,12 +645,15 @@ class Pool:
 
     # -- teardown --------------------------------------------------------------------------
 
-    def shutdown(self, budget: float = TEARDOWN_SECONDS) -> None:
+    def shutdown(self, budget: float | None = None) -> None:
         """Destroy everything, all destroys sent at once, then settle creates still in
-        flight and creates whose answer was lost; all within ``budget`` seconds, after which
-        whatever is not confirmed gone is left for the run's report to name. Idempotent."""
-        deadline = time.monotonic() + budget
+        flight and creates whose answer was lost; all within ``budget`` seconds (by default
+        `teardown_budget`), after which whatever is not confirmed gone is left for the run's
+        report to name. Idempotent."""
         self.table.close()  # from here on no rent starts and every waiting job wakes
+        if budget is None:
+            budget = teardown_budget(len(self.table.counted()))
+        deadline = self._teardown_deadline = time.monotonic() + budget
         if self.config.keep_instances:
             self._warn_kept()
             return
@@ -641,7 +664,19 @@ class Pool:
         )
         self._destroy_all(deadline)  # whatever a create still in flight made meanwhile
         self._settle_creates_at_teardown(deadline)
-        self._destroy_all(deadline)  # failed destroys: one more try each
+        # Until every destroy is confirmed: destroys under way on other threads (a job's
+        # instance retired as it ended) may still fail, and are then taken again here.
+        while self.table.in_states(frozenset({State.DESTROYING})):
+            if time.monotonic() >= deadline:
+                break
+            self._destroy_all(deadline)
+            self.table.wait(WAIT_SECONDS)
+
+    def teardown_left(self) -> float:
+        """Seconds the teardown may still take (its whole budget before it starts)."""
+        if self._teardown_deadline is None:
+            return teardown_budget(len(self.table.counted()))
+        return max(0.0, self._teardown_deadline - time.monotonic())
 
     def _destroy_all(self, deadline: float) -> None:
         with self.table.locked():

@@ -18,7 +18,7 @@ from cachetools import TTLCache
 
 from snakemake_executor_plugin_vastai.caps import Caps, rent_refusal
 from snakemake_executor_plugin_vastai.diagnosis import diagnose, market_search
-from snakemake_executor_plugin_vastai.errors import MarketError, UserError, VastaiError
+from snakemake_executor_plugin_vastai.errors import MarketError, PluginError, UserError, VastaiError
 from snakemake_executor_plugin_vastai.hosts import ExcludedHosts
 from snakemake_executor_plugin_vastai.instance import Instance
 from snakemake_executor_plugin_vastai.ledger import Ledger
@@ -67,6 +67,11 @@ class NoOfferError(MarketError):
         if self._explained is None:
             self._explained = self._explain()
         return self._explained
+
+
+class RentNotNeeded(PluginError):
+    """The job's create waited for its turn (the create rate limit) while a share of its
+    kind came free: nothing was sent, and the job takes that share instead."""
 
 
 class CapRefusal(UserError):
@@ -251,13 +256,19 @@ class Renter:
         self._diagnosis_lock = threading.Lock()
         self._first_rent = threading.Lock()  # taken by the first rent, never released
 
-    def rent(self, reserved: Instance, request: ResourceRequest) -> Lease:
+    def rent(
+        self,
+        reserved: Instance,
+        request: ResourceRequest,
+        needless: Callable[[], bool] = lambda: False,
+    ) -> Lease:
         """Rent an offer for ``reserved`` (state renting). On return it is booting, and the
         job's share of it is taken (in the same locked step, so no other job can take the
         new machine first): the lease is returned. Raises
         NoOfferError or CapRefusal (nothing rented; the reservation is still renting, for
-        the caller to release or retry), or CreateOutcomeUnknown (the reservation is now
-        unknown and stays counted until list rounds settle it)."""
+        the caller to release or retry), CreateOutcomeUnknown (the reservation is now
+        unknown and stays counted until list rounds settle it), or RentNotNeeded when
+        ``needless`` said so while the create waited for its turn (nothing was sent)."""
         query = self.offer_query(request)
         log.debug("Offer query for %s: %s (order %s)", request.rule, query, self.search.order)
         refusal = None
@@ -267,7 +278,9 @@ class Renter:
             for offer in offers:
                 claimed, why = self._claim(reserved, offer, request)
                 refusal = refusal or why
-                lease = self._create_claimed(reserved, request, offer) if claimed else None
+                lease = (
+                    self._create_claimed(reserved, request, offer, needless) if claimed else None
+                )
                 if lease is not None:
                     threading.Thread(  # a search of its own: the job need not wait for it
                         target=self._say_hidden_offers,
@@ -370,15 +383,25 @@ class Renter:
             return True, None
 
     def _create_claimed(
-        self, reserved: Instance, request: ResourceRequest, offer: Offer
+        self,
+        reserved: Instance,
+        request: ResourceRequest,
+        offer: Offer,
+        needless: Callable[[], bool],
     ) -> Lease | None:
         try:
-            return self._create(reserved, request, offer)
+            return self._create(reserved, request, offer, needless)
         finally:
             with self.table.locked():
                 self._offers_in_flight.discard(offer.id)
 
-    def _create(self, reserved: Instance, request: ResourceRequest, offer: Offer) -> Lease | None:
+    def _create(
+        self,
+        reserved: Instance,
+        request: ResourceRequest,
+        offer: Offer,
+        needless: Callable[[], bool],
+    ) -> Lease | None:
         """The job's lease once created (booting); None when the offer was gone."""
         self.ledger.rent_requested(reserved.label, self.plan.run_id, offer.id, offer.dph_total)
         reserved.creating = True
@@ -390,11 +413,13 @@ class Renter:
                 label=reserved.label,
                 onstart=self.plan.onstart,
                 price=offer.bid_price,
-                give_up=lambda: self.table.closing,
+                give_up=lambda: self.table.closing or needless(),
             )
-        except Abandoned:  # refused before any effect, and the run is closing
+        except Abandoned:  # refused before any effect: the run is closing, or the job needs none
             self._nothing_created(reserved)
-            raise Cancelled("the run is shutting down") from None
+            if self.table.closing:
+                raise Cancelled("the run is shutting down") from None
+            raise RentNotNeeded(f"{reserved.label}: a share came free first") from None
         except OfferGone as gone:
             log.info("%s is gone (%s); trying the next offer", offer.describe(), gone)
             self.search.drop(offer.id)

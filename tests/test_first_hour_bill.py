@@ -27,7 +27,9 @@ from tests.workflows import (
     write_workflow,
 )
 
-# Two jobs at once, each with the one GPU of a catalogue offer: two instances.
+# Two jobs at once, each with the one GPU of a catalogue offer: two instances. Each job runs
+# long past the second create's turn (4.5 s after the first), or the second job would take the
+# first instance's share as it came free and its create would never be sent.
 TWO_INSTANCES = """\
 rule all:
     input: "a.txt", "b.txt"
@@ -36,7 +38,7 @@ rule all:
 rule make:
     output: "{name}.txt"
     resources: gpu=1
-    shell: "sleep 1; echo {wildcards.name} > {output}"
+    shell: "sleep 15; echo {wildcards.name} > {output}"
 """
 PRICE = 1.2  # $/h of every offer: a second billed more or less is $0.00033
 # How far the summary's end of an instance may be from the marketplace's: the run sees its

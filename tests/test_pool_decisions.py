@@ -32,13 +32,17 @@ from snakemake_executor_plugin_vastai.demand import Demand
 from snakemake_executor_plugin_vastai.instance import Instance
 from snakemake_executor_plugin_vastai.ledger import Ledger, RunLock, make_label
 from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Marketplace, Offer
+from snakemake_executor_plugin_vastai.pacer import LIMITS
 from snakemake_executor_plugin_vastai.pool import (
+    TEARDOWN_SECONDS,
     Placement,
     Pool,
     PoolConfig,
+    Seeker,
     least_recently_used,
     pick_instance,
     retire_reason,
+    teardown_budget,
 )
 from snakemake_executor_plugin_vastai.preparer import fails_everywhere
 from snakemake_executor_plugin_vastai.reaper import find_orphans, reap_orphans
@@ -754,3 +758,43 @@ def test_reap_orphans_destroys_only_the_dead_runs_instances(
     finally:
         for run in (runs.live, runs.unknown):
             market.destroy(ids[run])
+
+
+def test_the_teardown_waits_for_every_destroy_turn_it_needs() -> None:
+    """Vast.ai allows one destroy every 3 s: a teardown of forty instances needs two minutes
+    for the destroys alone, so its budget grows by a turn per instance instead of ending
+    at two minutes with some of them still billing (the no-pack load case left ten)."""
+    assert teardown_budget(0) == TEARDOWN_SECONDS
+    assert teardown_budget(40) == TEARDOWN_SECONDS + 40 * LIMITS["destroy"].seconds
+
+
+def test_a_create_waiting_for_its_turn_is_withdrawn_when_a_share_comes_free(
+    fakevast_factory, tmp_path: Path
+) -> None:
+    """Under Vast.ai's create limit (one per 4.5 s) a second create waits its turn. When the
+    first instance's share comes free meanwhile (its job ended), the waiting job takes that
+    share and its create is never sent: one create at the fake, no second instance."""
+    fake = fakevast_factory(boot_seconds=3600, rate_limits=True)
+    market = Marketplace(fake.api_key, fake.url, paced=True)
+    cfg = config(pack=False)
+    pool = Pool(market, Ledger(tmp_path), RunKey.create(tmp_path / "keys", cfg.run_id), cfg)
+    pool.orphans_reaped.set()
+    try:
+        first = Seeker(REQUEST_4090, "first-1-a1", ())
+        step = pool._next_step(first)
+        assert isinstance(step, Instance)
+        with pool._reservation(step):
+            placed = pool._rent(step, first)  # the create's turn is now 4.5 s away
+        second = Seeker(REQUEST_4090, "second-2-a1", ())
+        with ThreadPoolExecutor(max_workers=1) as worker:
+            waiting = worker.submit(pool._placement, second)
+            time.sleep(1.0)  # the second create waits for its turn
+            pool.release(placed, healthy=True)  # the first job ended: its share is free
+            assert waiting.result(timeout=30) is None  # withdrawn: look again
+        again = pool._next_step(second)
+        assert isinstance(again, Placement) and again.instance is placed.instance
+        creates = fake.ledger()["api_calls"].get("PUT /api/v0/asks/{id}/", 0)
+        assert creates == 1, fake.ledger()["api_calls"]
+        assert [i.instance_id for i in pool.instances()] == [placed.instance.instance_id]
+    finally:
+        pool.shutdown()
