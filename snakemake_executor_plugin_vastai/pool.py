@@ -1,14 +1,16 @@
 """The warm pool: where each job runs. It hands a job a share (slots) of a live instance of
-its signature, or reserves and rents a new one, prepares it, takes shares back, retires
-instances, and tears everything down.
+its signature, or reserves and rents a new one, takes shares back, retires instances, and
+tears everything down.
 
 The parts it leans on each have one job: the :class:`InstanceTable` owns the lock and the
 legal moves, the :class:`Renter` turns a reservation into an instance under the caps, the
-:class:`Destroyer` never forgets an instance the marketplace has not confirmed gone. What is
-left here is the order of things: a job first takes a free share of a live (or booting)
-instance, then waits for a rent of its kind already under way, then reserves a rent of its
-own (evicting an idle instance of another kind when the pool is full), and waits, rather
-than fails, whenever one of the run's own instances will free what it needs.
+:class:`Preparer` boots and bootstraps it, the :class:`Destroyer` never forgets an instance
+the marketplace has not confirmed gone. What is left here is the order of things: a job
+first takes a free share of a live (or booting) instance, then waits for a rent of its kind
+already under way, then reserves a rent of its own (evicting an idle instance of another
+kind when the pool is full), and waits, rather than fails, whenever one of the run's own
+instances will free what it needs. A job waits for capacity, not for one instance: a share
+that comes free first takes it, from a boot or from a create still waiting for its turn.
 """
 
 from __future__ import annotations
