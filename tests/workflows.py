@@ -273,12 +273,13 @@ def wait_until_running(
 
 INSTANCE_TOKEN = (
     'f="$HOME/.instance-token"; t="$f.$$"; [ -s "$f" ] || cat /proc/sys/kernel/random/uuid > '
-    '"$t"; [ -s "$f" ] || ln "$t" "$f" 2>/dev/null; rm -f "$t"; cat "$f"'
+    '"$t"; [ -s "$f" ] || ln "$t" "$f" 2>/dev/null || true; rm -f "$t"; cat "$f"'
 )
 """Shell that prints an id of the instance it runs on (made once, kept in the instance's home):
 a job that writes it into its output lets a test tell, from the instance's side, which jobs
 shared an instance. Made with a hard link, which fails when the file exists: two jobs that
-start at once on a new instance agree on one id. (No braces: Snakemake formats shell commands.)"""
+start at once on a new instance agree on one id; the one that loses goes on (`|| true`: jobs
+run under `set -e`). No braces: Snakemake formats shell commands."""
 
 
 def run_summary(workdir: Path) -> dict[str, Any]:
