@@ -68,10 +68,14 @@ class Executor(RemoteExecutor):
     _outcome_ready: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
+        from snakemake.settings.enums import Quietness
+
         from snakemake_executor_plugin_vastai.credentials import forwarded_environment
+        from snakemake_executor_plugin_vastai.report import mark_progress
         from snakemake_executor_plugin_vastai.run import RunContext
         from snakemake_executor_plugin_vastai.snakemake_internals import storage_providers
 
+        mark_progress({"quietness": Quietness.PROGRESS})  # so that --quiet hides our lines
         settings: ExecutorSettings = self.workflow.executor_settings
         # The jobs whose outcome Snakemake has not had yet (for cancel_jobs): a job's state is
         # let go once it has, so a run holds at most --jobs of them, however many it runs.

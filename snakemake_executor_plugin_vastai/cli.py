@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from snakemake_executor_plugin_vastai.defaults import DEFAULT_API_URL
 from snakemake_executor_plugin_vastai.errors import UserError, VastaiError
 from snakemake_executor_plugin_vastai.ledger import (
     InstanceRecord,
@@ -37,7 +38,6 @@ from snakemake_executor_plugin_vastai.marketplace import (
 )
 from snakemake_executor_plugin_vastai.preview import add_command
 from snakemake_executor_plugin_vastai.reaper import find_orphans, reap_orphans
-from snakemake_executor_plugin_vastai.settings import DEFAULT_API_URL
 from snakemake_executor_plugin_vastai.summary import KILLED, recorded_outcome
 
 PROG = "snakemake-vastai"

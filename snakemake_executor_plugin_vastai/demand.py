@@ -13,7 +13,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 
-from snakemake_executor_plugin_vastai.resources import Signature
+from snakemake_executor_plugin_vastai.request import Signature
 
 
 class Demand:

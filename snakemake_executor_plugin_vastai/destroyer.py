@@ -19,7 +19,7 @@ from snakemake_executor_plugin_vastai.instance import Instance
 from snakemake_executor_plugin_vastai.ledger import Ledger
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Marketplace, MarketplaceError
-from snakemake_executor_plugin_vastai.progress import say
+from snakemake_executor_plugin_vastai.report import say
 from snakemake_executor_plugin_vastai.table import InstanceTable, State
 
 log = get_logger(__name__)

@@ -13,14 +13,14 @@ import difflib
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
+from snakemake_executor_plugin_vastai.defaults import DEFAULT_DISK_GB, DEFAULT_RELIABILITY
 from snakemake_executor_plugin_vastai.marketplace import Marketplace, MarketplaceError, Offer
 from snakemake_executor_plugin_vastai.regions import REGIONS
-from snakemake_executor_plugin_vastai.resources import MIN_DISK_GB, ResourceRequest
-from snakemake_executor_plugin_vastai.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.request import MIN_DISK_GB, ResourceRequest
 
 RELAXED_LIMIT = 100  # offers per relaxed search: enough to count them and pick a value
 NAMES_LIMIT = 500  # offers of the one search that lists the GPU models on the market
@@ -30,7 +30,18 @@ MAX_HINTS = 2
 MEANT, DEFAULT, OTHER = range(3)
 DIAGNOSIS_ORDER = "dph_total"  # the hints quote the cheapest price, whatever --vastai-order
 
-DEFAULTS = {f.name: f.default for f in fields(ExecutorSettings)}
+DEFAULTS = {"disk": DEFAULT_DISK_GB, "reliability": DEFAULT_RELIABILITY}
+
+
+class ChosenOptions(Protocol):
+    """The run's options a diagnosis reads (the plugin's settings are one), to tell an
+    option from a job's resource."""
+
+    gpu_name: str | None
+    disk: int
+    search_query: str | None
+    geolocation: str | None
+
 
 Search = Callable[[ResourceRequest, int], list[Offer]]
 """Offers for a request, cheapest first, at most ``limit`` of them."""
@@ -118,7 +129,7 @@ class _Relaxation:
 def diagnose(
     request: ResourceRequest,
     search: Search,
-    settings: ExecutorSettings | None = None,
+    settings: ChosenOptions | None = None,
     who: str | None = None,
     query: str | None = None,
 ) -> Diagnosis:
@@ -173,7 +184,7 @@ class _Origin:
     geolocation: str  # as the user wrote it (a region, or country codes)
 
     @classmethod
-    def of(cls, request: ResourceRequest, settings: ExecutorSettings | None) -> _Origin:
+    def of(cls, request: ResourceRequest, settings: ChosenOptions | None) -> _Origin:
         option_gpu = settings.gpu_name if settings else None
         if settings is None:
             gpu = "resource `gpu_model` (or `--vastai-gpu-name`)"

@@ -23,7 +23,7 @@ from snakemake_executor_plugin_vastai.remote import (
     RemoteHost,
     load_private_key,
 )
-from snakemake_executor_plugin_vastai.resources import Signature
+from snakemake_executor_plugin_vastai.request import Signature
 from snakemake_executor_plugin_vastai.slots import SlotBook
 from snakemake_executor_plugin_vastai.sshkey import RunKey
 from snakemake_executor_plugin_vastai.staging import InstanceFiles

@@ -30,9 +30,10 @@ from snakemake_executor_plugin_vastai.jobwire import (
 )
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.pool import Placement, Pool
-from snakemake_executor_plugin_vastai.progress import short_name, transfer
+from snakemake_executor_plugin_vastai.progress import short_name
 from snakemake_executor_plugin_vastai.remote import HostKeyMismatch, RemoteError, error_detail
-from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
+from snakemake_executor_plugin_vastai.report import transfer
+from snakemake_executor_plugin_vastai.request import ResourceRequest, Signature
 from snakemake_executor_plugin_vastai.staging import (
     REMOTE_BASE,
     DigestCache,

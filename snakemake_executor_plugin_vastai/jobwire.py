@@ -33,8 +33,8 @@ from typing import Any, BinaryIO
 
 from snakemake_executor_plugin_vastai.credentials import FileValue
 from snakemake_executor_plugin_vastai.errors import HostError, UserError, VastaiError
-from snakemake_executor_plugin_vastai.progress import human_bytes
 from snakemake_executor_plugin_vastai.remote import ExecStream, RemoteError, RemoteHost
+from snakemake_executor_plugin_vastai.report import human_bytes
 from snakemake_executor_plugin_vastai.staging import (
     DigestCache,
     StagedJob,

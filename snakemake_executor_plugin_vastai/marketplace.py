@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from snakemake_executor_plugin_vastai.defaults import DEFAULT_API_URL
 from snakemake_executor_plugin_vastai.errors import MarketError
 from snakemake_executor_plugin_vastai.keyfiles import key_file
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.pacer import Pacer, Unpaced, book_path
 from snakemake_executor_plugin_vastai.redact import MIN_SECRET_CHARS
-from snakemake_executor_plugin_vastai.settings import DEFAULT_API_URL
-from snakemake_executor_plugin_vastai.slots import Capacity, Needs, SlotBook
+from snakemake_executor_plugin_vastai.shares import Capacity, Needs
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -188,7 +188,7 @@ class Offer:
     def holds(self, needs: Needs, disk_gb: float) -> bool:
         """Could an instance on this offer ever run a job with these needs? A search filters
         on the whole machine (``cpu_ram``), an instance gets only its share."""
-        return SlotBook(self.capacity(disk_gb)).could_ever_fit(needs)
+        return self.capacity(disk_gb).holds(needs)
 
     def with_bid(self, factor: float, max_price: float | None) -> Offer | None:
         """This offer priced as a bid of min_bid x factor, lowered to stay within max_price

@@ -41,7 +41,7 @@ from snakemake_executor_plugin_vastai.marketplace import (
 )
 from snakemake_executor_plugin_vastai.pacer import LIMITS
 from snakemake_executor_plugin_vastai.preparer import Preparer, unprepared_reason
-from snakemake_executor_plugin_vastai.progress import BootProgress, count, say, short_name
+from snakemake_executor_plugin_vastai.progress import BootProgress, short_name
 from snakemake_executor_plugin_vastai.renter import (
     CapRefusal,
     NoOfferError,
@@ -50,8 +50,10 @@ from snakemake_executor_plugin_vastai.renter import (
     RentNotNeeded,
     RentPlan,
 )
-from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
-from snakemake_executor_plugin_vastai.slots import Lease, Needs
+from snakemake_executor_plugin_vastai.report import count, say
+from snakemake_executor_plugin_vastai.request import ResourceRequest, Signature
+from snakemake_executor_plugin_vastai.shares import Needs
+from snakemake_executor_plugin_vastai.slots import Lease
 from snakemake_executor_plugin_vastai.sshkey import RunKey
 from snakemake_executor_plugin_vastai.table import (
     READY,
@@ -208,7 +210,7 @@ def will_free_up(instances: Iterable[Instance], wanted: Signature, needs: Needs)
         (
             i.state in USABLE
             and i.slots is not None
-            and i.slots.could_ever_fit(needs)
+            and i.slots.capacity.holds(needs)
             and i.signature.can_serve(wanted)
             and not i.lost_reason
         )

@@ -18,7 +18,8 @@ from snakemake_executor_plugin_vastai.errors import UserError
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.marketplace import MarketplaceError
 from snakemake_executor_plugin_vastai.renter import Renter
-from snakemake_executor_plugin_vastai.resources import ResourceError, ResourceRequest
+from snakemake_executor_plugin_vastai.request import ResourceRequest
+from snakemake_executor_plugin_vastai.resources import ResourceError, request_of
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 
 log = get_logger(__name__)
@@ -77,7 +78,7 @@ def distinct_requests(
     found: dict[SearchKey, list[ResourceRequest]] = {}
     for job in jobs:
         try:
-            request = ResourceRequest.from_job(KnownResources(job), settings, is_preemptible)
+            request = request_of(KnownResources(job), settings, is_preemptible)
         except ResourceError:
             continue
         found.setdefault(search_key(request), []).append(request)

@@ -21,8 +21,8 @@ from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure
 from snakemake_executor_plugin_vastai.ledger import Ledger
 from snakemake_executor_plugin_vastai.logger import get_logger
 from snakemake_executor_plugin_vastai.marketplace import Marketplace, image_fault
-from snakemake_executor_plugin_vastai.progress import say
 from snakemake_executor_plugin_vastai.remote import RemoteError
+from snakemake_executor_plugin_vastai.report import say
 from snakemake_executor_plugin_vastai.sshkey import RunKey
 from snakemake_executor_plugin_vastai.table import Cancelled, InstanceTable, State
 

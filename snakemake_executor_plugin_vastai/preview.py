@@ -23,17 +23,14 @@ from typing import Any
 
 from snakemake_executor_plugin_vastai.diagnosis import Diagnosis, diagnose, market_search
 from snakemake_executor_plugin_vastai.errors import UserError
+from snakemake_executor_plugin_vastai.hiddenoffers import HiddenOffers, hidden_by_defaults
 from snakemake_executor_plugin_vastai.marketplace import Marketplace, Offer, helper_market
 from snakemake_executor_plugin_vastai.preflight import KnownResources, SearchKey, search_key
 from snakemake_executor_plugin_vastai.renter import OfferSearch
-from snakemake_executor_plugin_vastai.resources import (
-    ResourceError,
-    ResourceRequest,
-    validate_settings,
-)
+from snakemake_executor_plugin_vastai.request import ResourceRequest
+from snakemake_executor_plugin_vastai.resources import ResourceError, request_of, validate_settings
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 from snakemake_executor_plugin_vastai.snakemake_internals import loaded_dag
-from snakemake_executor_plugin_vastai.startchecks import HiddenOffers, hidden_by_defaults
 
 SHOWN_OFFERS = 3
 # The options that shape the offer query, offered as flags under their run names without
@@ -154,7 +151,7 @@ def _view(job: Any, settings: ExecutorSettings) -> JobView:
     runtime = known.resources.get("runtime")
     minutes = float(runtime) if isinstance(runtime, int | float) else None
     try:
-        request = ResourceRequest.from_job(known, settings)
+        request = request_of(known, settings)
     except ResourceError as error:
         return JobView(job.name, None, str(error), minutes, known.unknown)
     return JobView(job.name, request, "", minutes, known.unknown)

@@ -1,21 +1,19 @@
-"""What a person watching the run reads while instances rent, boot, work and go: the offer
-taken, boot progress, bootstrap, slow transfers, packing, destroys with their reason, and a
-running total of dollars.
+"""The progress lines about instances: their names, boot progress, and the running total of
+dollars.
 
 Why one module: these lines come from several threads (the reaper's list rounds, job
 threads, the spend ticker) and each kind has its own rule against saying the same thing
-twice; kept here, those rules stay out of the code that rents, boots and ships. Every line
-is Snakemake progress (``--quiet`` hides it, as it hides Snakemake's own "3 of 9 steps").
+twice; kept here, those rules stay out of the code that rents, boots and destroys. They
+are said through ``report``, like every progress line.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from snakemake_executor_plugin_vastai.logger import get_logger
+from snakemake_executor_plugin_vastai.report import count, say
 from snakemake_executor_plugin_vastai.table import State
 
 if TYPE_CHECKING:
@@ -23,55 +21,14 @@ if TYPE_CHECKING:
 
     from snakemake_executor_plugin_vastai.instance import Instance
 
-log = get_logger(__name__)
-
 BOOT_PROGRESS_SECONDS = 15.0  # at most one boot line per instance this often
 SPEND_TICK_SECONDS = 60.0  # the running total of dollars, while instances are alive
-SLOW_TRANSFER_SECONDS = 1.0  # faster transfers are not worth a line
 STATUS_CHARS = 100  # Vast's status messages can be long (a pull's progress): cut here
-
-
-@cache
-def _as_progress() -> dict[str, Any]:
-    """The record field Snakemake's ``--quiet`` filter reads; nothing outside Snakemake (the
-    ``snakemake-vastai`` command), which has no such filter."""
-    try:
-        from snakemake.settings.enums import Quietness
-    except ImportError:
-        return {}
-    return {"quietness": Quietness.PROGRESS}
-
-
-def say(message: str, *args: object) -> None:
-    """One progress line at INFO."""
-    log.info(message, *args, extra=_as_progress())
 
 
 def short_name(instance: Instance) -> str:
     """The instance as progress lines name it (the "Rented" line ties the id to its offer)."""
     return f"instance {instance.instance_id}"
-
-
-def count(number: int, noun: str) -> str:
-    """The number with its noun, plural unless one: "1 job", "2 jobs"."""
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
-
-
-def human_bytes(size: float) -> str:
-    """Decimal units, as network rates are quoted: "48.2 MB"."""
-    for unit in ("B", "kB", "MB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
-
-
-def transfer(verb: str, size: int, seconds: float, where: str) -> None:
-    """A line for a transfer slow enough to notice ("Uploaded 48.2 MB to instance 12 for
-    make-3-a1 in 3.1 s (15.5 MB/s)")."""
-    if seconds > SLOW_TRANSFER_SECONDS:
-        rate = human_bytes(size / seconds)
-        say("%s %s %s in %.1f s (%s/s)", verb, human_bytes(size), where, seconds, rate)
 
 
 def boot_status(instance: Instance, redact: Callable[[str], str]) -> str:

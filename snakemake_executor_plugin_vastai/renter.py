@@ -19,6 +19,7 @@ from cachetools import TTLCache
 from snakemake_executor_plugin_vastai.caps import Caps, rent_refusal
 from snakemake_executor_plugin_vastai.diagnosis import diagnose, market_search
 from snakemake_executor_plugin_vastai.errors import MarketError, PluginError, UserError, VastaiError
+from snakemake_executor_plugin_vastai.hiddenoffers import hidden_by_defaults
 from snakemake_executor_plugin_vastai.hosts import ExcludedHosts
 from snakemake_executor_plugin_vastai.instance import Instance
 from snakemake_executor_plugin_vastai.ledger import Ledger
@@ -31,9 +32,8 @@ from snakemake_executor_plugin_vastai.marketplace import (
     OfferGone,
 )
 from snakemake_executor_plugin_vastai.offershelf import OfferShelf
-from snakemake_executor_plugin_vastai.resources import ResourceRequest
+from snakemake_executor_plugin_vastai.request import ResourceRequest
 from snakemake_executor_plugin_vastai.slots import Lease
-from snakemake_executor_plugin_vastai.startchecks import hidden_by_defaults
 from snakemake_executor_plugin_vastai.table import Cancelled, InstanceTable, State
 
 log = get_logger(__name__)

@@ -32,12 +32,8 @@ from snakemake_executor_plugin_vastai.marketplace import (
 from snakemake_executor_plugin_vastai.pool import Pool, PoolConfig
 from snakemake_executor_plugin_vastai.preflight import preflight
 from snakemake_executor_plugin_vastai.reaper import Reaper
-from snakemake_executor_plugin_vastai.resources import (
-    ResourceError,
-    ResourceRequest,
-    Signature,
-    validate_settings,
-)
+from snakemake_executor_plugin_vastai.request import ResourceRequest, Signature
+from snakemake_executor_plugin_vastai.resources import ResourceError, request_of, validate_settings
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 from snakemake_executor_plugin_vastai.sshkey import RunKey
 from snakemake_executor_plugin_vastai.staging import (
@@ -149,7 +145,7 @@ class RunContext:
         """The plain facts of a Snakemake job; raises ResourceError for bad resources."""
         inputs = [str(f) for f in job.input if not is_storage(f)]
         request = replace(
-            ResourceRequest.from_job(job, self.settings, self.is_preemptible),
+            request_of(job, self.settings, self.is_preemptible),
             upload_gb=local_bytes(inputs) / BYTES_PER_GB,
         )
         members = list(job.jobs) if job.is_group() else [job]
@@ -190,7 +186,7 @@ class RunContext:
         found = []
         for job in jobs:
             try:
-                found.append(ResourceRequest.from_job(job, self.settings, self.is_preemptible))
+                found.append(request_of(job, self.settings, self.is_preemptible))
             except ResourceError:
                 continue  # reported when that job is submitted
         return found
@@ -202,7 +198,7 @@ class RunContext:
         for job in jobs:
             outputs, logs = returned_files(job)
             try:
-                request = ResourceRequest.from_job(job, self.settings, self.is_preemptible)
+                request = request_of(job, self.settings, self.is_preemptible)
             except ResourceError:
                 continue  # reported when that job is submitted
             planned.append(PlannedJob(request.rule, (*outputs, *logs), request.gpus > 0))

@@ -9,14 +9,16 @@ from typing import Optional
 
 from snakemake_interface_executor_plugins.settings import ExecutorSettingsBase
 
+from snakemake_executor_plugin_vastai.defaults import (
+    DEFAULT_API_URL,
+    DEFAULT_DISK_GB,
+    DEFAULT_IMAGE,
+    DEFAULT_ORDER,
+    DEFAULT_RELIABILITY,
+)
 from snakemake_executor_plugin_vastai.redact import hide_in_snakemake_logs
 
-DEFAULT_IMAGE = "vastai/pytorch:@vastai-automatic-tag"
-DEFAULT_API_URL = "https://console.vast.ai"
 # Named once: each is both a field's default and the "Default:" of its help.
-DEFAULT_DISK_GB = 40
-DEFAULT_RELIABILITY = 0.98
-DEFAULT_ORDER = "dph_total"
 DEFAULT_BOOT_TIMEOUT = 1800
 DEFAULT_POOL_TTL = 300
 DEFAULT_BID_FACTOR = 1.25

@@ -11,35 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from snakemake_executor_plugin_vastai.errors import PluginBug
-
-# A small margin for rounding in the marketplace's figures (cores are often 15.9 "effective").
-_EPSILON = 1e-6
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What one job takes from an instance while it runs."""
-
-    gpus: int = 0
-    cores: float = 1.0
-    mem_gb: float = 0.0
-    disk_gb: float = 0.0
-
-    def __str__(self) -> str:
-        return (
-            f"{self.gpus} GPU(s), {self.cores:g} core(s), {self.mem_gb:g} GB RAM, "
-            f"{self.disk_gb:g} GB disk"
-        )
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """What a rented machine has in total."""
-
-    gpus: int
-    cores: float
-    mem_gb: float
-    disk_gb: float
+from snakemake_executor_plugin_vastai.shares import EPSILON, Capacity, Needs
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,23 +45,13 @@ class SlotBook:
     def fits(self, needs: Needs) -> bool:
         """Could a job with these needs start here now?"""
         if self.exclusive:
-            return self.empty and self.could_ever_fit(needs)
+            return self.empty and self.capacity.holds(needs)
         used = self._used()
         return (
             len(self._free_gpus()) >= needs.gpus
-            and used.cores + needs.cores <= self.capacity.cores + _EPSILON
-            and used.mem_gb + needs.mem_gb <= self.capacity.mem_gb + _EPSILON
-            and used.disk_gb + needs.disk_gb <= self.capacity.disk_gb + _EPSILON
-        )
-
-    def could_ever_fit(self, needs: Needs) -> bool:
-        """Could such a job run here once the others are done?"""
-        total = self.capacity
-        return (
-            needs.gpus <= total.gpus
-            and needs.cores <= total.cores + _EPSILON
-            and needs.mem_gb <= total.mem_gb + _EPSILON
-            and needs.disk_gb <= total.disk_gb + _EPSILON
+            and used.cores + needs.cores <= self.capacity.cores + EPSILON
+            and used.mem_gb + needs.mem_gb <= self.capacity.mem_gb + EPSILON
+            and used.disk_gb + needs.disk_gb <= self.capacity.disk_gb + EPSILON
         )
 
     def take(self, needs: Needs) -> Lease:

@@ -23,7 +23,8 @@ from snakemake_executor_plugin_vastai.instance import Instance
 from snakemake_executor_plugin_vastai.ledger import Ledger, make_label
 from snakemake_executor_plugin_vastai.marketplace import Marketplace, MarketplaceError, Offer
 from snakemake_executor_plugin_vastai.renter import NoOfferError, OfferSearch, Renter, RentPlan
-from snakemake_executor_plugin_vastai.resources import ResourceRequest
+from snakemake_executor_plugin_vastai.request import ResourceRequest
+from snakemake_executor_plugin_vastai.resources import request_of
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 from snakemake_executor_plugin_vastai.table import InstanceTable
 from tests.fakevast.harness import FakeVast
@@ -129,7 +130,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_message(market: Marketplace, case: Case) -> None:
     settings = ExecutorSettings(**case.options)
-    request = ResourceRequest.from_job(FakeJob(case.resources, case.threads), settings)
+    request = request_of(FakeJob(case.resources, case.threads), settings)
     assert market.search(request.offer_query(), "dph_total", request.disk_gb) == []
 
     diagnosis = diagnose(request, market_search(market), settings)
@@ -140,7 +141,7 @@ def test_message(market: Marketplace, case: Case) -> None:
 def test_without_the_settings_both_sources_are_named(market: Marketplace) -> None:
     """The renter knows only the request: a value an option and a resource can both set
     names both, and defaults are still recognised as such."""
-    request = ResourceRequest.from_job(
+    request = request_of(
         FakeJob({"gpu": 1, "gpu_model": "H200", "vastai_query": "cuda_vers>=12"}),
         ExecutorSettings(geolocation="EU"),
     )
@@ -170,12 +171,12 @@ class CountingSearch:
 def test_one_search_per_filter_present() -> None:
     """Only the filters the request has are relaxed, each once, plus one search for the
     GPU models when the request names one."""
-    plain = ResourceRequest.from_job(FakeJob({"gpu": 1}), ExecutorSettings(reliability=0))
+    plain = request_of(FakeJob({"gpu": 1}), ExecutorSettings(reliability=0))
     search = CountingSearch()
     diagnose(plain, search)
     assert len(search.calls) == 2  # datacenter-only and disk_space>=40
 
-    everything = ResourceRequest.from_job(
+    everything = request_of(
         FakeJob({"gpu": 2, "gpu_model": "L40S", "mem_mb": 8000, "vastai_query": "inet_up>=1"}, 4),
         ExecutorSettings(geolocation="EU", max_price=2.0),
     )
@@ -188,9 +189,7 @@ def test_one_search_per_filter_present() -> None:
 
 
 def test_a_failing_search_keeps_the_headline_and_the_query() -> None:
-    request = ResourceRequest.from_job(
-        FakeJob({"gpu": 1, "mem_mb": 900_000}), ExecutorSettings(max_price=0.5)
-    )
+    request = request_of(FakeJob({"gpu": 1, "mem_mb": 900_000}), ExecutorSettings(max_price=0.5))
     failure = MarketplaceError("Vast.ai API: could not search offers: HTTP 503 ", 503)
     search = CountingSearch([], failure)
 
@@ -235,7 +234,7 @@ def test_the_renters_no_offer_error_is_the_diagnosis(fakevast: FakeVast, tmp_pat
         spend=lambda: 0.0,
         excluded=ExcludedHosts(),
     )
-    request = ResourceRequest.from_job(
+    request = request_of(
         FakeJob({"gpu": 1, "gpu_model": "RTX_4090"}),
         ExecutorSettings(geolocation="EU", max_price=1.0),
     )

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from snakemake_executor_plugin_vastai.defaults import DEFAULT_API_URL
 from snakemake_executor_plugin_vastai.marketplace import (
     FATAL_BOOT_MESSAGES,
     HELPER_OPTIONS,
@@ -32,7 +33,6 @@ from snakemake_executor_plugin_vastai.marketplace import (
     resolve_api_key,
     resolve_api_url,
 )
-from snakemake_executor_plugin_vastai.settings import DEFAULT_API_URL
 from tests.fakevast.clients import DEFAULT_IMAGE
 from tests.fakevast.faults import BOOT_FAILURES
 from tests.fakevast.harness import FakeVast

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from snakemake_executor_plugin_vastai.marketplace import Marketplace
-from snakemake_executor_plugin_vastai.resources import ResourceRequest
+from snakemake_executor_plugin_vastai.resources import request_of
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 from tests.fakevast.catalog import DEFAULT_OFFERS
 from tests.fakevast.harness import FakeVast
@@ -198,7 +198,7 @@ def market() -> Iterator[Marketplace]:
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_first_offer(market: Marketplace, case: Case) -> None:
     settings = ExecutorSettings(**case.options)
-    request = ResourceRequest.from_job(FakeJob(case.resources, case.threads), settings)
+    request = request_of(FakeJob(case.resources, case.threads), settings)
 
     offers = market.search(request.offer_query(), settings.order, request.disk_gb)
 

@@ -14,7 +14,8 @@ import pytest
 
 from snakemake_executor_plugin_vastai.marketplace import Marketplace
 from snakemake_executor_plugin_vastai.renter import EMPTY_SEARCH_SECONDS, SEARCH_LIMIT, OfferSearch
-from snakemake_executor_plugin_vastai.resources import ResourceRequest
+from snakemake_executor_plugin_vastai.request import ResourceRequest
+from snakemake_executor_plugin_vastai.resources import request_of
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 from tests.fakevast.harness import FakeVast
 from tests.test_pool_faults import assert_outputs, fan_out
@@ -30,7 +31,7 @@ def request(gpu_model: str | None) -> ResourceRequest:
     resources: dict[str, Any] = {"gpu": 1}
     if gpu_model is not None:
         resources["gpu_model"] = gpu_model
-    return ResourceRequest.from_job(FakeJob(resources), ExecutorSettings())
+    return request_of(FakeJob(resources), ExecutorSettings())
 
 
 def offers_file(target: Path, common: int, rare: int) -> Path:

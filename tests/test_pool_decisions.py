@@ -46,8 +46,9 @@ from snakemake_executor_plugin_vastai.pool import (
 )
 from snakemake_executor_plugin_vastai.preparer import fails_everywhere
 from snakemake_executor_plugin_vastai.reaper import find_orphans, reap_orphans
-from snakemake_executor_plugin_vastai.resources import ResourceRequest, Signature
-from snakemake_executor_plugin_vastai.slots import Lease, Needs
+from snakemake_executor_plugin_vastai.request import ResourceRequest, Signature
+from snakemake_executor_plugin_vastai.shares import Needs
+from snakemake_executor_plugin_vastai.slots import Lease
 from snakemake_executor_plugin_vastai.sshkey import RunKey
 from snakemake_executor_plugin_vastai.table import USABLE, State
 from tests.fakevast.harness import FakeVast

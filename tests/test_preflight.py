@@ -16,7 +16,7 @@ from snakemake_executor_plugin_vastai.ledger import Ledger
 from snakemake_executor_plugin_vastai.marketplace import Marketplace
 from snakemake_executor_plugin_vastai.preflight import KnownResources, Unrentable, preflight
 from snakemake_executor_plugin_vastai.renter import OfferSearch, Renter, RentPlan
-from snakemake_executor_plugin_vastai.resources import ResourceRequest
+from snakemake_executor_plugin_vastai.resources import request_of
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
 from snakemake_executor_plugin_vastai.table import InstanceTable
 from tests.fakevast.harness import FakeVast
@@ -188,7 +188,7 @@ def test_one_search_per_distinct_query_which_the_first_rents_reuse(
 
     assert searches(fakevast) == 2
     for fake_job in jobs:
-        request = ResourceRequest.from_job(fake_job, settings)
+        request = request_of(fake_job, settings)
         assert renter.candidates(request), request.offer_query()
     assert searches(fakevast) == 2
 
@@ -221,7 +221,7 @@ def test_resources_not_known_yet_are_left_out_of_the_check() -> None:
     )
     known = KnownResources(downstream)
 
-    request = ResourceRequest.from_job(known, ExecutorSettings())
+    request = request_of(known, ExecutorSettings())
 
     assert request.gpu_name == "H200"
     assert request.mem_gb is None

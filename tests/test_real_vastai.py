@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from snakemake_executor_plugin_vastai.defaults import DEFAULT_API_URL
 from snakemake_executor_plugin_vastai.ledger import Ledger, run_id_of
 from snakemake_executor_plugin_vastai.marketplace import (
     AuthError,
@@ -26,7 +27,6 @@ from snakemake_executor_plugin_vastai.marketplace import (
     MarketplaceError,
     resolve_api_key,
 )
-from snakemake_executor_plugin_vastai.settings import DEFAULT_API_URL
 from tests.workflows import write_workflow
 
 MAX_PRICE = 0.5

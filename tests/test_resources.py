@@ -17,12 +17,12 @@ import pytest
 
 from snakemake_executor_plugin_vastai import resources as resources_module
 from snakemake_executor_plugin_vastai.regions import COUNTRIES, REGIONS, expand_geolocation
+from snakemake_executor_plugin_vastai.request import MIN_DISK_GB, ResourceRequest, Signature
 from snakemake_executor_plugin_vastai.resources import (
     ResourceError,
-    ResourceRequest,
     SettingsError,
-    Signature,
     parse_offer_query,
+    request_of,
     validate_settings,
 )
 from snakemake_executor_plugin_vastai.settings import ExecutorSettings
@@ -32,7 +32,7 @@ PACKAGE_DIR = Path(resources_module.__file__).parent
 
 @dataclass
 class FakeJob:
-    """The attributes of a Snakemake job that from_job reads (the real test is at the end)."""
+    """The attributes of a Snakemake job that request_of reads (the real test is at the end)."""
 
     resources: dict[str, Any]
     threads: int = 1
@@ -57,7 +57,7 @@ def group_job(resources: dict[str, Any], threads: int = 1) -> FakeJob:
 
 
 def request(resources: dict[str, Any], threads: int = 1, **options: Any) -> ResourceRequest:
-    return ResourceRequest.from_job(FakeJob(resources, threads), ExecutorSettings(**options))
+    return request_of(FakeJob(resources, threads), ExecutorSettings(**options))
 
 
 BASE_QUERY = "num_gpus>=1 disk_space>=40 reliability>=0.98 datacenter=True"
@@ -369,7 +369,7 @@ def test_single_thread_and_no_memory_mean_no_filter():
 
 def test_group_job_uses_combined_cores_and_names_its_rules():
     job = group_job({"mem_mb": 4000, "gpu": 1}, threads=3)
-    built = ResourceRequest.from_job(job, ExecutorSettings())
+    built = request_of(job, ExecutorSettings())
     assert built.rule == "group g1 (rules a, b)"
     assert built.offer_query() == (
         "num_gpus>=1 cpu_cores_effective>=3 cpu_ram>=4 disk_space>=40 reliability>=0.98 "
@@ -389,7 +389,7 @@ def test_group_job_uses_combined_cores_and_names_its_rules():
 )
 def test_interruptible_only_if_every_rule_is_preemptible(job, preemptible, expected):
     is_preemptible = None if preemptible is None else preemptible.__contains__
-    built = ResourceRequest.from_job(job, ExecutorSettings(), is_preemptible)
+    built = request_of(job, ExecutorSettings(), is_preemptible)
     assert built.interruptible is expected
     assert built.signature().interruptible is expected
 
@@ -477,7 +477,7 @@ def test_a_job_without_gpus_is_a_cpu_job_on_a_gpu_machine(resources):
 
 def test_group_errors_name_the_group_and_its_rules():
     with pytest.raises(ResourceError, match=r"^Group 'g1' \(rules a, b\): resource mem_mb=-1 "):
-        ResourceRequest.from_job(group_job({"mem_mb": -1}), ExecutorSettings())
+        request_of(group_job({"mem_mb": -1}), ExecutorSettings())
 
 
 # (id, option overrides, flag named, text that must appear)
@@ -490,7 +490,7 @@ SETTINGS_ERRORS = [
     ),
     ("unknown country", {"geolocation": "DE,XX"}, "geolocation", "'XX' is not an ISO 3166-1"),
     ("empty country", {"geolocation": "DE,,PL"}, "geolocation", "e.g. EU or DE,PL"),
-    ("negative disk", {"disk": -1}, "disk", f"at least {resources_module.MIN_DISK_GB} GB"),
+    ("negative disk", {"disk": -1}, "disk", f"at least {MIN_DISK_GB} GB"),
     ("disk below Vast's minimum", {"disk": 5}, "disk", "8 or more"),
     ("fractional disk", {"disk": 10.5}, "disk", "whole number"),
     ("reliability above 1", {"reliability": 1.5}, "reliability", "between 0 and 1"),
@@ -538,7 +538,7 @@ def test_good_options_pass(options):
     validate_settings(ExecutorSettings(**options))
 
 
-def test_from_job_checks_options_too():
+def test_request_of_checks_options_too():
     with pytest.raises(SettingsError, match="--vastai-geolocation"):
         request({}, geolocation="Mars")
 
@@ -671,7 +671,7 @@ def test_importing_resources_does_not_import_the_sdk(tmp_path):
 
 
 PROBE_PLUGIN = '''
-"""An executor that only records what from_job makes of each real Snakemake job."""
+"""An executor that only records what request_of makes of each real Snakemake job."""
 import json, os
 from pathlib import Path
 
@@ -686,7 +686,7 @@ common_settings = CommonSettings(non_local_exec=True, implies_no_shared_fs=False
 
 class Executor(AbstractExecutor):
     def run_job(self, job):
-        request = resources.ResourceRequest.from_job(
+        request = resources.request_of(
             job, settings.ExecutorSettings(), {"a", "b"}.__contains__
         )
         record = {

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from snakemake_executor_plugin_vastai.slots import Capacity, Needs, SlotBook
+from snakemake_executor_plugin_vastai.shares import Capacity, Needs
+from snakemake_executor_plugin_vastai.slots import SlotBook
 
 MACHINE = Capacity(gpus=4, cores=16.0, mem_gb=64.0, disk_gb=100.0)
 
@@ -45,7 +46,7 @@ def test_cores_memory_and_disk_add_up(first: Needs, second: Needs, fits: bool) -
     book = SlotBook(MACHINE)
     book.take(first)
     assert book.fits(second) == fits
-    assert book.could_ever_fit(second)
+    assert book.capacity.holds(second)
 
 
 def test_no_packing_means_one_job_holding_everything() -> None:

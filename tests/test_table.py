@@ -29,7 +29,7 @@ from snakemake_executor_plugin_vastai.ledger import Ledger
 from snakemake_executor_plugin_vastai.marketplace import Marketplace, MarketplaceError, RetryPolicy
 from snakemake_executor_plugin_vastai.pool import Placement, Pool, PoolConfig, Seeker
 from snakemake_executor_plugin_vastai.renter import CapRefusal, NoOfferError
-from snakemake_executor_plugin_vastai.resources import ResourceRequest
+from snakemake_executor_plugin_vastai.request import ResourceRequest
 from snakemake_executor_plugin_vastai.sshkey import RunKey
 from snakemake_executor_plugin_vastai.table import (
     STARTING,

@@ -16,7 +16,7 @@ from snakemake_executor_plugin_vastai.jobwire import (
     LOG_TAIL_BYTES,
     MAX_RESULT_ENTRIES,
 )
-from snakemake_executor_plugin_vastai.progress import human_bytes
+from snakemake_executor_plugin_vastai.report import human_bytes
 from tests.fakevast.clients import sdk
 from tests.fakevast.harness import FakeVast
 from tests.workflows import (
