@@ -23,7 +23,7 @@ from typing import Any
 from benchmarks.phases import job_phases
 from benchmarks.tracer import TRACE_ENV
 from benchmarks.workflows import Workflow
-from snakemake_executor_plugin_vastai.marketplace import UNPACED_ENV
+from snakemake_executor_plugin_vastai.market.marketplace import UNPACED_ENV
 from tests.fakevast.harness import FakeVast
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

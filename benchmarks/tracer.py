@@ -44,7 +44,7 @@ def _job_info_tag(args: tuple[Any, ...]) -> str | None:
 
 
 def _snakemake_job_tag(args: tuple[Any, ...]) -> str | None:
-    from snakemake_executor_plugin_vastai.run import job_tag
+    from snakemake_executor_plugin_vastai.edge.run import job_tag
 
     return job_tag(args[1])
 
@@ -81,22 +81,22 @@ PROBES: tuple[tuple[str, str, str, str, TagOf | None, Detail | None], ...] = (
     ("submitted", "", "Executor", "report_job_submission", _job_info_tag, None),
     ("reported_success", "", "Executor", "report_job_success", _job_info_tag, None),
     ("reported_error", "", "Executor", "report_job_error", _job_info_tag, None),
-    ("job", ".jobrun", "JobRun", "run", _job_run_tag, None),
-    ("execute", ".jobrun", "JobRun", "_execute", None, None),
-    ("collect", ".jobrun", "JobRun", "_collect", None, _usage),
-    ("acquire", ".pool", "Pool", "acquire", None, None),
-    ("rent", ".renter", "Renter", "rent", None, None),
-    ("prepare_instance", ".preparer", "Preparer", "prepare", _rented_for, None),
-    ("release", ".pool", "Pool", "release", None, None),
-    ("destroy", ".destroyer", "Destroyer", "finish", None, _instance_label),
-    ("refresh", ".pool", "Pool", "refresh", None, None),
-    ("boot_wait", ".preparer", "Preparer", "_wait_booted", None, None),
-    ("connect", ".instance", "Instance", "connect", None, None),
-    ("bootstrap", ".instance", "Instance", "bootstrap", None, None),
-    ("stage", ".staging", "Stager", "prepare", None, None),
-    ("start", ".jobwire", "RemoteJob", "start", None, None),
-    ("frame", ".jobwire", "RemoteJob", "_on_progress", None, _frame_kind),
-    ("api", ".marketplace", "Marketplace", "_call", None, _api_what),
+    ("job", ".edge.jobrun", "JobRun", "run", _job_run_tag, None),
+    ("execute", ".edge.jobrun", "JobRun", "_execute", None, None),
+    ("collect", ".edge.jobrun", "JobRun", "_collect", None, _usage),
+    ("acquire", ".pool.placement", "Pool", "acquire", None, None),
+    ("rent", ".pool.renter", "Renter", "rent", None, None),
+    ("prepare_instance", ".pool.preparer", "Preparer", "prepare", _rented_for, None),
+    ("release", ".pool.placement", "Pool", "release", None, None),
+    ("destroy", ".pool.destroyer", "Destroyer", "finish", None, _instance_label),
+    ("refresh", ".pool.placement", "Pool", "refresh", None, None),
+    ("boot_wait", ".pool.preparer", "Preparer", "_wait_booted", None, None),
+    ("connect", ".pool.instance", "Instance", "connect", None, None),
+    ("bootstrap", ".pool.instance", "Instance", "bootstrap", None, None),
+    ("stage", ".remote.staging", "Stager", "prepare", None, None),
+    ("start", ".remote.jobwire", "RemoteJob", "start", None, None),
+    ("frame", ".remote.jobwire", "RemoteJob", "_on_progress", None, _frame_kind),
+    ("api", ".market.marketplace", "Marketplace", "_call", None, _api_what),
 )
 
 

@@ -26,13 +26,13 @@ from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import CommonSettings
 
-from snakemake_executor_plugin_vastai.errors import UserError, VastaiError
-from snakemake_executor_plugin_vastai.logger import get_logger
-from snakemake_executor_plugin_vastai.settings import ExecutorSettings
-from snakemake_executor_plugin_vastai.summary import FAILED, FINISHED, KILLED
+from snakemake_executor_plugin_vastai.base.errors import UserError, VastaiError
+from snakemake_executor_plugin_vastai.base.logger import get_logger
+from snakemake_executor_plugin_vastai.edge.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.edge.summary import FAILED, FINISHED, KILLED
 
 if TYPE_CHECKING:
-    from snakemake_executor_plugin_vastai.jobrun import JobRun
+    from snakemake_executor_plugin_vastai.edge.jobrun import JobRun
 
 __all__ = ["Executor", "ExecutorSettings", "common_settings"]
 
@@ -70,10 +70,10 @@ class Executor(RemoteExecutor):
     def __post_init__(self) -> None:
         from snakemake.settings.enums import Quietness
 
-        from snakemake_executor_plugin_vastai.credentials import forwarded_environment
-        from snakemake_executor_plugin_vastai.report import mark_progress
-        from snakemake_executor_plugin_vastai.run import RunContext
-        from snakemake_executor_plugin_vastai.snakemake_internals import storage_providers
+        from snakemake_executor_plugin_vastai.base.report import mark_progress
+        from snakemake_executor_plugin_vastai.edge.run import RunContext
+        from snakemake_executor_plugin_vastai.edge.snakemake_internals import storage_providers
+        from snakemake_executor_plugin_vastai.remote.credentials import forwarded_environment
 
         mark_progress({"quietness": Quietness.PROGRESS})  # so that --quiet hides our lines
         settings: ExecutorSettings = self.workflow.executor_settings
@@ -116,7 +116,7 @@ class Executor(RemoteExecutor):
     # -- Snakemake's executor interface --------------------------------------------------
 
     def run_job(self, job: JobExecutorInterface) -> None:
-        from snakemake_executor_plugin_vastai.jobrun import JobRun, sentence
+        from snakemake_executor_plugin_vastai.edge.jobrun import JobRun, sentence
 
         if not self._demand_counted:  # the DAG is complete when the first job is submitted
             self._demand_counted = True
@@ -125,10 +125,10 @@ class Executor(RemoteExecutor):
             # what runs now first: when searches run short (a quota), its check comes first
             now = set(job.jobs) if job.is_group() else {job}
             remote.sort(key=lambda other: other not in now)
-            self.context.count_demand(remote)
+            self.context.plan(remote)
             try:
                 self.context.check_before_renting(remote, Path.cwd())
-                self.context.check_offers(remote)  # last: the first rents reuse its searches
+                self.context.check_offers()  # last: the first rents reuse its searches
             except VastaiError as error:  # nothing is rented yet: stop the whole run
                 self._stopped_by_error = True
                 raise user_error(error) from None
@@ -318,7 +318,7 @@ class Executor(RemoteExecutor):
         """Every storage plugin the workflow uses, pinned to the version here. One that is no
         installed package here (a module on the path) has no version to pin nor any other
         to choose: the image must bring it."""
-        from snakemake_executor_plugin_vastai.snakemake_internals import storage_providers
+        from snakemake_executor_plugin_vastai.edge.snakemake_internals import storage_providers
 
         packages = []
         for provider in storage_providers(self.workflow):

@@ -14,10 +14,14 @@ from dataclasses import dataclass
 
 import paramiko
 
-from snakemake_executor_plugin_vastai.bootstrap import ONSTART_SCRIPT
-from snakemake_executor_plugin_vastai.instance import ssh_endpoints
-from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Marketplace, RetryPolicy
-from snakemake_executor_plugin_vastai.remote import RemoteHost
+from snakemake_executor_plugin_vastai.market.marketplace import (
+    InstanceInfo,
+    Marketplace,
+    RetryPolicy,
+)
+from snakemake_executor_plugin_vastai.pool.instance import ssh_endpoints
+from snakemake_executor_plugin_vastai.remote.bootstrap import ONSTART_SCRIPT
+from snakemake_executor_plugin_vastai.remote.ssh import RemoteHost
 from tests.fakevast.clients import DEFAULT_IMAGE, public_key
 from tests.fakevast.harness import FakeVast
 

@@ -29,7 +29,7 @@ def census(output: str) -> tuple[int, int]:
 
 def install() -> None:
     from snakemake_executor_plugin_vastai import Executor
-    from snakemake_executor_plugin_vastai.jobrun import JobRun
+    from snakemake_executor_plugin_vastai.edge.jobrun import JobRun
 
     alive: weakref.WeakSet[JobRun] = weakref.WeakSet()
     made = [0]

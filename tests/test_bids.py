@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_vastai.marketplace import Offer
+from snakemake_executor_plugin_vastai.market.marketplace import Offer
 from tests.fakevast.harness import FakeVast
 from tests.workflows import (
     ANNOUNCE_START,

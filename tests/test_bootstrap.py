@@ -10,7 +10,8 @@ import paramiko
 import pytest
 import snakemake
 
-from snakemake_executor_plugin_vastai.bootstrap import (
+from snakemake_executor_plugin_vastai.base.errors import VastaiError
+from snakemake_executor_plugin_vastai.remote.bootstrap import (
     INSTALL_FAILED,
     INSTALLED_MARKER,
     MAX_ONSTART_CHARS,
@@ -22,9 +23,8 @@ from snakemake_executor_plugin_vastai.bootstrap import (
     explain_failure,
     onstart_script,
 )
-from snakemake_executor_plugin_vastai.errors import VastaiError
-from snakemake_executor_plugin_vastai.remote import CommandResult, RemoteHost
-from snakemake_executor_plugin_vastai.sshkey import RunKey
+from snakemake_executor_plugin_vastai.remote.ssh import CommandResult, RemoteHost
+from snakemake_executor_plugin_vastai.remote.sshkey import RunKey
 from tests.fakevast.harness import FakeVast
 from tests.instances import logged_in
 

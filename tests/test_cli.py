@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from freezegun import freeze_time
 
-from snakemake_executor_plugin_vastai.cli import parser
-from snakemake_executor_plugin_vastai.ledger import Ledger, RunLock, make_label, run_id_of
+from snakemake_executor_plugin_vastai.cli.commands import parser
+from snakemake_executor_plugin_vastai.pool.ledger import Ledger, RunLock, make_label, run_id_of
 from tests.fakevast.harness import FakeVast
 from tests.instances import is_running, market_for, rent, wait_for
 from tests.notvast import not_vast, unused_port

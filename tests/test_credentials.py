@@ -19,13 +19,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from snakemake_executor_plugin_vastai.credentials import (
+from snakemake_executor_plugin_vastai.remote.credentials import (
     GOOGLE_FILE,
     FileValue,
     cloud_credentials,
     forwarded_environment,
 )
-from snakemake_executor_plugin_vastai.jobwire import JobRequest
+from snakemake_executor_plugin_vastai.remote.jobwire import JobRequest
 from tests.fakevast.harness import FakeVast
 from tests.workflows import JOB_LOGS, assert_all_destroyed, run_snakemake, write_workflow
 
@@ -138,7 +138,7 @@ def test_forwarded_secrets_are_masked_in_snakemake_logs_but_places_are_not() -> 
 def test_the_plugins_own_loggers_mask_secrets_too() -> None:
     """A parent logger's filters never see its children's records: each plugin logger
     carries the filter itself."""
-    from snakemake_executor_plugin_vastai.logger import get_logger
+    from snakemake_executor_plugin_vastai.base.logger import get_logger
 
     token = f"declared-{secrets.token_hex(6)}"
     forwarded_environment({"MY_TOKEN": token}, [], automatic=False, environ={})

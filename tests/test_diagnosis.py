@@ -11,22 +11,22 @@ from typing import Any
 
 import pytest
 
-from snakemake_executor_plugin_vastai.caps import Caps
-from snakemake_executor_plugin_vastai.diagnosis import (
+from snakemake_executor_plugin_vastai.edge.resources import request_of
+from snakemake_executor_plugin_vastai.edge.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.market.diagnosis import (
     RELAXED_LIMIT,
     diagnose,
     did_you_mean,
     market_search,
 )
-from snakemake_executor_plugin_vastai.hosts import ExcludedHosts
-from snakemake_executor_plugin_vastai.instance import Instance
-from snakemake_executor_plugin_vastai.ledger import Ledger, make_label
-from snakemake_executor_plugin_vastai.marketplace import Marketplace, MarketplaceError, Offer
-from snakemake_executor_plugin_vastai.renter import NoOfferError, OfferSearch, Renter, RentPlan
-from snakemake_executor_plugin_vastai.request import ResourceRequest
-from snakemake_executor_plugin_vastai.resources import request_of
-from snakemake_executor_plugin_vastai.settings import ExecutorSettings
-from snakemake_executor_plugin_vastai.table import InstanceTable
+from snakemake_executor_plugin_vastai.market.hosts import ExcludedHosts
+from snakemake_executor_plugin_vastai.market.marketplace import Marketplace, MarketplaceError, Offer
+from snakemake_executor_plugin_vastai.market.request import ResourceRequest
+from snakemake_executor_plugin_vastai.pool.caps import Caps
+from snakemake_executor_plugin_vastai.pool.instance import Instance
+from snakemake_executor_plugin_vastai.pool.ledger import Ledger, make_label
+from snakemake_executor_plugin_vastai.pool.renter import NoOfferError, OfferSearch, Renter, RentPlan
+from snakemake_executor_plugin_vastai.pool.table import InstanceTable
 from tests.fakevast.harness import FakeVast
 from tests.test_resources import FakeJob
 

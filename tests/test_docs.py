@@ -7,7 +7,7 @@ import re
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from snakemake_executor_plugin_vastai.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.edge.settings import ExecutorSettings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -15,7 +15,7 @@ import paramiko
 import pytest
 
 import snakemake_executor_plugin_vastai as package
-from snakemake_executor_plugin_vastai.errors import PluginBug, PluginError, VastaiError
+from snakemake_executor_plugin_vastai.base.errors import PluginBug, PluginError, VastaiError
 from tests.fakevast.harness import FakeVast
 from tests.workflows import one_rule_workflow, rented, run_snakemake
 

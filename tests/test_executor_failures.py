@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_vastai.bootstrap import NO_SSHD_FIX, NO_SSHD_MARKER
-from snakemake_executor_plugin_vastai.pool import BOOT_ATTEMPTS
+from snakemake_executor_plugin_vastai.pool.placement import BOOT_ATTEMPTS
+from snakemake_executor_plugin_vastai.remote.bootstrap import NO_SSHD_FIX, NO_SSHD_MARKER
 from tests.fakevast.faults import BOOT_FAILURES
 from tests.fakevast.harness import FakeVast
 from tests.workflows import (

@@ -14,7 +14,7 @@ import paramiko
 import pytest
 from vastai import VastAI
 
-from snakemake_executor_plugin_vastai.bootstrap import ONSTART_SCRIPT
+from snakemake_executor_plugin_vastai.remote.bootstrap import ONSTART_SCRIPT
 from tests.fakevast import container as container_module
 from tests.fakevast.clients import public_key, rent, run, sdk, ssh_login, wait_for, wait_status
 from tests.fakevast.harness import FakeVast

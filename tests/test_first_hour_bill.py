@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from snakemake_executor_plugin_vastai.instance import Instance
-from snakemake_executor_plugin_vastai.summary import BILLING_NOTE, billed_span
+from snakemake_executor_plugin_vastai.edge.summary import BILLING_NOTE, billed_span
+from snakemake_executor_plugin_vastai.pool.instance import Instance
 from tests.fakevast.harness import FakeVast
 from tests.test_pool_decisions import SIG
 from tests.workflows import (

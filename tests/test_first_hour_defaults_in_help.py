@@ -8,7 +8,7 @@ import subprocess
 import sys
 from dataclasses import fields
 
-from snakemake_executor_plugin_vastai.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.edge.settings import ExecutorSettings
 
 SECTION = "vastai executor plugin settings:"
 

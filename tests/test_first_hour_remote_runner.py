@@ -21,8 +21,8 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from snakemake_executor_plugin_vastai.bootstrap import SCRIPT_COMMAND, BootstrapPlan
-from snakemake_executor_plugin_vastai.staging import SourceBundle
+from snakemake_executor_plugin_vastai.remote.bootstrap import SCRIPT_COMMAND, BootstrapPlan
+from snakemake_executor_plugin_vastai.remote.staging import SourceBundle
 from tests import test_jobwire
 from tests.fakevast.harness import FakeVast
 from tests.instances import logged_in

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import paramiko
 
-from snakemake_executor_plugin_vastai.deadman import RECONNECT_SECONDS, Heartbeat
-from snakemake_executor_plugin_vastai.instance import Instance
-from snakemake_executor_plugin_vastai.remote import Endpoint, RemoteHost
+from snakemake_executor_plugin_vastai.pool.deadman import RECONNECT_SECONDS, Heartbeat
+from snakemake_executor_plugin_vastai.pool.instance import Instance
+from snakemake_executor_plugin_vastai.remote.ssh import Endpoint, RemoteHost
 from tests.fakevast.harness import FakeVast
 from tests.test_pool_decisions import SIG
 from tests.workflows import (

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_vastai.ledger import Ledger, RunLock, make_label
-from snakemake_executor_plugin_vastai.summary import FAILED, FINISHED, KILLED, RunCost
+from snakemake_executor_plugin_vastai.edge.summary import FAILED, FINISHED, KILLED, RunCost
+from snakemake_executor_plugin_vastai.pool.ledger import Ledger, RunLock, make_label
 from tests.fakevast.harness import FakeVast
 from tests.instances import is_running, market_for, rent, wait_for
 from tests.test_cli import helper, plugin_env, table_rows

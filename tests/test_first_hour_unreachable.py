@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from snakemake_executor_plugin_vastai.marketplace import (
+from snakemake_executor_plugin_vastai.market.marketplace import (
     ApiUnreachable,
     Marketplace,
     RetryPolicy,

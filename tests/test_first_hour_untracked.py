@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_vastai.startchecks import unshipped_warning
+from snakemake_executor_plugin_vastai.edge.startchecks import unshipped_warning
 from tests.fakevast.harness import FakeVast
 from tests.workflows import (
     assert_all_destroyed,

@@ -22,9 +22,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snakemake_executor_plugin_vastai.bootstrap import SCRIPT_COMMAND, BootstrapPlan
-from snakemake_executor_plugin_vastai.errors import UserError
-from snakemake_executor_plugin_vastai.jobwire import (
+from snakemake_executor_plugin_vastai.base.errors import UserError
+from snakemake_executor_plugin_vastai.remote.bootstrap import SCRIPT_COMMAND, BootstrapPlan
+from snakemake_executor_plugin_vastai.remote.jobwire import (
     LOG_CUT_MARKER,
     LOG_HEAD_BYTES,
     LOG_TAIL_BYTES,
@@ -40,9 +40,13 @@ from snakemake_executor_plugin_vastai.jobwire import (
     env_file,
     last_lines,
 )
-from snakemake_executor_plugin_vastai.onhost.runner import read_env_file, snakemake_args
-from snakemake_executor_plugin_vastai.remote import MAX_OUTPUT_BYTES, HostKeyMismatch, RemoteHost
-from snakemake_executor_plugin_vastai.staging import (
+from snakemake_executor_plugin_vastai.remote.onhost.runner import read_env_file, snakemake_args
+from snakemake_executor_plugin_vastai.remote.ssh import (
+    MAX_OUTPUT_BYTES,
+    HostKeyMismatch,
+    RemoteHost,
+)
+from snakemake_executor_plugin_vastai.remote.staging import (
     REMOTE_BASE,
     DigestCache,
     InstanceFiles,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from freezegun import freeze_time
 
-from snakemake_executor_plugin_vastai.ledger import (
+from snakemake_executor_plugin_vastai.pool.ledger import (
     LABEL_PREFIX,
     Ledger,
     RunLock,
@@ -122,7 +122,7 @@ def test_run_killed_by_sigkill_is_dead(tmp_path: Path) -> None:
         f"""
         import sys, time
         from pathlib import Path
-        from snakemake_executor_plugin_vastai.ledger import RunLock
+        from snakemake_executor_plugin_vastai.pool.ledger import RunLock
         lock = RunLock(Path({str(tmp_path)!r}), "r-child")
         print("locked", flush=True)
         time.sleep(120)

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from snakemake_executor_plugin_vastai.defaults import DEFAULT_API_URL
-from snakemake_executor_plugin_vastai.marketplace import (
+from snakemake_executor_plugin_vastai.market.defaults import DEFAULT_API_URL
+from snakemake_executor_plugin_vastai.market.marketplace import (
     FATAL_BOOT_MESSAGES,
     HELPER_OPTIONS,
     KEY_VARIABLES,

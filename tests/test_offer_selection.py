@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from snakemake_executor_plugin_vastai.marketplace import Marketplace
-from snakemake_executor_plugin_vastai.resources import request_of
-from snakemake_executor_plugin_vastai.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.edge.resources import request_of
+from snakemake_executor_plugin_vastai.edge.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.market.marketplace import Marketplace
 from tests.fakevast.catalog import DEFAULT_OFFERS
 from tests.fakevast.harness import FakeVast
 from tests.test_resources import FakeJob

@@ -12,11 +12,15 @@ from typing import Any
 
 import pytest
 
-from snakemake_executor_plugin_vastai.marketplace import Marketplace
-from snakemake_executor_plugin_vastai.renter import EMPTY_SEARCH_SECONDS, SEARCH_LIMIT, OfferSearch
-from snakemake_executor_plugin_vastai.request import ResourceRequest
-from snakemake_executor_plugin_vastai.resources import request_of
-from snakemake_executor_plugin_vastai.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.edge.resources import request_of
+from snakemake_executor_plugin_vastai.edge.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.market.marketplace import Marketplace
+from snakemake_executor_plugin_vastai.market.request import ResourceRequest
+from snakemake_executor_plugin_vastai.pool.renter import (
+    EMPTY_SEARCH_SECONDS,
+    SEARCH_LIMIT,
+    OfferSearch,
+)
 from tests.fakevast.harness import FakeVast
 from tests.test_pool_faults import assert_outputs, fan_out
 from tests.test_preflight import searches

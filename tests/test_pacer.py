@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_vastai.pacer import (
+from snakemake_executor_plugin_vastai.market.pacer import (
     LIMITS,
     SLACK_SECONDS,
     Limit,
@@ -78,7 +78,7 @@ def test_many_threads_in_random_order_keep_every_limit(tmp_path: Path) -> None:
 CHILD = """\
 import json, sys, time
 from pathlib import Path
-from snakemake_executor_plugin_vastai.pacer import Limit, Pacer
+from snakemake_executor_plugin_vastai.market.pacer import Limit, Pacer
 pacer = Pacer(Path(sys.argv[1]), {"create": Limit(1, 0.3)})
 times = []
 for _ in range(int(sys.argv[2])):

@@ -26,14 +26,15 @@ import pytest
 from freezegun import freeze_time
 from freezegun.api import FrozenDateTimeFactory
 
-from snakemake_executor_plugin_vastai.bootstrap import NO_SSHD_FIX, BootstrapPlan
-from snakemake_executor_plugin_vastai.caps import BUDGET_HORIZON_SECONDS, Caps, rent_refusal
-from snakemake_executor_plugin_vastai.demand import Demand
-from snakemake_executor_plugin_vastai.instance import Instance
-from snakemake_executor_plugin_vastai.ledger import Ledger, RunLock, make_label
-from snakemake_executor_plugin_vastai.marketplace import InstanceInfo, Marketplace, Offer
-from snakemake_executor_plugin_vastai.pacer import LIMITS
-from snakemake_executor_plugin_vastai.pool import (
+from snakemake_executor_plugin_vastai.market.marketplace import InstanceInfo, Marketplace, Offer
+from snakemake_executor_plugin_vastai.market.pacer import LIMITS
+from snakemake_executor_plugin_vastai.market.request import ResourceRequest, Signature
+from snakemake_executor_plugin_vastai.market.shares import Needs
+from snakemake_executor_plugin_vastai.pool.caps import BUDGET_HORIZON_SECONDS, Caps, rent_refusal
+from snakemake_executor_plugin_vastai.pool.demand import Demand
+from snakemake_executor_plugin_vastai.pool.instance import Instance
+from snakemake_executor_plugin_vastai.pool.ledger import Ledger, RunLock, make_label
+from snakemake_executor_plugin_vastai.pool.placement import (
     TEARDOWN_SECONDS,
     Placement,
     Pool,
@@ -44,13 +45,12 @@ from snakemake_executor_plugin_vastai.pool import (
     retire_reason,
     teardown_budget,
 )
-from snakemake_executor_plugin_vastai.preparer import fails_everywhere
-from snakemake_executor_plugin_vastai.reaper import find_orphans, reap_orphans
-from snakemake_executor_plugin_vastai.request import ResourceRequest, Signature
-from snakemake_executor_plugin_vastai.shares import Needs
-from snakemake_executor_plugin_vastai.slots import Lease
-from snakemake_executor_plugin_vastai.sshkey import RunKey
-from snakemake_executor_plugin_vastai.table import USABLE, State
+from snakemake_executor_plugin_vastai.pool.preparer import fails_everywhere
+from snakemake_executor_plugin_vastai.pool.reaper import find_orphans, reap_orphans
+from snakemake_executor_plugin_vastai.pool.slots import Lease
+from snakemake_executor_plugin_vastai.pool.table import USABLE, State
+from snakemake_executor_plugin_vastai.remote.bootstrap import NO_SSHD_FIX, BootstrapPlan
+from snakemake_executor_plugin_vastai.remote.sshkey import RunKey
 from tests.fakevast.harness import FakeVast
 
 T0 = "2030-01-01 00:00:00"

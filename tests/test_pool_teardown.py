@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_vastai.instance import Instance
-from snakemake_executor_plugin_vastai.ledger import Ledger, make_label
-from snakemake_executor_plugin_vastai.marketplace import Marketplace, MarketplaceError
-from snakemake_executor_plugin_vastai.run import teardown_report
-from snakemake_executor_plugin_vastai.table import InstanceTable, State
+from snakemake_executor_plugin_vastai.edge.run import teardown_report
+from snakemake_executor_plugin_vastai.market.marketplace import Marketplace, MarketplaceError
+from snakemake_executor_plugin_vastai.pool.instance import Instance
+from snakemake_executor_plugin_vastai.pool.ledger import Ledger, make_label
+from snakemake_executor_plugin_vastai.pool.table import InstanceTable, State
 from tests.fakevast.harness import FakeVast
 from tests.test_pool_decisions import REQUEST_4090, SIG, Rig, make_instance, make_rig
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from snakemake_executor_plugin_vastai.ledger import Ledger
+from snakemake_executor_plugin_vastai.pool.ledger import Ledger
 from tests.fakevast.harness import FakeVast
 from tests.workflows import (
     INSTANCE_TOKEN,
@@ -408,3 +408,44 @@ def test_a_stray_file_of_an_earlier_job_is_never_shipped_back(
     assert not (workdir / "b.txt").exists()
     [error] = job_errors(done.run.output)  # the instance's own snakemake found no b.txt
     assert error.startswith("rule b ") and "Missing files" in error and "\nb.txt (missing" in error
+
+
+# -- a job whose resources Snakemake knows only once its input exists -----------------------
+
+LATE_RESOURCES = """\
+localrules: all
+
+
+rule all:
+    input: "out/2.txt"
+
+
+rule first:
+    output: "out/1.txt"
+    shell: "sleep 1; echo 1 > {output}"
+
+
+# Snakemake says <TBD> for this mem_mb until first has made the input.
+rule second:
+    input: "out/1.txt"
+    output: "out/2.txt"
+    resources: mem_mb=lambda wildcards, input: max(100, input.size_mb)
+    shell: "cat {input} > {output}"
+"""
+
+
+def test_a_job_whose_resources_wait_for_its_input_still_keeps_the_instance(
+    fakevast: FakeVast, tmp_path: Path
+) -> None:
+    """The edge plans every remote job once, as far as it is known at the start: a job whose
+    memory depends on its input still counts as a job to come, so the instance of the job
+    before it waits for it instead of being destroyed as wanted by no one."""
+    workdir = write_workflow(tmp_path / "wf", LATE_RESOURCES)
+
+    done = finish(workdir, fakevast, "--vastai-pool-ttl", "300", jobs=1)
+
+    assert done.run.ok, done.run.output
+    assert done.text("out/2.txt") == "1\n"
+    assert len(done.instances) == 1, done.run.output
+    assert "Reusing instance" in done.run.output
+    assert_all_destroyed(fakevast, workdir)

@@ -10,15 +10,20 @@ from typing import Any
 
 import pytest
 
-from snakemake_executor_plugin_vastai.caps import Caps
-from snakemake_executor_plugin_vastai.hosts import ExcludedHosts
-from snakemake_executor_plugin_vastai.ledger import Ledger
-from snakemake_executor_plugin_vastai.marketplace import Marketplace
-from snakemake_executor_plugin_vastai.preflight import KnownResources, Unrentable, preflight
-from snakemake_executor_plugin_vastai.renter import OfferSearch, Renter, RentPlan
-from snakemake_executor_plugin_vastai.resources import request_of
-from snakemake_executor_plugin_vastai.settings import ExecutorSettings
-from snakemake_executor_plugin_vastai.table import InstanceTable
+from snakemake_executor_plugin_vastai.edge.preflight import (
+    KnownResources,
+    Unrentable,
+    planned_requests,
+    preflight,
+)
+from snakemake_executor_plugin_vastai.edge.resources import request_of
+from snakemake_executor_plugin_vastai.edge.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.market.hosts import ExcludedHosts
+from snakemake_executor_plugin_vastai.market.marketplace import Marketplace
+from snakemake_executor_plugin_vastai.pool.caps import Caps
+from snakemake_executor_plugin_vastai.pool.ledger import Ledger
+from snakemake_executor_plugin_vastai.pool.renter import OfferSearch, Renter, RentPlan
+from snakemake_executor_plugin_vastai.pool.table import InstanceTable
 from tests.fakevast.harness import FakeVast
 from tests.test_resources import FakeJob
 from tests.workflows import (
@@ -184,7 +189,7 @@ def test_one_search_per_distinct_query_which_the_first_rents_reuse(
         job("d", {"gpu": 2}),  # a search of its own
     ]
 
-    preflight(jobs, renter, settings)
+    preflight(planned_requests(jobs, settings).values(), renter, settings)
 
     assert searches(fakevast) == 2
     for fake_job in jobs:
@@ -203,7 +208,8 @@ def test_every_rule_without_offers_is_named(fakevast: FakeVast, tmp_path: Path) 
     ]
 
     with pytest.raises(Unrentable) as raised:
-        preflight(jobs, renter, ExecutorSettings())
+        settings = ExecutorSettings()
+        preflight(planned_requests(jobs, settings).values(), renter, settings)
 
     lines = str(raised.value).splitlines()
     assert [line.split(" for ")[1].split(".")[0] for line in lines[:-1]] == [

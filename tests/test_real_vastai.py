@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_vastai.defaults import DEFAULT_API_URL
-from snakemake_executor_plugin_vastai.ledger import Ledger, run_id_of
-from snakemake_executor_plugin_vastai.marketplace import (
+from snakemake_executor_plugin_vastai.market.defaults import DEFAULT_API_URL
+from snakemake_executor_plugin_vastai.market.marketplace import (
     AuthError,
     Marketplace,
     MarketplaceError,
     resolve_api_key,
 )
+from snakemake_executor_plugin_vastai.pool.ledger import Ledger, run_id_of
 from tests.workflows import write_workflow
 
 MAX_PRICE = 0.5

@@ -18,7 +18,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from snakemake_executor_plugin_vastai.remote import (
+from snakemake_executor_plugin_vastai.remote.ssh import (
     MAX_OUTPUT_BYTES,
     Endpoint,
     HostKeyMismatch,
@@ -252,7 +252,7 @@ def test_kill_group_ends_the_whole_process_group(host, workdir):
 
 
 def test_kill_group_escalates_when_the_job_ignores_term(host, workdir, monkeypatch):
-    monkeypatch.setattr("snakemake_executor_plugin_vastai.remote.KILL_GRACE_S", 0.5)
+    monkeypatch.setattr("snakemake_executor_plugin_vastai.remote.ssh.KILL_GRACE_S", 0.5)
     pgid = start_group(host, workdir, "trap '' TERM; echo ready; sleep 1000")
     wait_for_file(Path(workdir, "log"))
     started = time.monotonic()

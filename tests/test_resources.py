@@ -8,29 +8,25 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from snakemake_executor_plugin_vastai import resources as resources_module
-from snakemake_executor_plugin_vastai.regions import COUNTRIES, REGIONS, expand_geolocation
-from snakemake_executor_plugin_vastai.request import MIN_DISK_GB, ResourceRequest, Signature
-from snakemake_executor_plugin_vastai.resources import (
+from snakemake_executor_plugin_vastai.edge.resources import (
     ResourceError,
     SettingsError,
-    parse_offer_query,
     request_of,
     validate_settings,
 )
-from snakemake_executor_plugin_vastai.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.edge.settings import ExecutorSettings
+from snakemake_executor_plugin_vastai.market.marketplace import parse_offer_query
+from snakemake_executor_plugin_vastai.market.regions import COUNTRIES, REGIONS, expand_geolocation
+from snakemake_executor_plugin_vastai.market.request import MIN_DISK_GB, ResourceRequest, Signature
 
-PACKAGE_DIR = Path(resources_module.__file__).parent
 
-
-@dataclass
+@dataclass(eq=False)  # hashable, as Snakemake's jobs are (the edge keys its plan by job)
 class FakeJob:
     """The attributes of a Snakemake job that request_of reads (the real test is at the end)."""
 
@@ -643,31 +639,12 @@ def test_countries_match_the_iso_table():
     )
 
 
-def _isolated_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """A child environment where ``import under_test_loader`` loads this package's
-    resources and settings modules as ``under_test.*`` without running the package's
-    ``__init__``: these tests cover resources.py, not the executor glue."""
-    loader = tmp_path / "under_test_loader.py"
-    loader.write_text(
-        textwrap.dedent(
-            f"""
-            import importlib, sys, types
-            package = types.ModuleType("under_test")
-            package.__path__ = [{str(PACKAGE_DIR)!r}]
-            sys.modules["under_test"] = package
-            resources = importlib.import_module("under_test.resources")
-            settings = importlib.import_module("under_test.settings")
-            """
-        )
-    )
-    return {**os.environ, "PYTHONPATH": str(tmp_path), **extra}
-
-
-def test_importing_resources_does_not_import_the_sdk(tmp_path):
-    check = "import sys, under_test_loader; assert 'vastai' not in sys.modules, 'eager import'"
-    subprocess.run(
-        [sys.executable, "-c", check], env=_isolated_env(tmp_path), check=True, timeout=60
-    )
+def test_importing_resources_does_not_import_the_sdk():
+    """Reading a job's resources (what ``--help`` and every start do) must not pay for the
+    SDK's import; the marketplace imports it when it first talks to Vast.ai."""
+    module = "snakemake_executor_plugin_vastai.edge.resources"
+    check = f"import sys, {module}; assert 'vastai' not in sys.modules, 'eager import'"
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=60)
 
 
 PROBE_PLUGIN = '''
@@ -678,7 +655,7 @@ from pathlib import Path
 from snakemake_interface_executor_plugins.executors.base import AbstractExecutor, SubmittedJobInfo
 from snakemake_interface_executor_plugins.settings import CommonSettings
 
-from under_test_loader import resources, settings
+from snakemake_executor_plugin_vastai.edge import resources, settings
 
 common_settings = CommonSettings(non_local_exec=True, implies_no_shared_fs=False,
                                  job_deploy_sources=False)
@@ -776,7 +753,7 @@ def test_real_snakemake_jobs(tmp_path):
             "--default-resources",
         ],
         cwd=workdir,
-        env=_isolated_env(tmp_path, PROBE_OUT=str(out)),
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "PROBE_OUT": str(out)},
         capture_output=True,
         text=True,
         timeout=120,

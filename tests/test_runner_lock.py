@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from snakemake_executor_plugin_vastai.staging import REMOTE_BASE
+from snakemake_executor_plugin_vastai.remote.staging import REMOTE_BASE
 from tests import test_jobwire
 from tests.test_jobwire import OnInstance, snakemake_job
 

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from snakemake_executor_plugin_vastai.shares import Capacity, Needs
-from snakemake_executor_plugin_vastai.slots import SlotBook
+from snakemake_executor_plugin_vastai.market.shares import Capacity, Needs
+from snakemake_executor_plugin_vastai.pool.slots import SlotBook
 
 MACHINE = Capacity(gpus=4, cores=16.0, mem_gb=64.0, disk_gb=100.0)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from snakemake_executor_plugin_vastai.snakemake_internals import loaded_dag, storage_providers
+from snakemake_executor_plugin_vastai.edge.snakemake_internals import loaded_dag, storage_providers
 from tests.workflows import write_workflow
 
 TWO_RULES = """\

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_vastai.staging import (
+from snakemake_executor_plugin_vastai.remote.staging import (
     MAX_SOURCE_BYTES,
     DigestCache,
     StagingError,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_vastai.startchecks import (
+from snakemake_executor_plugin_vastai.edge.startchecks import (
     OutsideWorkdirError,
     PlannedJob,
     cpu_only_notice,

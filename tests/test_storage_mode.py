@@ -26,12 +26,12 @@ from typing import Any
 import paramiko
 import pytest
 
-from snakemake_executor_plugin_vastai.bootstrap import (
+from snakemake_executor_plugin_vastai.edge.snakemake_internals import storage_providers
+from snakemake_executor_plugin_vastai.remote.bootstrap import (
     INSTALLED_MARKER,
     SCRIPT_COMMAND,
     BootstrapPlan,
 )
-from snakemake_executor_plugin_vastai.snakemake_internals import storage_providers
 from tests.fakevast.container import namespaces_available
 from tests.fakevast.harness import FakeVast
 from tests.instances import logged_in

@@ -22,16 +22,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snakemake_executor_plugin_vastai.bootstrap import BootstrapPlan
-from snakemake_executor_plugin_vastai.caps import Caps
-from snakemake_executor_plugin_vastai.instance import Instance, InstanceFailure
-from snakemake_executor_plugin_vastai.ledger import Ledger
-from snakemake_executor_plugin_vastai.marketplace import Marketplace, MarketplaceError, RetryPolicy
-from snakemake_executor_plugin_vastai.pool import Placement, Pool, PoolConfig, Seeker
-from snakemake_executor_plugin_vastai.renter import CapRefusal, NoOfferError
-from snakemake_executor_plugin_vastai.request import ResourceRequest
-from snakemake_executor_plugin_vastai.sshkey import RunKey
-from snakemake_executor_plugin_vastai.table import (
+from snakemake_executor_plugin_vastai.market.marketplace import (
+    Marketplace,
+    MarketplaceError,
+    RetryPolicy,
+)
+from snakemake_executor_plugin_vastai.market.request import ResourceRequest
+from snakemake_executor_plugin_vastai.pool.caps import Caps
+from snakemake_executor_plugin_vastai.pool.instance import Instance, InstanceFailure
+from snakemake_executor_plugin_vastai.pool.ledger import Ledger
+from snakemake_executor_plugin_vastai.pool.placement import Placement, Pool, PoolConfig, Seeker
+from snakemake_executor_plugin_vastai.pool.renter import CapRefusal, NoOfferError
+from snakemake_executor_plugin_vastai.pool.table import (
     STARTING,
     TRANSITIONS,
     USABLE,
@@ -40,6 +42,8 @@ from snakemake_executor_plugin_vastai.table import (
     InstanceTable,
     State,
 )
+from snakemake_executor_plugin_vastai.remote.bootstrap import BootstrapPlan
+from snakemake_executor_plugin_vastai.remote.sshkey import RunKey
 from tests.fakevast.harness import FakeVast
 from tests.test_pool_decisions import REQUEST_4090
 

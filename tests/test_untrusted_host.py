@@ -10,13 +10,13 @@ import os
 import shutil
 from pathlib import Path
 
-from snakemake_executor_plugin_vastai.jobwire import (
+from snakemake_executor_plugin_vastai.base.report import human_bytes
+from snakemake_executor_plugin_vastai.remote.jobwire import (
     LOG_CUT_MARKER,
     LOG_HEAD_BYTES,
     LOG_TAIL_BYTES,
     MAX_RESULT_ENTRIES,
 )
-from snakemake_executor_plugin_vastai.report import human_bytes
 from tests.fakevast.clients import sdk
 from tests.fakevast.harness import FakeVast
 from tests.workflows import (

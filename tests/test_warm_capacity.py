@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from snakemake_executor_plugin_vastai.pool import GIVEN_UP
+from snakemake_executor_plugin_vastai.pool.placement import GIVEN_UP
 from tests.fakevast.harness import FakeVast
 from tests.test_first_hour_bill import SECONDS_OFF, billed, priced_catalogue
 from tests.workflows import (

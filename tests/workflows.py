@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snakemake_executor_plugin_vastai.marketplace import UNPACED_ENV
+from snakemake_executor_plugin_vastai.market.marketplace import UNPACED_ENV
 from tests.fakevast.harness import FakeVast
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ def assert_nothing_rented(fake: FakeVast) -> None:
 def assert_all_destroyed(fake: FakeVast, workdir: Path) -> list[dict[str, Any]]:
     """Nothing billing in the fake, and the run's own crash-safety ledger agrees. Returns
     every instance the fake ever created."""
-    from snakemake_executor_plugin_vastai.ledger import Ledger
+    from snakemake_executor_plugin_vastai.pool.ledger import Ledger
 
     instances = rented(fake)
     assert instances, "the run rented nothing"
