@@ -198,6 +198,26 @@ def test_threads_share_one_connection_and_reconnect_once(host, sshd, tmp_path):
     assert logins() == before + 1
 
 
+def test_a_send_that_fails_before_the_reader_sees_the_end_counts_as_a_dead_connection(
+    host: RemoteHost,
+) -> None:
+    """The order that once lost a job: a send fails (paramiko raises EOFError) on a socket
+    whose end paramiko's reader thread has not seen yet, so the transport still says it is
+    active. Shutting our write side forces that order: the next send fails at once, and the
+    server's close only arrives a round trip later. The call must reconnect, not fail."""
+    host.run("true")
+    transport = host._transport
+    assert transport is not None
+    for _ in range(20):  # one shutdown is enough; repeated, the order is forced every time
+        transport.sock.shutdown(socket.SHUT_WR)
+
+        assert host.run("echo back").stdout == "back\n"
+
+        assert host._transport is not transport  # a new connection did it
+        transport = host._transport
+        assert transport is not None
+
+
 # -- streams and process groups -------------------------------------------------------------
 
 

@@ -67,6 +67,11 @@ KILL_GRACE_S = 5
 EXIT_CODE_FILE = "exit_code"  # in a job's workdir; written by the job or by the kill script
 
 _NETWORK_ERRORS = (OSError, EOFError, paramiko.SSHException, paramiko.SFTPError)
+# A send can fail on a socket whose end paramiko's reader thread has not seen yet (the
+# transport still says it is active); these are the errors of such a send, and the reader
+# gets this long to notice before the connection is taken for alive.
+_SEND_FAILURES = (EOFError, ConnectionError)
+END_NOTICE_SECONDS = 2.0
 
 # TERM the job's process group, KILL it after a grace period, and record an exit code if the
 # job died before writing its own. Zombies do not count as alive: a container's PID 1 may reap
@@ -315,7 +320,7 @@ class RemoteHost:
         try:
             return action(transport)
         except _NETWORK_ERRORS as exc:
-            if retry and not transport.is_active():
+            if retry and _is_dead(transport, isinstance(exc, _SEND_FAILURES)):
                 return self._call(what, action, False, reconnect_timeout)
             raise RemoteError(f"{self.name}: {what} failed: {_describe(exc)}") from exc
 
@@ -449,6 +454,17 @@ class ExecStream:
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _is_dead(transport: paramiko.Transport, after_a_failed_send: bool) -> bool:
+    """Whether the connection is gone; after a failed send, once the reader has had
+    END_NOTICE_SECONDS to see the end the send met."""
+    deadline = time.monotonic() + (END_NOTICE_SECONDS if after_a_failed_send else 0.0)
+    while transport.is_active():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _exec(transport: paramiko.Transport, command: str) -> paramiko.Channel:
