@@ -49,7 +49,10 @@ def test_a_dag_is_built_without_running_a_job(tmp_path: Path) -> None:
 
 def test_the_runner_can_set_where_snakemake_runs() -> None:
     """The runner on the host sets ``Workflow._rundir`` before each job (Snakemake notes the
-    directory once, when its workflow module is imported; ``Workflow.rundir`` returns it)."""
+    directory once, when its workflow module is imported; ``Workflow.rundir`` returns it).
+    Imported in the runner's order: ``snakemake.workflow`` first of all is a circular import
+    on some 9.x releases."""
+    import snakemake.cli
     import snakemake.workflow
 
     assert isinstance(snakemake.workflow.Workflow._rundir, str)

@@ -4,20 +4,25 @@ directory, a workflow that is not a git repository, rules that ask for no GPU.""
 from __future__ import annotations
 
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from snakemake_executor_plugin_vastai.edge.startchecks import (
+    LOWEST_SNAKEMAKE,
     OutsideWorkdirError,
     PlannedJob,
+    UnsupportedSnakemake,
     cpu_only_notice,
     is_git_work_tree,
     not_git_warning,
     refuse_outside_outputs,
+    require_supported_snakemake,
 )
 from tests.fakevast.harness import FakeVast
 from tests.workflows import (
+    REPO,
     assert_all_destroyed,
     assert_nothing_rented,
     run_snakemake,
@@ -137,3 +142,26 @@ def test_a_workflow_outside_git_is_warned_about_at_start(
     first_rent = run.output.find("Rented ")
     assert 0 <= run.output.find("is not a git repository") < first_rent, run.output
     assert_all_destroyed(fakevast, workflow)
+
+
+@pytest.mark.parametrize("installed", ["9.14.0", "9.27.1", "9.14.0rc1"])
+def test_a_supported_snakemake_passes(installed: str) -> None:
+    require_supported_snakemake(installed)
+
+
+@pytest.mark.parametrize("installed", ["9.13.7", "9.0.0", "8.30.0", "10.0.0", "unknown"])
+def test_any_other_snakemake_is_refused_with_the_fix(installed: str) -> None:
+    with pytest.raises(UnsupportedSnakemake) as refused:
+        require_supported_snakemake(installed)
+
+    message = str(refused.value)
+    assert f"this is Snakemake {installed}" in message
+    assert "pip install 'snakemake>=9.14,<10'" in message
+
+
+def test_the_floor_is_the_one_the_tests_install() -> None:
+    """pyproject.toml's test extra (which scripts/test_lowest_snakemake.sh installs at its
+    floor) and the check at start name the same lowest Snakemake."""
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    [pin] = [r for r in extra["test"] if r.startswith("snakemake>=")]
+    assert pin == f"snakemake>={'.'.join(map(str, LOWEST_SNAKEMAKE))},<{LOWEST_SNAKEMAKE[0] + 1}"

@@ -26,6 +26,7 @@ from snakemake_executor_plugin_vastai.edge.startchecks import (
     cpu_only_notice,
     not_git_warning,
     refuse_outside_outputs,
+    require_supported_snakemake,
     unshipped_warning,
 )
 from snakemake_executor_plugin_vastai.edge.summary import run_cost
@@ -90,6 +91,7 @@ class RunContext:
         is_preemptible: Callable[[str], bool] | None = None,
     ) -> RunContext:
         """``is_preemptible``: Snakemake's --preemptible-rules test (those rent bids)."""
+        require_supported_snakemake(version("snakemake"))
         validate_settings(settings)
         api_url = resolve_api_url(settings.api_url)
         market = Marketplace(resolve_api_key(settings.api_key), api_url, paced=pacing_wanted())

@@ -10,6 +10,7 @@ named where a price is first seen (``offers``, the first rent), not when a price
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +25,29 @@ SHOWN_UNSHIPPED = 10
 """How many untracked files the not-shipped warning lists by name."""
 OWN_STATE = ".snakemake"
 """Snakemake's and the plugin's state in the workflow directory: never a source."""
+LOWEST_SNAKEMAKE = (9, 14)
+"""The lowest Snakemake the plugin runs on, with the interface packages a fresh install gets
+(CI runs the Snakemake-facing tests on it: scripts/test_lowest_snakemake.sh; the floor of
+``snakemake`` in pyproject.toml's test extra says the same)."""
+
+
+class UnsupportedSnakemake(UserError):
+    """The installed Snakemake is outside the range the plugin is tested on."""
+
+
+def require_supported_snakemake(installed: str) -> None:
+    """Refuse a Snakemake outside 9.14 .. 9.x at start: older releases fail deep inside a
+    job (an argument their source files do not take, an internal they lack), a new major
+    release may change the executor interface."""
+    parts = [int(part) for part in re.findall(r"\d+", installed)[:2]]
+    lowest = ".".join(map(str, LOWEST_SNAKEMAKE))
+    if len(parts) == 2 and tuple(parts) >= LOWEST_SNAKEMAKE and parts[0] == LOWEST_SNAKEMAKE[0]:
+        return
+    raise UnsupportedSnakemake(
+        f"The vastai executor needs Snakemake {lowest} or newer within "
+        f"{LOWEST_SNAKEMAKE[0]}.x; this is Snakemake {installed}. "
+        f"Install a supported one: pip install 'snakemake>={lowest},<{LOWEST_SNAKEMAKE[0] + 1}'."
+    )
 
 
 class OutsideWorkdirError(UserError):
