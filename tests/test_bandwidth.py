@@ -61,6 +61,7 @@ def priced_offers(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_the_bytes_of_an_output_are_billed_and_counted_toward_the_budget(
     fakevast_factory: Callable[..., FakeVast], tmp_path: Path
 ) -> None:

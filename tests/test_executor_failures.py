@@ -147,6 +147,7 @@ def test_a_proxy_tunnel_that_never_comes_up_gets_one_reboot(
     assert len(assert_all_destroyed(fake, workdir)) == 1
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_stuck_boot_hits_the_boot_timeout(fakevast: FakeVast, tmp_path: Path) -> None:
     """An image pull that never ends is given up at --vastai-boot-timeout, and the message
     says which option to raise."""
@@ -354,6 +355,7 @@ rule c:
 """
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_a_runner_killed_mid_run_costs_no_job(fakevast: FakeVast, tmp_path: Path) -> None:
     """The first job kills its instance's resident runner: it still finishes (it was forked
     into its own session), and the next jobs run as plain processes, or through the runner the

@@ -29,6 +29,7 @@ DEMO_RULES = Counter(preprocess=2, train=2, evaluate=2, plots=1, summary=1)
 BENCHMARK_HEADER = "s\th:m:s\tmax_rss"
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_demo_matches_a_local_run(fakevast: FakeVast, tmp_path: Path) -> None:
     """Scripts, wildcards, a group, logs, benchmarks, a directory output and names with spaces
     all come home byte-identical to a local run, with a log per job; the run's SSH key goes

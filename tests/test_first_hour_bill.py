@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from snakemake_executor_plugin_vastai.edge.summary import BILLING_NOTE, billed_span
 from snakemake_executor_plugin_vastai.pool.instance import Instance
 from tests.fakevast.harness import FakeVast
@@ -62,6 +64,7 @@ def priced_catalogue(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_the_summary_counts_each_instance_as_the_marketplace_bills_it(
     fakevast_factory: Callable[..., FakeVast], tmp_path: Path
 ) -> None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import pytest
+
 from tests.workflows import REPO, assert_all_destroyed, one_rule_workflow
 
 README = REPO / "README.md"
@@ -143,6 +145,7 @@ def test_the_readmes_own_workflow_block_runs_as_written(tmp_path: Path) -> None:
         assert_clean_bill(fake, workdir)
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_the_demos_running_line_runs_when_pasted_into_a_shell(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     demo = subprocess.run(

@@ -7,6 +7,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import pytest
+
 from tests.fakevast.harness import FakeVast
 from tests.test_cli import helper, plugin_env, table_rows
 from tests.workflows import (
@@ -26,6 +28,7 @@ def states(fake: FakeVast, workdir: Path, home: Path) -> list[str]:
     return [row[1] for row in table_rows(status.out).values()]
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_status_tells_finished_failed_and_killed_runs_apart(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:

@@ -564,9 +564,11 @@ def test_a_malformed_result_frame_is_the_hosts_fault(
 
 
 def frames_command(frames: list[tuple[bytes, bytes]]) -> str:
-    """A command that writes these frames, as a tampered agent on the instance would."""
+    """A command that writes these frames, as a tampered agent on the instance would. It reads
+    its request first, as the agent does: a command that exits before the request is sent
+    fails the send instead (a race these tests are not about)."""
     data = b"".join(kind + len(payload).to_bytes(4, "big") + payload for kind, payload in frames)
-    return f"echo {base64.b64encode(data).decode()} | base64 -d"
+    return f"cat >/dev/null; echo {base64.b64encode(data).decode()} | base64 -d"
 
 
 @pytest.mark.parametrize(

@@ -172,6 +172,7 @@ rule a2:
 """
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_the_total_price_cap_evicts_an_idle_instance_of_another_kind(
     fakevast_factory: Callable[..., FakeVast], tmp_path: Path
 ) -> None:

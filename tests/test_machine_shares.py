@@ -10,6 +10,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.fakevast.harness import FakeVast
 from tests.workflows import (
     INSTANCE_TOKEN,
@@ -81,6 +83,7 @@ rule work:
 """
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_a_64_gb_share_runs_one_40_gb_job_at_a_time(
     fakevast_factory: Callable[..., FakeVast], tmp_path: Path
 ) -> None:

@@ -77,6 +77,7 @@ rule later:
 """
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_the_daily_search_quota_stops_new_rents_and_names_the_reset(
     fakevast_factory: Callable[..., FakeVast], tmp_path: Path
 ) -> None:
@@ -116,6 +117,7 @@ def eight_models() -> str:
     return "\n".join(rules)
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_eight_gpu_models_two_unlisted_stop_the_run_in_at_most_four_searches(
     fakevast_factory: Callable[..., FakeVast], tmp_path: Path
 ) -> None:

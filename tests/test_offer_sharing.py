@@ -175,6 +175,7 @@ def test_without_the_rate_limits_nothing_is_shelved(fakevast: FakeVast, cache_ho
     assert not cache_home.exists()
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_a_job_that_waits_for_the_runs_instance_costs_no_diagnosis(
     fakevast_factory: Callable[..., FakeVast], tmp_path: Path
 ) -> None:

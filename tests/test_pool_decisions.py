@@ -48,7 +48,7 @@ from snakemake_executor_plugin_vastai.pool.placement import (
 from snakemake_executor_plugin_vastai.pool.preparer import fails_everywhere
 from snakemake_executor_plugin_vastai.pool.reaper import find_orphans, reap_orphans
 from snakemake_executor_plugin_vastai.pool.slots import Lease
-from snakemake_executor_plugin_vastai.pool.table import USABLE, State
+from snakemake_executor_plugin_vastai.pool.states import USABLE, State
 from snakemake_executor_plugin_vastai.remote.bootstrap import NO_SSHD_FIX, BootstrapPlan
 from snakemake_executor_plugin_vastai.remote.sshkey import RunKey
 from tests.fakevast.harness import FakeVast

@@ -16,7 +16,8 @@ from snakemake_executor_plugin_vastai.edge.run import teardown_report
 from snakemake_executor_plugin_vastai.market.marketplace import Marketplace, MarketplaceError
 from snakemake_executor_plugin_vastai.pool.instance import Instance
 from snakemake_executor_plugin_vastai.pool.ledger import Ledger, make_label
-from snakemake_executor_plugin_vastai.pool.table import InstanceTable, State
+from snakemake_executor_plugin_vastai.pool.states import State
+from snakemake_executor_plugin_vastai.pool.table import InstanceTable
 from tests.fakevast.harness import FakeVast
 from tests.test_pool_decisions import REQUEST_4090, SIG, Rig, make_instance, make_rig
 

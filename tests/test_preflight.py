@@ -116,6 +116,7 @@ def test_a_rule_without_offers_stops_the_run_before_any_rent(
     assert not (workdir / "ok.txt").exists()
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_a_run_whose_rules_all_have_offers_rents_as_usual(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from snakemake_executor_plugin_vastai.market.marketplace import InstanceInfo
 from snakemake_executor_plugin_vastai.pool.progress import BootProgress, SpendTicker
-from snakemake_executor_plugin_vastai.pool.table import State
+from snakemake_executor_plugin_vastai.pool.states import State
 from tests.fakevast.harness import FakeVast
 from tests.workflows import (
     JOB_LOGS,

@@ -49,6 +49,7 @@ def test_a_jobs_state_is_let_go_once_snakemake_has_its_outcome(
     assert_all_destroyed(fakevast, workdir)
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_the_scale_case_is_measured(tmp_path: Path) -> None:
     result = run_size(16, 8, tmp_path / "scale", boot_seconds=0)
 

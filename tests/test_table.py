@@ -33,15 +33,8 @@ from snakemake_executor_plugin_vastai.pool.instance import Instance, InstanceFai
 from snakemake_executor_plugin_vastai.pool.ledger import Ledger
 from snakemake_executor_plugin_vastai.pool.placement import Placement, Pool, PoolConfig, Seeker
 from snakemake_executor_plugin_vastai.pool.renter import CapRefusal, NoOfferError
-from snakemake_executor_plugin_vastai.pool.table import (
-    STARTING,
-    TRANSITIONS,
-    USABLE,
-    Cancelled,
-    IllegalTransition,
-    InstanceTable,
-    State,
-)
+from snakemake_executor_plugin_vastai.pool.states import STARTING, TRANSITIONS, USABLE, State
+from snakemake_executor_plugin_vastai.pool.table import Cancelled, IllegalTransition, InstanceTable
 from snakemake_executor_plugin_vastai.remote.bootstrap import BootstrapPlan
 from snakemake_executor_plugin_vastai.remote.sshkey import RunKey
 from tests.fakevast.harness import FakeVast

@@ -10,6 +10,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from snakemake_executor_plugin_vastai.base.report import human_bytes
 from snakemake_executor_plugin_vastai.remote.jobwire import (
     LOG_CUT_MARKER,
@@ -118,6 +120,7 @@ def test_a_host_announcing_a_1_tb_file_fails_the_job_before_any_download(
     assert_all_destroyed(fakevast, workdir)
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_100_000_files_in_a_directory_output_are_refused_by_name(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:
@@ -137,6 +140,7 @@ def test_100_000_files_in_a_directory_output_are_refused_by_name(
     assert_all_destroyed(fakevast, workdir)
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_a_1_gb_job_log_is_kept_to_its_cap_with_a_marker(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:

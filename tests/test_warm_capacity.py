@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from snakemake_executor_plugin_vastai.pool.placement import GIVEN_UP
 from tests.fakevast.harness import FakeVast
 from tests.test_first_hour_bill import SECONDS_OFF, billed, priced_catalogue
@@ -46,6 +48,7 @@ rule evaluate:
 """
 
 
+@pytest.mark.slow  # one of the main run's slowest (README: Tests)
 def test_evaluations_take_the_warm_instance_instead_of_waiting_for_a_boot(
     fakevast_factory, tmp_path: Path
 ) -> None:

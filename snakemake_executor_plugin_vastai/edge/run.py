@@ -42,7 +42,7 @@ from snakemake_executor_plugin_vastai.pool.instance import BYTES_PER_GB, Instanc
 from snakemake_executor_plugin_vastai.pool.ledger import Ledger, RunLock, new_run_id
 from snakemake_executor_plugin_vastai.pool.placement import Pool, PoolConfig
 from snakemake_executor_plugin_vastai.pool.reaper import Reaper
-from snakemake_executor_plugin_vastai.pool.table import State
+from snakemake_executor_plugin_vastai.pool.states import State
 from snakemake_executor_plugin_vastai.remote.bootstrap import BootstrapPlan
 from snakemake_executor_plugin_vastai.remote.credentials import secrets
 from snakemake_executor_plugin_vastai.remote.sshkey import RunKey

@@ -24,7 +24,8 @@ from snakemake_executor_plugin_vastai.market.marketplace import (
 )
 from snakemake_executor_plugin_vastai.pool.instance import Instance
 from snakemake_executor_plugin_vastai.pool.ledger import Ledger
-from snakemake_executor_plugin_vastai.pool.table import InstanceTable, State
+from snakemake_executor_plugin_vastai.pool.states import State
+from snakemake_executor_plugin_vastai.pool.table import InstanceTable
 
 log = get_logger(__name__)
 

@@ -13,7 +13,7 @@ from snakemake_executor_plugin_vastai.market.marketplace import InstanceInfo, Of
 from snakemake_executor_plugin_vastai.market.request import Signature
 from snakemake_executor_plugin_vastai.pool.ledger import billed_dollars
 from snakemake_executor_plugin_vastai.pool.slots import SlotBook
-from snakemake_executor_plugin_vastai.pool.table import State
+from snakemake_executor_plugin_vastai.pool.states import State
 from snakemake_executor_plugin_vastai.remote.bootstrap import (
     INSTALLED_MARKER,
     SCRIPT_COMMAND,

@@ -53,13 +53,8 @@ from snakemake_executor_plugin_vastai.pool.renter import (
     RentPlan,
 )
 from snakemake_executor_plugin_vastai.pool.slots import Lease
-from snakemake_executor_plugin_vastai.pool.table import (
-    READY,
-    STARTING,
-    USABLE,
-    InstanceTable,
-    State,
-)
+from snakemake_executor_plugin_vastai.pool.states import READY, STARTING, USABLE, State
+from snakemake_executor_plugin_vastai.pool.table import InstanceTable
 from snakemake_executor_plugin_vastai.remote.bootstrap import BootstrapPlan, onstart_script
 from snakemake_executor_plugin_vastai.remote.sshkey import RunKey
 

@@ -21,7 +21,8 @@ from snakemake_executor_plugin_vastai.market.marketplace import Marketplace, ima
 from snakemake_executor_plugin_vastai.pool.destroyer import Destroyer
 from snakemake_executor_plugin_vastai.pool.instance import Instance, InstanceFailure
 from snakemake_executor_plugin_vastai.pool.ledger import Ledger
-from snakemake_executor_plugin_vastai.pool.table import Cancelled, InstanceTable, State
+from snakemake_executor_plugin_vastai.pool.states import State
+from snakemake_executor_plugin_vastai.pool.table import Cancelled, InstanceTable
 from snakemake_executor_plugin_vastai.remote.bootstrap import (
     NO_SSHD_FIX,
     NO_SSHD_MARKER,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from snakemake_executor_plugin_vastai.base.report import count, say
-from snakemake_executor_plugin_vastai.pool.table import State
+from snakemake_executor_plugin_vastai.pool.states import State
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable

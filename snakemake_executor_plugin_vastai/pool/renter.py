@@ -39,7 +39,8 @@ from snakemake_executor_plugin_vastai.pool.caps import Caps, rent_refusal
 from snakemake_executor_plugin_vastai.pool.instance import Instance
 from snakemake_executor_plugin_vastai.pool.ledger import Ledger
 from snakemake_executor_plugin_vastai.pool.slots import Lease
-from snakemake_executor_plugin_vastai.pool.table import Cancelled, InstanceTable, State
+from snakemake_executor_plugin_vastai.pool.states import State
+from snakemake_executor_plugin_vastai.pool.table import Cancelled, InstanceTable
 
 log = get_logger(__name__)
 

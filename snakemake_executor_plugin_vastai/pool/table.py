@@ -12,47 +12,16 @@ moment it is reserved, before the search), and what they cost per hour.
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from snakemake_executor_plugin_vastai.base.errors import PluginBug, VastaiError
+from snakemake_executor_plugin_vastai.pool.states import BILLING, TRANSITIONS, State
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # instance.py imports only the states, so this is no cycle
     from snakemake_executor_plugin_vastai.pool.instance import Instance
-
-
-class State(enum.Enum):
-    RENTING = "renting"  # reserved: counted toward the caps; search and create under way
-    UNKNOWN = "unknown"  # the create's answer was lost: it may exist; settled by label
-    BOOTING = "booting"
-    BOOTSTRAPPING = "bootstrapping"
-    IDLE = "idle"  # ready, no job on it
-    BUSY = "busy"  # ready, one job or more on it
-    LOST = "lost"  # its host stopped, vanished or went offline: to be destroyed
-    DESTROYING = "destroying"  # destroy sent or to be retried; billing until confirmed
-    GONE = "gone"  # confirmed gone, or never created
-
-
-TRANSITIONS: dict[State, frozenset[State]] = {
-    State.RENTING: frozenset({State.BOOTING, State.UNKNOWN, State.GONE}),
-    State.UNKNOWN: frozenset({State.DESTROYING, State.GONE}),
-    State.BOOTING: frozenset({State.BOOTSTRAPPING, State.LOST, State.DESTROYING}),
-    State.BOOTSTRAPPING: frozenset({State.IDLE, State.BUSY, State.LOST, State.DESTROYING}),
-    State.IDLE: frozenset({State.BUSY, State.LOST, State.DESTROYING}),
-    State.BUSY: frozenset({State.IDLE, State.LOST, State.DESTROYING}),
-    State.LOST: frozenset({State.DESTROYING}),
-    State.DESTROYING: frozenset({State.GONE}),
-    State.GONE: frozenset(),
-}
-"""Every legal move. Anything may be destroyed once it exists; nothing comes back."""
-
-READY = frozenset({State.IDLE, State.BUSY})
-STARTING = frozenset({State.BOOTING, State.BOOTSTRAPPING})
-USABLE = READY | STARTING  # may run jobs now or soon
-BILLING = frozenset(set(State) - {State.GONE})  # may cost money: counted toward every cap
 
 
 class IllegalTransition(PluginBug):
