@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.test_dependencies import imported
+
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,17 +31,14 @@ ONHOST = ROOT / "snakemake_executor_plugin_vastai" / "remote" / "onhost"
 ONHOST_EXTRA = {"runner.py": {"snakemake"}}
 
 
-def imported_top_names(path: Path) -> set[str]:
-    """The top-level names of every absolute import in one file, in functions too."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.partition(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.partition(".")[0])
-        elif isinstance(node, ast.ImportFrom):
-            names.add("." * node.level + (node.module or ""))  # relative: ours, never allowed
-    return names
+def relative_imports(path: Path) -> list[str]:
+    """The relative imports in one file (each one of ours, so never allowed on the host)."""
+    tree = ast.parse(path.read_text())
+    return [
+        "." * node.level + (node.module or "")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level
+    ]
 
 
 def test_the_programs_on_the_host_import_only_the_standard_library() -> None:
@@ -50,5 +49,5 @@ def test_the_programs_on_the_host_import_only_the_standard_library() -> None:
         allowed = (
             set(sys.stdlib_module_names) | {"__future__"} | ONHOST_EXTRA.get(program.name, set())
         )
-        outside = imported_top_names(program) - allowed
-        assert not outside, f"{program.name} imports {sorted(outside)}"
+        outside = sorted(imported(program) - allowed) + relative_imports(program)
+        assert not outside, f"{program.name} imports {outside}"
