@@ -382,6 +382,30 @@ def test_cost_prints_per_run_totals(tmp_path: Path, home: Path) -> None:
     assert float(rows["total"][0]) == pytest.approx(0.19 + float(rows["r2"][4]), abs=1e-4)
 
 
+def test_cost_counts_each_instance_from_its_create_as_the_bill_does(
+    tmp_path: Path, home: Path
+) -> None:
+    """Under the create interval a rent's request may wait 4.5 s for its turn; Vast.ai bills
+    from the create. A create whose answer was lost counts from its request (the most it
+    can have cost)."""
+    ledger = Ledger(tmp_path / ".snakemake" / "vastai")
+    with freeze_time(at(0)):
+        ledger.rent_requested("snakemake-vastai:r1:a", "r1", 1, 3.6)
+    with freeze_time(at(4.5)):  # the create's turn came, and its answer
+        ledger.rented("snakemake-vastai:r1:a", 11)
+    with freeze_time(at(104.5)):
+        ledger.destroyed("snakemake-vastai:r1:a")
+
+    result = helper(home, "--workdir", str(tmp_path), "cost")
+
+    assert (result.code, result.err) == (0, "")
+    rows = {line.split()[0]: line.split()[1:] for line in result.out.splitlines()}
+    assert rows["r1"][4] == "0.1000"  # 100 s at $3.60/h, not 104.5 s ($0.1045)
+    [record] = Ledger(tmp_path / ".snakemake" / "vastai").records()
+    record.created_at = None  # as if the create's answer never came
+    assert record.cost(now=0) == pytest.approx(0.1045)
+
+
 def test_cost_without_a_ledger(tmp_path: Path, home: Path) -> None:
     result = helper(home, "--workdir", str(tmp_path), "cost")
     assert (result.code, result.err) == (0, "")

@@ -20,6 +20,7 @@ import pytest
 from snakemake_executor_plugin_vastai.edge.summary import BILLING_NOTE, billed_span
 from snakemake_executor_plugin_vastai.pool.instance import Instance
 from tests.fakevast.harness import FakeVast
+from tests.test_cli import helper
 from tests.test_pool_decisions import SIG
 from tests.workflows import (
     FLAT_OFFERS,
@@ -85,6 +86,11 @@ def test_the_summary_counts_each_instance_as_the_marketplace_bills_it(
     assert abs(total - sum(billed(i) for i in instances)) < 0.00005  # the printed precision
     assert f"Vast.ai cost of run {summary['run_id']}: ${total:.4f} " in run.output
     assert BILLING_NOTE in run.output
+    home = tmp_path / "home"
+    home.mkdir()
+    cost = helper(home, "--workdir", str(workdir), "cost")  # the same run, from the ledger
+    rows = {line.split()[0]: line.split()[1:] for line in cost.out.splitlines()}
+    assert abs(float(rows[summary["run_id"]][4]) - total) <= 0.0001, cost.out
     assert sum(fake.ledger()["rate_limited"].values()) == 0
 
 

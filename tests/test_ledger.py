@@ -75,9 +75,23 @@ def test_open_records_and_cost(ledger: Ledger) -> None:
     [still_open] = ledger.open_records()
     assert still_open.label == "snakemake-vastai:r1:open"
     closed = next(r for r in ledger.records() if not r.open)
-    # Billed from the rent request to destroy (or now), at the last known price.
-    assert closed.cost(now=T0 + 5000) == pytest.approx(100 * 7.2 / 3600)
-    assert still_open.cost(now=T0 + 200) == pytest.approx(200 * 7.2 / 3600)
+    # Billed as Vast.ai bills: from the create's answer (+2 s) to the destroy (or now), at
+    # the last known price.
+    assert closed.cost(now=T0 + 5000) == pytest.approx(98 * 7.2 / 3600)
+    assert still_open.cost(now=T0 + 200) == pytest.approx(198 * 7.2 / 3600)
+
+
+def test_the_bill_ends_when_the_destroy_was_sent_not_when_it_was_confirmed(
+    ledger: Ledger,
+) -> None:
+    ledger.rent_requested("snakemake-vastai:r1:a", "r1", 1, 3.6)
+    ledger.rented("snakemake-vastai:r1:a", 11)
+    [created] = ledger.records()
+    assert created.created_at is not None
+    ledger.destroyed("snakemake-vastai:r1:a", ended_at=created.created_at + 100)  # confirmed now
+    [record] = ledger.records()
+    assert record.destroyed_at == created.created_at + 100
+    assert record.cost(now=created.created_at + 5000) == pytest.approx(0.1)
 
 
 def test_a_torn_last_line_costs_only_that_event(ledger: Ledger) -> None:

@@ -113,7 +113,11 @@ def parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="only list what would go; change nothing"
     )
     add_subcommand(
-        commands, "cost", "what each run of this workdir cost, from its ledger", show_cost
+        commands,
+        "cost",
+        "what each run of this workdir cost, from its ledger, counted as Vast.ai bills "
+        "(each instance from its create to its destroy, plus its bandwidth)",
+        show_cost,
     )
     add_command(commands)
     return top
@@ -335,11 +339,11 @@ def labelled(instances: Iterable[InstanceInfo]) -> list[InstanceInfo]:
 def destroy_one(api: Marketplace, ledger: Ledger, instance_id: int, label: str) -> bool:
     """One destroy of ``reap --all``; a failure is reported and the others still go."""
     try:
-        api.destroy(instance_id)
+        ended_at = api.destroy(instance_id)
     except MarketplaceError as error:
         fail(f"Could not destroy instance {instance_id} ({label}): {error}")
         return False
-    ledger.destroyed(label)
+    ledger.destroyed(label, ended_at)
     return True
 
 

@@ -225,7 +225,7 @@ class Destroyer:
         threading.Thread(target=instance.close, name="vastai-ssh-close", daemon=True).start()
         try:
             self.ledger.data_billed(instance.label, instance.data_cost())
-            self.ledger.destroyed(instance.label)
+            self.ledger.destroyed(instance.label, ended_at)
         except OSError as error:  # a later reap finds it gone: no harm, only a stale record
             log.warning("Could not record that %s is destroyed: %s", instance.name, error)
         if instance.destroy_error is not None:  # an error was reported: say it is settled

@@ -51,8 +51,9 @@ class InstanceRecord:
     dph_total: float
     requested_at: float
     instance_id: int | None = None
+    created_at: float | None = None  # when the create's answer came: Vast.ai bills from here
     running_at: float | None = None
-    destroyed_at: float | None = None
+    destroyed_at: float | None = None  # where the bill ended (the destroy sent), if known
     jobs: list[str] = field(default_factory=list)
     data_dollars: float = 0.0  # its bandwidth, recorded when it was destroyed
 
@@ -61,7 +62,11 @@ class InstanceRecord:
         return self.destroyed_at is None
 
     def cost(self, now: float) -> float:
-        time_cost = billed_dollars(self.requested_at, self.destroyed_at or now, self.dph_total)
+        """As Vast.ai bills: from the create (from the request when its answer was lost: the
+        most it can be) to the confirmed destroy, or ``now`` while it may bill, plus its
+        bandwidth."""
+        start = self.created_at or self.requested_at
+        time_cost = billed_dollars(start, self.destroyed_at or now, self.dph_total)
         return time_cost + self.data_dollars
 
 
@@ -94,8 +99,13 @@ class Ledger:
     def data_billed(self, label: str, dollars: float) -> None:
         self._append({"event": "data", "label": label, "dollars": dollars})
 
-    def destroyed(self, label: str) -> None:
-        self._append({"event": "destroyed", "label": label})
+    def destroyed(self, label: str, ended_at: float | None = None) -> None:
+        """Gone; ``ended_at``: when the destroy that ended it was sent, where Vast.ai's bill
+        ends (the confirmation, this event's time, comes later)."""
+        event: dict[str, Any] = {"event": "destroyed", "label": label}
+        if ended_at is not None:
+            event["ended"] = ended_at
+        self._append(event)
 
     def records(self) -> list[InstanceRecord]:
         """Every rent ever recorded here, oldest first."""
@@ -116,6 +126,7 @@ class Ledger:
                 continue
             if event["event"] == "rented":
                 record.instance_id = event["instance"]
+                record.created_at = event["t"]
             elif event["event"] == "running":
                 record.running_at = event["t"]
             elif event["event"] == "job":
@@ -125,7 +136,7 @@ class Ledger:
             elif event["event"] == "data":
                 record.data_dollars = event["dollars"]
             elif event["event"] == "destroyed":
-                record.destroyed_at = event["t"]
+                record.destroyed_at = event.get("ended", event["t"])
         return list(by_label.values())
 
     def open_records(self) -> list[InstanceRecord]:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from snakemake_executor_plugin_vastai.base.logger import get_logger
 from snakemake_executor_plugin_vastai.market.marketplace import (
@@ -28,6 +29,7 @@ from snakemake_executor_plugin_vastai.pool.placement import Pool
 from snakemake_executor_plugin_vastai.pool.progress import SPEND_TICK_SECONDS, SpendTicker
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 SWEEP_SECONDS = 0.5
 # A sweep this long after the last one means this process was suspended (a computer asleep):
@@ -90,11 +92,12 @@ def reap_orphans(
         sent = list(pool.map(lambda o: _try(market.request_destroy, o), orphans))
         on_sent()
         confirmed = list(pool.map(lambda o: _try(market.destroy, o), orphans))
-    destroyed = [o for o, ok in zip(orphans, confirmed, strict=True) if ok]
-    for orphan in destroyed:
-        ledger.destroyed(orphan.label)
-    for orphan, ok_sent, ok in zip(orphans, sent, confirmed, strict=True):
-        if not (ok_sent or ok):
+    destroyed = []
+    for orphan, sent_at, confirmed_at in zip(orphans, sent, confirmed, strict=True):
+        if confirmed_at is not None:  # its bill ended when the first answered destroy went
+            ledger.destroyed(orphan.label, sent_at if sent_at is not None else confirmed_at)
+            destroyed.append(orphan)
+        elif sent_at is None:
             log.error(
                 "Could not destroy instance %d of the dead run %s; run 'snakemake-vastai "
                 "reap' or destroy it in the Vast.ai console.",
@@ -109,13 +112,13 @@ def reap_orphans(
     return destroyed
 
 
-def _try(call: Callable[[int], None], orphan: Orphan) -> bool:
+def _try(call: Callable[[int], T], orphan: Orphan) -> T | None:
+    """The call's answer for this orphan; None when it failed (logged)."""
     try:
-        call(orphan.instance_id)
+        return call(orphan.instance_id)
     except MarketplaceError as error:
         log.warning("Instance %d: %s", orphan.instance_id, error)
-        return False
-    return True
+        return None
 
 
 class _SkippedRounds(logging.Filter):
