@@ -215,7 +215,8 @@ class HttpRule:
     """Answers matching /api/ requests late and/or with an error status, `count` times.
 
     `probability` makes the fault random (count then counts only the faults that fired);
-    `after_effect` lets the request take effect first and only loses its answer."""
+    `after_effect` lets the request take effect first and only loses its answer; `garbled`
+    lets it take effect and cuts its answer short (a 200 whose JSON ends halfway)."""
 
     endpoint: str | None = None  # "METHOD /path/" or "/path/": a template or a concrete path
     count: int | None = 1
@@ -225,6 +226,7 @@ class HttpRule:
     body: dict[str, Any] | None = None
     probability: float = 1.0
     after_effect: bool = False
+    garbled: bool = False
 
     @classmethod
     def parse(cls, value: Any, where: str) -> HttpRule:
@@ -232,8 +234,11 @@ class HttpRule:
         status = data.get("status")
         if status is not None and status not in HTTP_STATUSES:
             raise FaultError(f"{where}.status: one of {sorted(HTTP_STATUSES)}, got {status!r}")
-        if status is None and not data.get("latency"):
-            raise FaultError(f"{where}: give a status, a latency or both")
+        garbled = _flag(data.get("garbled", False), f"{where}.garbled")
+        if garbled and status is not None:
+            raise FaultError(f"{where}: garbled cuts the real answer short; give no status")
+        if status is None and not data.get("latency") and not garbled:
+            raise FaultError(f"{where}: give a status, a latency, garbled, or a latency with one")
         if data.get("retry_after") is not None and status is None:
             raise FaultError(f"{where}.retry_after needs a status")
         if data.get("body") is not None and not isinstance(data["body"], dict):
@@ -251,6 +256,7 @@ class HttpRule:
             body=data.get("body"),
             probability=_probability(data.get("probability", 1.0), f"{where}.probability"),
             after_effect=after_effect,
+            garbled=garbled,
         )
 
     def matches(self, method: str, template: str, path: str) -> bool:

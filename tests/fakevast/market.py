@@ -55,6 +55,7 @@ class ApiCall:
     endpoint: str  # "METHOD /template/", the api_calls key
     path: str
     status: int | None = None
+    garbled: bool = False  # answered with its JSON cut short (an http rule's `garbled`)
 
 
 @dataclass
@@ -265,9 +266,10 @@ class Market:
             self._requests.append(call)
             return call
 
-    def log_answer(self, call: ApiCall, status: int) -> None:
+    def log_answer(self, call: ApiCall, status: int, garbled: bool = False) -> None:
         with self._lock:
             call.status = status
+            call.garbled = garbled
 
     def requests(self) -> dict[str, Any]:
         """The request log in arrival order; faults come and go, the log stays."""

@@ -70,8 +70,9 @@ class Request:
 @dataclass(frozen=True)
 class Reply:
     status: int
-    payload: Any  # JSON-able, or str for text/plain
+    payload: Any  # JSON-able, or str for text/plain, or bytes sent as they are as JSON
     headers: Mapping[str, str]
+    garbled: bool = False  # the payload is a real answer cut short
 
     @classmethod
     def of(cls, status: int, payload: Any) -> Reply:
@@ -251,7 +252,7 @@ class FakeVastServer(ThreadingHTTPServer):
         try:
             reply = self._api_answer(handler, incoming)
         finally:
-            self.market.log_answer(call, reply.status)
+            self.market.log_answer(call, reply.status, reply.garbled)
         return reply
 
     def _receive(self, handler: _RequestHandler, method: str) -> _Incoming:
@@ -283,6 +284,8 @@ class FakeVastServer(ThreadingHTTPServer):
         if rule is None:
             return incoming.handle(caller)
         time.sleep(rule.latency)
+        if rule.garbled:
+            return _cut_short(incoming.handle(caller))
         if rule.status is None:
             return incoming.handle(caller)
         if rule.after_effect:
@@ -306,6 +309,14 @@ class FakeVastServer(ThreadingHTTPServer):
             if owner is not None:
                 return Caller(owner), key
         return None, ""
+
+
+def _cut_short(reply: Reply) -> Reply:
+    """The answer with its body ending halfway, as a dropped proxy connection or an
+    overloaded server sends it: the status and headers stand, the JSON cannot be read."""
+    whole = reply.payload if isinstance(reply.payload, str) else json.dumps(reply.payload)
+    data = whole.encode()
+    return Reply(reply.status, data[: max(1, len(data) // 2)], reply.headers, garbled=True)
 
 
 def _out_of_scope(caller: Caller, incoming: _Incoming) -> ApiError | None:
@@ -371,7 +382,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
         except Exception:
             traceback.print_exc(file=sys.stderr)
             reply = Reply.of(500, _FAKE_BUG)
-        if isinstance(reply.payload, str):
+        if isinstance(reply.payload, bytes):
+            data, content_type = reply.payload, JSON
+        elif isinstance(reply.payload, str):
             data, content_type = reply.payload.encode(), "text/plain; charset=utf-8"
         else:
             data, content_type = json.dumps(reply.payload).encode(), JSON
