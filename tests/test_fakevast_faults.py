@@ -450,6 +450,8 @@ def test_new_rule_keys_are_validated(fakevast: FakeVast) -> None:
         {"http": [{"status": 503, "probability": "0.5"}]},
         {"http": [{"status": 503, "garbled": True}]},  # garbled answers the real status
         {"http": [{"garbled": "yes"}]},
+        {"http": [{"status": 503, "skip": -1}]},
+        {"http": [{"status": 503, "skip": 1.5}]},
         {"seed": "1"},
         {"seed": True},
         {"seed": 1.5},

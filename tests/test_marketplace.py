@@ -539,6 +539,38 @@ def test_the_right_key_passes_the_check(fakevast: FakeVast) -> None:
     Marketplace(fakevast.api_key, fakevast.url, FAST_RETRY).check_credentials(HELPER_OPTIONS)
 
 
+def test_a_garbled_second_page_of_the_list_is_asked_again(
+    fakevast_factory: Callable[..., FakeVast], tmp_path: Path
+) -> None:
+    """30 instances come in two pages; the second arrives cut halfway. The list is whole
+    anyway: a garbled page is retried like a server error, never taken for a shorter list
+    (which would make the pool believe instances gone that still bill)."""
+    from tests.fakevast.clients import rent as rent_one
+    from tests.fakevast.clients import sdk
+    from tests.test_market_rules import sixteen_offers
+
+    offers = tmp_path / "offers.json"
+    sixteen_offers(offers)
+    rows = json.loads(offers.read_text())
+    offers.write_text(json.dumps([*rows, *({**r, "id": r["id"] + 100} for r in rows)]))
+    fake = fakevast_factory(offers=offers)
+    vast = sdk(fake)
+    ids = [rent_one(vast, query="num_gpus=1") for _ in range(30)]
+    list_v1 = "GET /api/v1/instances/"
+    fake.set_faults({"http": [{"garbled": True, "skip": 1, "endpoint": list_v1}]})
+    market = Marketplace(fake.api_key, fake.url, FAST_RETRY)
+
+    try:
+        listed = market.list_instances()
+    finally:
+        for instance_id in ids:
+            vast.destroy_instance(id=instance_id)
+
+    assert sorted(row.id for row in listed) == sorted(ids)
+    garbled = [c for c in fake.requests() if c["endpoint"] == list_v1 and c["garbled"]]
+    assert len(garbled) == 1  # the second page, cut halfway, then asked again
+
+
 def test_a_list_longer_than_a_page_is_paced_page_by_page(
     fakevast_factory: Callable[..., FakeVast], tmp_path: Path
 ) -> None:

@@ -70,6 +70,13 @@ def _count(value: Any, where: str) -> int | None:
     return value
 
 
+def _skip(value: Any, where: str) -> int:
+    """How many matching requests pass before a rule applies: a whole number, >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise FaultError(f"{where}: expected a whole number >= 0, got {value!r}")
+    return value
+
+
 def _probability(value: Any, where: str) -> float:
     """A chance in (0, 1]; 1 means every matching request."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
@@ -227,6 +234,7 @@ class HttpRule:
     probability: float = 1.0
     after_effect: bool = False
     garbled: bool = False
+    skip: int = 0  # matching requests let through untouched before the rule applies
 
     @classmethod
     def parse(cls, value: Any, where: str) -> HttpRule:
@@ -257,6 +265,7 @@ class HttpRule:
             probability=_probability(data.get("probability", 1.0), f"{where}.probability"),
             after_effect=after_effect,
             garbled=garbled,
+            skip=_skip(data.get("skip", 0), f"{where}.skip"),
         )
 
     def matches(self, method: str, template: str, path: str) -> bool:
@@ -417,6 +426,9 @@ class FaultBook:
         a random rule that did not fire lets the later rules have their turn."""
         with self._lock:
             for rule in self.http:
+                if rule.skip and rule.matches(method, template, path):
+                    rule.skip -= 1  # this one passes untouched (a later page, say, is hit)
+                    continue
                 if rule.matches(method, template, path) and rule.fires(self._random.random):
                     if rule.count is not None:
                         rule.count -= 1
