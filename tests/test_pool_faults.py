@@ -155,10 +155,22 @@ FAULTS: dict[str, tuple[dict[str, Any], str, int]] = {
 }
 
 
+# The main run keeps one fault of each kind (a server error, a lost answer); the rest run
+# with the slowest tests (README: Tests).
+MAIN_RUN_FAULTS = {"503-search", "create-answer-lost"}
+
+
 @pytest.mark.parametrize(
     "jobs", [1, pytest.param(3, marks=pytest.mark.slow)], ids=["jobs1", "jobs3"]
 )
-@pytest.mark.parametrize("fault", FAULTS, ids=FAULTS.keys())
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param(name, marks=() if name in MAIN_RUN_FAULTS else pytest.mark.slow)
+        for name in FAULTS
+    ],
+    ids=FAULTS.keys(),
+)
 def test_one_transient_fault_costs_a_retry_not_the_run(
     fakevast: FakeVast, tmp_path: Path, fault: str, jobs: int
 ) -> None:
