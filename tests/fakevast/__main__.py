@@ -45,6 +45,11 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--boot-seconds", type=float, default=0.0, help="create -> running delay")
     parser.add_argument(
+        "--restart-seconds",
+        type=float,
+        help="a start's delay once it has its GPU (default: the boot's, at most 30)",
+    )
+    parser.add_argument(
         "--rtt-ms",
         type=_milliseconds,
         default=0.0,
@@ -95,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         state_root = args.state_dir or Path(scratch)
         state_root.mkdir(parents=True, exist_ok=True)
         limits = RateLimits(enabled=args.rate_limits, search_quota=args.search_quota)
-        market = Market(catalog, args.boot_seconds, state_root, args.rtt_ms, limits)
+        market = Market(
+            catalog, args.boot_seconds, state_root, args.rtt_ms, limits, args.restart_seconds
+        )
         server = FakeVastServer(args.port, market, args.api_key, args.log_requests)
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -305,6 +305,8 @@ class Container:
 
     def start(self) -> None:
         """Boot the instance; returns once sshd listens (ssh mode) or the main process runs.
+        After a `halt` it starts again on the files it had, as `docker start` does: the main
+        process (and with it the onstart script) runs afresh.
 
         sshd binds the port we picked a moment later, and anything on this machine may take it
         meanwhile. A real instance has a network of its own and never meets this, so the fake
@@ -315,7 +317,10 @@ class Container:
                 raise ContainerError(f"instance {self.spec.instance_id} was destroyed")
             if self._proc is not None:
                 raise ContainerError(f"instance {self.spec.instance_id} was already started")
-            self._prepare()
+            if self._prepared:
+                self._prepare_restart()
+            else:
+                self._prepare()
         for attempt in range(1, _START_ATTEMPTS + 1):
             with self._lock:
                 if self._destroyed:
@@ -345,6 +350,13 @@ class Container:
                 return
             with self._layout.host(self._layout.authorized_keys).open("a") as handle:
                 handle.write(key.strip() + "\n")
+
+    def halt(self) -> None:
+        """Kill every process of the instance, as `docker stop` does, and keep its files (the
+        overlay's upper layer) for a later `start`; idempotent."""
+        with self._lock:
+            if not self._destroyed:
+                self._stop_processes()
 
     def kill_sshd(self) -> None:
         """Simulate the host going offline: every sshd process dies, so live sessions drop."""
@@ -463,11 +475,21 @@ class Container:
     def _forget_failed_start(self, log_start: int) -> None:
         """Back to a prepared instance on a fresh port, its log as if that start never was."""
         os.truncate(self._log_path, log_start)
-        self._proc = None
-        self._init_pid = None
-        self._release_namespace()
+        self._move_sshd()
+
+    def _move_sshd(self) -> None:
+        """sshd listens on a fresh port from its next start on."""
         self.sshd_port = _free_port()
         self._layout.write(self._layout.config, self._sshd_config())
+
+    def _prepare_restart(self) -> None:
+        """Before a start on the files of a halted run: the marks of that run's start go (a
+        killed sshd leaves its pid file behind), so `_is_started` waits for this run's; sshd
+        gets a fresh port, as another process may hold the old one by now."""
+        self._layout.host(self._layout.pid_file).unlink(missing_ok=True)
+        (self.state_dir / "entered").unlink(missing_ok=True)
+        if self.spec.ssh and has_sshd(self.spec.image):
+            self._move_sshd()
 
     def _prepare_no_sshd(self) -> None:
         """An ssh-mode instance of an image without sshd: its endpoints are published as
@@ -677,6 +699,8 @@ class Container:
                     f"instance {self.spec.instance_id}: processes survived destroy"
                 )
         finally:
+            self._proc = None
+            self._init_pid = None
             self._release_namespace()
 
     def _release_namespace(self) -> None:

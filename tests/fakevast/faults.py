@@ -29,6 +29,10 @@ BOOT_FAILURES = (
     "no space left on device",
 )
 HTTP_STATUSES = frozenset({429, 500, 502, 503, 504})
+# The longest a start of a stopped instance takes, its GPU free: docs.vast.ai ("vastai start
+# instance") reads an instance "stuck in the scheduling state for more than 30 seconds" as one
+# whose machine lacks the resources, so a start that gets them is under way within 30 s.
+RESTART_CAP_SECONDS = 30.0
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE"})
 
 
@@ -151,6 +155,36 @@ class PriceRise:
             _number(data["dph_total"], f"{where}.dph_total"),
             _number(data.get("after_seconds", 0.0), f"{where}.after_seconds"),
         )
+
+
+@dataclass(frozen=True)
+class GpuTaken:
+    """While an instance is stopped its GPU is free to rent (docs.vast.ai: "Stopped instances
+    have no GPU reservation"); with chance `probability`, drawn at its next start, another
+    renter has taken it and keeps it `for_seconds` from then (None: for good, the stricter
+    reading, as nothing tells when a stranger's rental ends)."""
+
+    probability: float = 1.0
+    for_seconds: float | None = None
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> GpuTaken | None:
+        if value is None:
+            return None
+        data = _object(value, where, {"probability", "for_seconds"})
+        seconds = data.get("for_seconds")
+        return cls(
+            _probability(data.get("probability", 1.0), f"{where}.probability"),
+            None if seconds is None else _number(seconds, f"{where}.for_seconds"),
+        )
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long a first boot (image pull and start) and a restart (start only) take."""
+
+    boot_seconds: float
+    restart_seconds: float
 
 
 @dataclass(frozen=True)
@@ -311,7 +345,9 @@ def _endpoint(value: Any, where: str) -> str | None:
 class FaultUpdate:
     """A validated ``POST /_fake/faults`` document, split by who applies which part."""
 
-    settings: dict[str, Any]  # boot_seconds, bandwidth, rtt_ms, logs_not_ready, next_creates
+    # boot_seconds, restart_seconds, bandwidth, rtt_ms, logs_not_ready, next_creates,
+    # gpu_taken_while_stopped
+    settings: dict[str, Any]
     http: list[HttpRule]
     offers: dict[int, dict[str, Any] | None]
     instances: dict[int, dict[str, Any]]
@@ -321,6 +357,8 @@ class FaultUpdate:
 
 _TOP_KEYS = {
     "boot_seconds",
+    "restart_seconds",
+    "gpu_taken_while_stopped",
     "http",
     "offers",
     "next_creates",
@@ -337,9 +375,12 @@ def parse_update(doc: Any) -> FaultUpdate:
     """Validate a whole document before anything is applied, so a bad one changes nothing."""
     data = _object(doc, "faults", _TOP_KEYS)
     settings: dict[str, Any] = {}
-    if "boot_seconds" in data:
-        value = data["boot_seconds"]
-        settings["boot_seconds"] = None if value is None else _number(value, "boot_seconds")
+    for key in ("boot_seconds", "restart_seconds"):
+        if key in data:
+            settings[key] = None if data[key] is None else _number(data[key], key)
+    if "gpu_taken_while_stopped" in data:
+        given = data["gpu_taken_while_stopped"]
+        settings["gpu_taken_while_stopped"] = GpuTaken.parse(given, "gpu_taken_while_stopped")
     if "bandwidth" in data:
         settings["bandwidth"] = _bandwidth(data["bandwidth"], "bandwidth")
     if "rtt_ms" in data:
@@ -374,13 +415,17 @@ def parse_update(doc: Any) -> FaultUpdate:
 class FaultBook:
     """The marketplace-wide fault settings; thread-safe, consulted on every request.
 
-    `boot_seconds` and `rtt_ms` start from the command line's values; null or a clear goes back
-    to those."""
+    `boot_seconds`, `restart_seconds` and `rtt_ms` start from the command line's values; null
+    or a clear goes back to those. A `restart_seconds` of None follows `boot_seconds` (see
+    `timing`)."""
 
     default_boot_seconds: float
     default_rtt_ms: float = 0.0
+    default_restart_seconds: float | None = None
     boot_seconds: float = field(init=False)
+    restart_seconds: float | None = field(init=False)
     rtt_ms: float = field(init=False)
+    gpu_taken_while_stopped: GpuTaken | None = None
     http: list[HttpRule] = field(default_factory=list)
     offers: dict[int, CreateFaults] = field(default_factory=dict)
     next_creates: CreateFaults | None = None
@@ -391,6 +436,7 @@ class FaultBook:
 
     def __post_init__(self) -> None:
         self.boot_seconds = self.default_boot_seconds
+        self.restart_seconds = self.default_restart_seconds
         self.rtt_ms = self.default_rtt_ms
 
     def apply(self, update: FaultUpdate) -> None:
@@ -400,7 +446,7 @@ class FaultBook:
             if update.seed is not None:
                 self._random.seed(update.seed)
             for key, value in update.settings.items():
-                if key in ("boot_seconds", "rtt_ms") and value is None:
+                if key in ("boot_seconds", "restart_seconds", "rtt_ms") and value is None:
                     value = getattr(self, f"default_{key}")
                 setattr(self, key, value)
             self.http.extend(update.http)
@@ -414,12 +460,36 @@ class FaultBook:
     def clear(self) -> None:
         with self._lock:
             self.boot_seconds = self.default_boot_seconds
+            self.restart_seconds = self.default_restart_seconds
+            self.gpu_taken_while_stopped = None
             self.http.clear()
             self.offers.clear()
             self.next_creates = None
             self.bandwidth = None
             self.rtt_ms = self.default_rtt_ms
             self.logs_not_ready = 0
+
+    def timing(self) -> Timing:
+        """The boot and restart times in force. A restart without a time of its own takes as
+        long as a boot (no kinder: Vast.ai gives no figure), but at most RESTART_CAP_SECONDS,
+        as its image is on the machine already."""
+        with self._lock:
+            restart = self.restart_seconds
+            if restart is None:
+                restart = min(self.boot_seconds, RESTART_CAP_SECONDS)
+            return Timing(self.boot_seconds, restart)
+
+    def take_gpu(self, now: float) -> float | None:
+        """At the start of a stopped instance: until when another renter holds its GPU (inf:
+        for good), or None if nobody took it. Draws only for a probability below 1, so that a
+        fixed setting leaves a seeded sequence alone."""
+        with self._lock:
+            taken = self.gpu_taken_while_stopped
+            if taken is None:
+                return None
+            if taken.probability < 1.0 and self._random.random() >= taken.probability:
+                return None
+            return math.inf if taken.for_seconds is None else now + taken.for_seconds
 
     def take_http(self, method: str, template: str, path: str) -> HttpRule | None:
         """The first rule that matches this request and fires, with one of its uses consumed;
@@ -457,6 +527,10 @@ class FaultBook:
         with self._lock:
             return {
                 "boot_seconds": self.boot_seconds,
+                "restart_seconds": self.restart_seconds,
+                "gpu_taken_while_stopped": (
+                    asdict(self.gpu_taken_while_stopped) if self.gpu_taken_while_stopped else None
+                ),
                 "http": [asdict(rule) for rule in self.http],
                 "offers": {str(k): to_json(v) for k, v in self.offers.items()},
                 "next_creates": to_json(self.next_creates) if self.next_creates else None,

@@ -37,11 +37,14 @@ class FakeVast:
         rtt_ms: float = 0.0,
         rate_limits: bool = True,
         search_quota: int | None = None,
+        restart_seconds: float | None = None,
     ) -> None:
         """`rtt_ms` is the SSH relays' simulated round-trip time (``--rtt-ms``), e.g. 50 for a
         laptop-to-Vast link; faults can change it later. `rate_limits` False answers every
         call at once (``--no-rate-limits``), for tests about something else; `search_quota`
-        is the searches per key per UTC day (``--search-quota``; None: unlimited)."""
+        is the searches per key per UTC day (``--search-quota``; None: unlimited);
+        `restart_seconds` how long a start of a stopped instance takes once it has its GPU
+        (``--restart-seconds``; None: as long as a boot, at most 30 s)."""
         self.api_key = api_key
         self.rate_limits = rate_limits  # as started (``set_limits`` may change it later)
         command = [sys.executable, "-m", "tests.fakevast", "--port", "0"]
@@ -51,6 +54,8 @@ class FakeVast:
             command += ["--no-rate-limits"]
         if search_quota is not None:
             command += ["--search-quota", str(search_quota)]
+        if restart_seconds is not None:
+            command += ["--restart-seconds", str(restart_seconds)]
         if offers is not None:
             command += ["--offers", str(offers)]
         if state_dir is not None:

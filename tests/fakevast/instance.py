@@ -1,8 +1,12 @@
 """One rented instance: its state as the API reports it, the timeline it follows, and its faults.
 
 Everything here runs under the market's lock and never blocks: work on processes and sockets
-(starting the container, killing sshd, cutting relays) is returned to the market as `Effects`
-to run after the lock is released.
+(starting or halting the container, killing sshd, cutting relays) is returned to the market as
+`Effects` to run after the lock is released.
+
+Billing follows the stop tier: an instance pays its GPU (`dph_base`) while it holds the GPU,
+from create (or the moment a start gets the GPU back) until its container has halted after a
+stop, and its storage (`storage_total_cost`) from create to destroy, stopped or not.
 """
 
 from __future__ import annotations
@@ -10,11 +14,11 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from .catalog import storage_per_hour
 from .container import Container
-from .faults import Delay, PriceRise
+from .faults import Delay, PriceRise, Timing
 from .launch import LaunchSpec
 from .relay import Relay, TrafficCounter
 
@@ -22,6 +26,17 @@ BYTES_PER_GB = 1e9  # inet_up_cost / inet_down_cost are $/GB
 # The first poll still sees actual_status null (vast-api.md §4: "after about 1-2 polls").
 LOADING_AFTER_SECONDS = 0.3
 REBOOT_SECONDS = 1.0
+# The API answers a stop at once and the host's daemon acts on it a moment later (a watchdog
+# stopping its own instance from inside must still read the answer); then `docker stop` kills
+# every process. Vast.ai gives no figure: 0.5 s, during which the GPU is still billed.
+HALT_AFTER_SECONDS = 0.5
+# A start waits for the GPU first: docs.vast.ai ("vastai start instance") calls it the
+# "scheduling" state; §4 lists no such actual_status, so it stays "stopped" meanwhile.
+SCHEDULING_MSG = "Scheduling: waiting for the instance's GPU to be free"
+RESTART_MSG = "Starting container: its image is on the machine already"
+# Whether the container's processes run: "off" (not yet booted, halted, or failed to start),
+# or a boot or halt thread is under way.
+Power = Literal["off", "booting", "on", "halting"]
 _CREATE_FAILURE = "oci runtime create failed"
 # Hardware fields an instance row copies from the offer it was rented from.
 MACHINE_FIELDS = (
@@ -92,6 +107,7 @@ class Effects:
     """Blocking work decided under the lock, done after it is released."""
 
     boot: list[Instance] = field(default_factory=list)
+    halt: list[Instance] = field(default_factory=list)
     kill_sshd: list[Container] = field(default_factory=list)
     cut: list[Relay] = field(default_factory=list)
     bandwidth: list[tuple[Relay, float | None]] = field(default_factory=list)
@@ -115,9 +131,18 @@ class Instance:
     cur_state: str = "running"
     next_state: str = "running"
     status_msg: str | None = None
-    running_at: float | None = None
+    running_at: float | None = None  # when it first ran
+    restarted_at: float | None = None  # when a start last brought it back to running
     ended_at: float | None = None
-    polled: bool = False
+    polled: bool = False  # shown since it was created or last asked to start
+    asked_at: float = field(init=False)  # its create, or the last start of it stopped
+    scheduled_at: float = field(init=False)  # when it got its GPU: its boot counts from then
+    power: Power = "off"
+    halt_at: float | None = None  # a stop's `docker stop` is due then
+    gpu_since: float | None = field(init=False)  # holds (and pays) its GPU since; None: not
+    gpu_seconds: float = 0.0  # GPU time paid before `gpu_since`
+    host_lost: bool = False  # the `offline` fault: it never runs again
+    outbid: bool = False  # the `stopped` fault: a higher bid holds its GPU for good
     boot_decided: bool = False  # the boot was started, or it failed for good
     boot_failure: str | None = None
     stuck_loading: bool = False
@@ -144,8 +169,15 @@ class Instance:
     def __post_init__(self) -> None:
         price = self.launch.price
         self.dph_base = self.offer["dph_base"] if price is None else price
-        self.dph_total = self.dph_base + storage_per_hour(self.offer, self.launch.disk)
+        self.dph_total = self.dph_base + self.storage_dph
         self.label = self.launch.label
+        self.asked_at = self.scheduled_at = self.created_at
+        self.gpu_since = self.created_at
+
+    @property
+    def storage_dph(self) -> float:
+        """Its disk's price per hour, the API's `storage_total_cost`."""
+        return storage_per_hour(self.offer, self.launch.disk)
 
     @property
     def alive(self) -> bool:
@@ -159,6 +191,12 @@ class Instance:
     @property
     def relays(self) -> list[Relay]:
         return [relay for relay in (self.proxy, self.direct) if relay is not None]
+
+    @property
+    def holds_offer(self) -> bool:
+        """Its offer's GPU is not for rent: it holds it, or lost it to a higher bid or with its
+        host."""
+        return self.alive and (self.gpu_since is not None or self.outbid or self.host_lost)
 
     # -- faults ---------------------------------------------------------------------------------
 
@@ -196,24 +234,18 @@ class Instance:
 
     # -- timeline -------------------------------------------------------------------------------
 
-    def step(self, now: float, boot_seconds: float, effects: Effects) -> None:
-        """Advance null -> loading -> (boot) and fire due fault events."""
+    def step(self, now: float, timing: Timing, effects: Effects) -> None:
+        """Advance null -> loading -> (boot), halt a stopped container when due, and fire due
+        fault events."""
         if not self.alive:
             return
-        waited = self.polled or now - self.created_at >= LOADING_AFTER_SECONDS
-        if self.actual_status is None and self.intended_status == "running" and waited:
+        if self.actual_status is None and self.intended_status == "running" and self._waited(now):
             self._start_loading()
-        if (
-            self.actual_status == "loading"
-            and not self.boot_decided
-            and not self.stuck_loading
-            and now - self.created_at >= boot_seconds
-        ):
-            self.boot_decided = True
-            if self.boot_failure is None:
-                effects.boot.append(self)
-            elif _CREATE_FAILURE in self.boot_failure.lower():
-                self.fail_create(self.boot_failure)
+        if self._boot_due(now, timing):
+            self._boot(effects)
+        if self.power == "on" and self.halt_at is not None and now >= self.halt_at:
+            self.power, self.halt_at = "halting", None
+            effects.halt.append(self)
         if self.reboot_until is not None and now >= self.reboot_until:
             self.reboot_until = None
             if self.actual_status == "rebooting":
@@ -222,7 +254,32 @@ class Instance:
             self.actual_status = "exited"
         for event in [e for e in self.events if e.due(now, self.running_at)]:
             self.events.remove(event)
-            self._fire(event, effects)
+            self._fire(event, now, effects)
+
+    def _waited(self, now: float) -> bool:
+        """Past the first poll after its create or start (vast-api.md §4: "1-2 polls")."""
+        return self.polled or now - self.asked_at >= LOADING_AFTER_SECONDS
+
+    def _boot_due(self, now: float, timing: Timing) -> bool:
+        """A restart needs its start only; a first boot pulls the image too, and waits while
+        its faults say it is stuck or has failed."""
+        if self.actual_status != "loading" or self.power != "off":
+            return False
+        if self.container is not None:
+            return now >= self.scheduled_at + timing.restart_seconds
+        late = now >= self.scheduled_at + timing.boot_seconds
+        return late and not self.boot_decided and not self.stuck_loading
+
+    def _boot(self, effects: Effects) -> None:
+        """Start its container, unless its first boot fails as its boot_failure says."""
+        if self.container is None:
+            self.boot_decided = True
+            if self.boot_failure is not None:
+                if _CREATE_FAILURE in self.boot_failure.lower():
+                    self.fail_create(self.boot_failure)
+                return
+        self.power = "booting"
+        effects.boot.append(self)
 
     def _start_loading(self) -> None:
         self.actual_status = "loading"
@@ -230,36 +287,77 @@ class Instance:
         pull_failure = failure is not None and _CREATE_FAILURE not in failure.lower()
         self.status_msg = failure if pull_failure else f"Pulling image {self.launch.image}"
 
-    def _fire(self, event: Event, effects: Effects) -> None:
+    def _fire(self, event: Event, now: float, effects: Effects) -> None:
         if event.kind == "price_rise" and event.dph_total is not None:
             self.dph_total = event.dph_total
-            self.dph_base = event.dph_total - storage_per_hour(self.offer, self.launch.disk)
+            self.dph_base = event.dph_total - self.storage_dph
         elif event.kind == "cut_connections":
             effects.cut.extend(self.relays)
         elif event.kind == "offline":
             self.actual_status = "offline"
             self.status_msg = "Host is offline: no heartbeat"
+            self.host_lost = True
             self._lose_sshd(effects)
         elif event.kind == "stopped":
-            self.stop(effects, "Instance stopped: outbid by a higher bid", by="fake")
+            self.stop(now, effects, "Instance stopped: outbid by a higher bid", by="fake")
+            self.outbid = True
 
     def _lose_sshd(self, effects: Effects) -> None:
         if self.container is not None:
             effects.kill_sshd.append(self.container)
         effects.cut.extend(self.relays)
 
-    def stop(self, effects: Effects, why: str, by: str) -> None:
-        """Outbid or stopped by the user: every state field says stopped; sshd goes away."""
-        self.actual_status = self.cur_state = self.intended_status = self.next_state = "stopped"
-        self.status_msg = why
+    def stop(self, now: float, effects: Effects, why: str, by: str) -> None:
+        """Outbid or stopped by the user: every state field says stopped (a lost host stays
+        offline) and sshd goes away at once; every other process HALT_AFTER_SECONDS later."""
+        self.cur_state = self.intended_status = self.next_state = "stopped"
+        if not self.host_lost:
+            self.actual_status, self.status_msg = "stopped", why
         self.stopped_by = by
         self._lose_sshd(effects)
+        if self.power == "off":
+            self._release_gpu(now)
+        elif self.power != "halting":
+            self.halt_at = now + HALT_AFTER_SECONDS
 
-    def resume_before_boot(self) -> None:
-        """A start after a stop, for an instance whose container never started."""
-        self.intended_status = self.cur_state = self.next_state = "running"
-        self.actual_status = None
-        self.status_msg = None
+    def halted(self, now: float) -> None:
+        """Its container's processes are gone: from now on it pays its storage only."""
+        self.power = "off"
+        self._release_gpu(now)
+
+    def _release_gpu(self, now: float) -> None:
+        if self.gpu_since is not None:
+            self.gpu_seconds += now - self.gpu_since
+            self.gpu_since = None
+
+    def request_start(self, now: float) -> None:
+        """A start of a stopped instance: it waits, still `stopped`, for its GPU."""
+        self.intended_status = self.next_state = "running"
+        self.asked_at, self.polled = now, False
+        if not self.host_lost:
+            self.status_msg = SCHEDULING_MSG
+
+    def wants_gpu(self, now: float) -> bool:
+        """Asked to start, halted, and past the first poll: it takes its GPU once that is free
+        (never after losing it to a higher bid or with its host)."""
+        return (
+            self.alive
+            and self.intended_status == "running"
+            and self.gpu_since is None
+            and self.power == "off"
+            and not (self.outbid or self.host_lost)
+            and self._waited(now)
+        )
+
+    def take_gpu(self, now: float) -> None:
+        """Its GPU is its own again: loading, then a restart (or, never booted, a first boot)."""
+        self.gpu_since = self.scheduled_at = now
+        self.cur_state = "running"
+        if self.container is None:
+            self.boot_decided = False  # its first boot runs again, faults and all
+            self._start_loading()
+        else:
+            self.actual_status, self.status_msg = "loading", RESTART_MSG
 
     def reboot(self, now: float, effects: Effects) -> None:
         """Cuts live connections and reports `rebooting` for a while; a proxy tunnel that was
@@ -273,16 +371,38 @@ class Instance:
         """A new bid: the price it rents at from now on (the ledger's bid_price too)."""
         self.launch = replace(self.launch, price=price)
         self.dph_base = price
-        self.dph_total = price + storage_per_hour(self.offer, self.launch.disk)
+        self.dph_total = price + self.storage_dph
 
     def fail_create(self, message: str) -> None:
         """The container could not be created/started: stays `created` with Docker's error."""
         self.actual_status = "created"
         self.status_msg = message
 
-    def mark_running(self, now: float, proxy: Relay | None, direct: Relay | None) -> None:
+    def booted(self, now: float, proxy: Relay | None, direct: Relay | None) -> list[Relay]:
+        """Its container is up with these relays; running unless stopped meanwhile. Returns
+        the relays of its last run, to close."""
+        replaced = self.relays
         self.proxy, self.direct = proxy, direct
-        self.running_at = now
+        self.applied_bandwidth = self.applied_rtt_ms = None  # new relays: set them again
+        self.power = "on"
+        if self.actual_status == "loading":
+            self._mark_running(now)
+        return replaced
+
+    def boot_failed(self, now: float, message: str) -> None:
+        """Its container did not start: Docker's error if it was loading; if it was stopped
+        meanwhile, it is simply off."""
+        self.power, self.halt_at = "off", None
+        if self.actual_status == "loading":
+            self.fail_create(message)
+        else:
+            self._release_gpu(now)
+
+    def _mark_running(self, now: float) -> None:
+        if self.running_at is None:
+            self.running_at = now
+        else:
+            self.restarted_at = now
         self.actual_status = "running"
         suffix = "ssh" if self.launch.ssh else "args"
         self.status_msg = f"success, running {self.launch.image.replace(':', '_')}/{suffix}"
@@ -291,10 +411,21 @@ class Instance:
         self.ended_at = now
         self.destroyed_by = by
         self.events.clear()
+        self._release_gpu(now)
+
+    def gpu_cost(self, now: float) -> float:
+        """GPU dollars at the current dph_base (an approximation) for every second it held its
+        GPU: a stopped instance pays no GPU (vast-api.md §4: "Only disk is billed")."""
+        held = self.gpu_seconds + (now - self.gpu_since if self.gpu_since is not None else 0.0)
+        return self.dph_base * held / 3600
+
+    def disk_cost(self, now: float) -> float:
+        """Storage dollars from create to destroy, stopped included (vast-api.md §10)."""
+        return self.storage_dph * ((self.ended_at or now) - self.created_at) / 3600
 
     def cost(self, now: float) -> float:
-        """Dollars accrued at the current price since creation (an approximation)."""
-        return self.dph_total * ((self.ended_at or now) - self.created_at) / 3600
+        """Its whole bill: GPU, storage and bandwidth."""
+        return self.gpu_cost(now) + self.disk_cost(now) + self.bandwidth_cost()
 
     def bandwidth_cost(self) -> float:
         """Dollars for the bytes its SSH relays carried, in any state (vast-api.md §10): into
@@ -316,7 +447,8 @@ class Instance:
         offer = self.offer
         ssh_port = self.proxy.port if self.proxy else None
         direct_port = self.direct.port if self.direct else None
-        has_ports = self.running_at is not None and self.actual_status not in ("stopped", "exited")
+        has_ports = self.power == "on" and self.actual_status not in ("stopped", "exited")
+        up_since = self.restarted_at or self.running_at  # the container's uptime, as Docker's
         ports: dict[str, Any] = {}
         if has_ports and direct_port is not None:
             ports["22/tcp"] = [{"HostIp": "0.0.0.0", "HostPort": str(direct_port)}]
@@ -347,11 +479,11 @@ class Instance:
             "gpu_temp": 38.0 if self.actual_status == "running" else None,
             "start_date": float(self.created_at),
             "duration": now - self.created_at,
-            "uptime_mins": (now - self.running_at) / 60 if self.running_at else None,
+            "uptime_mins": (now - up_since) / 60 if up_since else None,
             "disk_space": self.launch.disk,
             "dph_base": self.dph_base,
             "dph_total": self.dph_total,
-            "storage_total_cost": storage_per_hour(offer, self.launch.disk),
+            "storage_total_cost": self.storage_dph,
             "is_bid": self.launch.price is not None,
             "jupyter_token": self.jupyter_token,
             "template_id": None,
@@ -359,7 +491,7 @@ class Instance:
             "volume_info": [],
         }
 
-    def ledger_row(self) -> dict[str, Any]:
+    def ledger_row(self, now: float) -> dict[str, Any]:
         return {
             "id": self.id,
             "label": self.label,
@@ -370,11 +502,18 @@ class Instance:
             "gpu_name": self.offer["gpu_name"],
             "num_gpus": self.offer["num_gpus"],
             "dph_total": self.dph_total,
+            "dph_base": self.dph_base,
+            "storage_total_cost": self.storage_dph,
+            "gpu_held": self.gpu_since is not None,
+            "gpu_cost": self.gpu_cost(now),
+            "disk_cost": self.disk_cost(now),
+            "cost": self.cost(now),
             "image": self.launch.image,
             "create_request": dict(self.request),
             "extra_env": [[k, v] for k, v in self.launch.env.items()],
             "created_at": self.created_at,
             "running_at": self.running_at,
+            "restarted_at": self.restarted_at,
             "ended_at": self.ended_at,
             "status": self.actual_status if self.alive else "destroyed",
             "destroyed_by": self.destroyed_by,

@@ -1,14 +1,16 @@
 """The marketplace's state and the operations behind every endpoint.
 
-One lock guards instances, keys, logs and counters; anything that blocks (starting a container,
-killing sshd, relays) happens outside it. A ticker thread drives each instance's timeline and
-fires due faults, so statuses change with time, as on Vast.ai, not only when polled.
+One lock guards instances, keys, logs and counters; anything that blocks (starting or halting a
+container, killing sshd, relays) happens outside it. A ticker thread drives each instance's
+timeline, gives stopped instances asked to start their GPU back once it is free, and fires due
+faults, so statuses change with time, as on Vast.ai, not only when polled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import math
 import re
 import secrets
 import shutil
@@ -16,7 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,17 +102,17 @@ class Market:
         state_root: Path,
         rtt_ms: float = 0.0,
         limits: RateLimits | None = None,
+        restart_seconds: float | None = None,
     ) -> None:
         self.catalog = catalog
-        self.faults = FaultBook(boot_seconds, rtt_ms)
+        self.faults = FaultBook(boot_seconds, rtt_ms, restart_seconds)
         self.limits = limits if limits is not None else RateLimits()
         self.traffic = TrafficCounter()
         self.round_trips = RoundTrips()
         self.state_root = state_root
         self._lock = threading.RLock()
         self._instances: dict[int, Instance] = {}
-        self._rented: dict[int, int] = {}  # offer id -> instance id
-        self._taken_by_others: set[int] = set()
+        self._taken_by_others: dict[int, float] = {}  # offer id -> until (epoch; inf: for good)
         self._keys: list[AccountKey] = []
         self._logs: dict[str, LogUpload] = {}
         self._api_calls: Counter[str] = Counter()
@@ -147,24 +149,37 @@ class Market:
         now = time.time()
         effects = Effects()
         with self._lock:
-            boot_seconds = self.faults.boot_seconds
+            timing = self.faults.timing()
+            self._schedule(now)
             for instance in self._instances.values():
-                instance.step(now, boot_seconds, effects)
+                instance.step(now, timing, effects)
                 self._track_link(instance, effects)
         self._run(effects)
 
+    def _schedule(self, now: float) -> None:
+        """Each instance waiting to start takes its GPU once nobody holds it (first asked,
+        first served: instances are kept in create order)."""
+        taken = self._unavailable(now)
+        for instance in self._instances.values():
+            if instance.wants_gpu(now) and instance.offer["id"] not in taken:
+                instance.take_gpu(now)
+                taken.add(instance.offer["id"])
+
     def _track_link(self, instance: Instance, effects: Effects) -> None:
         """Queue the bandwidth cap and round-trip time in force for `instance` for its relays,
-        when they differ from what the relays were last given; put its proxy relay down or up
-        as `proxy_down` says (a flag, set at once under the lock, so that no client sees the
-        instance's status and its proxy disagree; going down also cuts live proxy sessions)."""
+        when they differ from what the relays were last given; put its relays down or up:
+        both while its container is not on (they would lead to a port another instance's sshd
+        may hold by now), the proxy also as `proxy_down` says (a flag, set at once under the
+        lock, so that no client sees the instance's status and its proxy disagree; going down
+        also cuts live sessions)."""
         if not (instance.alive and instance.relays):
             return
-        proxy = instance.proxy
-        if proxy is not None and proxy.down != instance.proxy_down:
-            proxy.down = instance.proxy_down
-            if proxy.down:
-                effects.cut.append(proxy)
+        off = instance.power != "on"
+        for relay, down in ((instance.proxy, off or instance.proxy_down), (instance.direct, off)):
+            if relay is not None and relay.down != down:
+                relay.down = down
+                if down:
+                    effects.cut.append(relay)
         rate = instance.bandwidth if instance.bandwidth is not None else self.faults.bandwidth
         if rate != instance.applied_bandwidth:
             instance.applied_bandwidth = rate
@@ -176,11 +191,9 @@ class Market:
 
     def _run(self, effects: Effects) -> None:
         for instance in effects.boot:
-            thread = threading.Thread(
-                target=self._boot, args=(instance,), name=f"fakevast-boot-{instance.id}"
-            )
-            self._threads.append(thread)
-            thread.start()
+            self._spawn(self._boot_container, instance, "boot")
+        for instance in effects.halt:
+            self._spawn(self._halt, instance, "halt")
         for container in effects.kill_sshd:
             container.kill_sshd()
         for relay in effects.cut:
@@ -190,14 +203,55 @@ class Market:
         for relay, rtt_ms in effects.rtt:
             relay.set_rtt(rtt_ms)
 
-    def _boot(self, instance: Instance) -> None:
-        """Start the container off the request and ticker threads, then publish endpoints."""
+    def _spawn(self, work: Callable[[Instance], None], instance: Instance, what: str) -> None:
+        """Run `work` off the request and ticker threads; `close` waits for it."""
+        thread = threading.Thread(
+            target=self._tracked, args=(work, instance), name=f"fakevast-{what}-{instance.id}"
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def _tracked(self, work: Callable[[Instance], None], instance: Instance) -> None:
         try:
-            self._boot_container(instance)
+            work(instance)
         finally:
             self._threads.remove(threading.current_thread())
 
+    def _halt(self, instance: Instance) -> None:
+        """`docker stop` after a stop: every process dies, the files stay for a start."""
+        with self._lock:
+            container = instance.container
+        if container is not None:
+            try:
+                container.halt()
+            except ContainerError as error:
+                print(f"fakevast: halting {instance.id}: {error}", file=sys.stderr)
+        effects = Effects()
+        with self._lock:
+            instance.halted(time.time())
+            self._track_link(instance, effects)  # its relays go down with it
+        self._run(effects)
+
     def _boot_container(self, instance: Instance) -> None:
+        """Start its container (made at its first boot), then publish its endpoints."""
+        with self._lock:
+            container = instance.container
+        container = container or self._new_container(instance)
+        if container is None:
+            return
+        try:
+            container.start()
+        except ContainerError as error:
+            first_line = str(error).splitlines()[0]
+            message = f"Error response from daemon: OCI runtime create failed: {first_line}"
+            with self._lock:
+                if instance.alive:
+                    instance.boot_failed(time.time(), message)
+            return
+        self._publish(instance, container)
+
+    def _new_container(self, instance: Instance) -> Container | None:
+        """Its container, on a fresh state dir; None if it was destroyed meanwhile."""
         with self._lock:
             spec = ContainerSpec(
                 instance_id=instance.id,
@@ -214,22 +268,12 @@ class Market:
         container = Container(spec, state_dir)
         with self._lock:
             if not instance.alive:
-                return
+                return None
             instance.container = container
             late_keys = instance.keys[len(spec.authorized_keys) :]
         for key in late_keys:
             container.add_authorized_key(key)
-        try:
-            container.start()
-        except ContainerError as error:
-            with self._lock:
-                if instance.alive:
-                    first_line = str(error).splitlines()[0]
-                    instance.fail_create(
-                        f"Error response from daemon: OCI runtime create failed: {first_line}"
-                    )
-            return
-        self._publish(instance, container)
+        return container
 
     def _publish(self, instance: Instance, container: Container) -> None:
         relays: list[Relay] = []
@@ -244,15 +288,12 @@ class Market:
         effects = Effects()
         with self._lock:
             if instance.alive:
-                if instance.actual_status == "loading":
-                    instance.mark_running(time.time(), proxy, direct)
-                else:  # stopped or lost while booting: it comes up without its sshd
-                    instance.proxy, instance.direct = proxy, direct
+                relays = instance.booted(time.time(), proxy, direct)
+                if instance.actual_status != "running":  # stopped or lost while booting
                     effects.kill_sshd.append(container)
                 self._track_link(instance, effects)
-                relays = []
         self._run(effects)
-        for relay in relays:  # destroyed while booting
+        for relay in relays:  # its last run's, or these if it was destroyed while booting
             relay.close()
 
     # -- counters and the ledger ----------------------------------------------------------------
@@ -278,9 +319,10 @@ class Market:
 
     def ledger(self) -> dict[str, Any]:
         round_trip_times = self.round_trips.snapshot()
+        now = time.time()
         with self._lock:
             return {
-                "instances": [i.ledger_row() for i in self._instances.values()],
+                "instances": [i.ledger_row(now) for i in self._instances.values()],
                 "api_calls": dict(self._api_calls),
                 "ssh_bytes": self.traffic.snapshot(),
                 "ssh_round_trips": len(round_trip_times),
@@ -333,12 +375,15 @@ class Market:
 
     # -- offers and creates ---------------------------------------------------------------------
 
-    def _unavailable(self) -> set[int]:
-        return set(self._rented) | self._taken_by_others
+    def _unavailable(self, now: float) -> set[int]:
+        """Offers whose GPU is not for rent: held by one of our instances (a stopped one's is
+        free: docs.vast.ai, "Stopped instances have no GPU reservation"), or by someone else."""
+        ours = {i.offer["id"] for i in self._instances.values() if i.holds_offer}
+        return ours | {offer for offer, until in self._taken_by_others.items() if until > now}
 
     def search(self, body: Mapping[str, Any]) -> dict[str, Any]:
         with self._lock:
-            unavailable = self._unavailable()
+            unavailable = self._unavailable(time.time())
         return {"offers": self.catalog.search(body, unavailable)}
 
     def create(self, raw_offer_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -352,13 +397,13 @@ class Market:
             raise not_available(offer_id)
         launch = parse_launch(body, offer)
         with self._lock:
-            if offer_id in self._unavailable() or not offer["rentable"]:
+            now = time.time()
+            if offer_id in self._unavailable(now) or not offer["rentable"]:
                 raise self._gone(offer_id)
             faults = self.faults.take_create(offer_id)
             if faults.gone:
-                self._taken_by_others.add(offer_id)
+                self._taken_by_others[offer_id] = math.inf
                 raise self._gone(offer_id)
-            now = time.time()
             instance = Instance(
                 id=self._next_id,
                 offer=offer,
@@ -371,7 +416,6 @@ class Market:
             instance.arm({f.name: getattr(faults, f.name) for f in fields(InstanceFaults)}, now)
             self._next_id += 1
             self._instances[instance.id] = instance
-            self._rented[offer_id] = instance.id
         return {"success": True, "new_contract": instance.id}
 
     def create_many(self, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -443,7 +487,6 @@ class Market:
         with self._lock:
             instance = self._alive(raw_id)
             instance.end(time.time(), by)
-            self._rented.pop(instance.offer["id"], None)
             container, relays = instance.container, instance.relays
         for relay in relays:
             relay.close()
@@ -474,7 +517,8 @@ class Market:
 
     def manage(self, raw_id: str, body: Mapping[str, Any], by: str = "user") -> dict[str, Any]:
         """``PUT /instances/{id}/``: dispatch on the body keys (label, or state). An instance's
-        scoped key (`by` "container") may change its state but not its label."""
+        scoped key (`by` "container") may change its state but not its label. A stop halts the
+        container and keeps its files; a start brings it back on them once it has its GPU."""
         if "label" in body and by == "container":
             raise forbidden("an instance's API key may change its state, not its label")
         if "label" in body:
@@ -485,18 +529,22 @@ class Market:
         effects = Effects()
         with self._lock:
             instance = self._alive(raw_id)
+            now = time.time()
             if state == "stopped" and instance.intended_status != "stopped":
-                instance.stop(effects, "Instance stopped by user", by)
+                instance.stop(now, effects, "Instance stopped by user", by)
             elif state == "running" and instance.intended_status == "stopped":
-                if instance.container is not None:
-                    raise api_error(
-                        400,
-                        "invalid_args",
-                        "this fake cannot restart a stopped container; destroy it instead",
-                    )
-                instance.resume_before_boot()
+                self._start(instance, now)
         self._run(effects)
         return {"success": True, "msg": f"instance {instance.id} set to {state}"}
+
+    def _start(self, instance: Instance, now: float) -> None:
+        """While it was stopped, another renter may have taken its GPU (the
+        gpu_taken_while_stopped fault): it then waits for as long as they keep it."""
+        until = self.faults.take_gpu(now)
+        if until is not None:
+            offer_id = instance.offer["id"]
+            self._taken_by_others[offer_id] = max(until, self._taken_by_others.get(offer_id, 0))
+        instance.request_start(now)
 
     def _label(self, raw_id: str, label: Any) -> dict[str, Any]:
         if label is not None and (not isinstance(label, str) or len(label) > 1024):
@@ -638,7 +686,7 @@ class Market:
     def user(self) -> dict[str, Any]:
         now = time.time()
         with self._lock:
-            spent = sum(i.cost(now) + i.bandwidth_cost() for i in self._instances.values())
+            spent = sum(i.cost(now) for i in self._instances.values())
             first_key = self._keys[0].public_key if self._keys else None
         balance = round(STARTING_CREDIT - spent, 6)
         return {
