@@ -128,6 +128,7 @@ class Executor(RemoteExecutor):
             self.context.plan(remote)
             try:
                 self.context.check_before_renting(remote, Path.cwd())
+                self.context.adopt_kept()  # what an earlier run kept warm needs no offer
                 self.context.check_offers()  # last: the first rents reuse its searches
             except VastaiError as error:  # nothing is rented yet: stop the whole run
                 self._stopped_by_error = True

@@ -59,7 +59,7 @@ def test_events_fold_into_a_record(ledger: Ledger) -> None:
     assert record.running_at == T0 + 10
     assert record.jobs == ["rule a, wildcards: x=1", "rule b"]
     assert record.dph_total == 7.2
-    assert record.destroyed_at == T0 + 100
+    assert record.ended_at == T0 + 100
     assert not record.open
 
 
@@ -90,7 +90,7 @@ def test_the_bill_ends_when_the_destroy_was_sent_not_when_it_was_confirmed(
     assert created.created_at is not None
     ledger.destroyed("snakemake-vastai:r1:a", ended_at=created.created_at + 100)  # confirmed now
     [record] = ledger.records()
-    assert record.destroyed_at == created.created_at + 100
+    assert record.ended_at == created.created_at + 100
     assert record.cost(now=created.created_at + 5000) == pytest.approx(0.1)
 
 

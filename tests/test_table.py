@@ -262,4 +262,4 @@ def test_a_reservation_counts_until_gone_and_a_missing_unknown_create_stops_coun
     reserved.presumed_absent = True
     assert table.counted() == []
     with pytest.raises(IllegalTransition):
-        table.add(_instance_in(State.IDLE))  # only a reservation enters the table
+        table.add(_instance_in(State.BUSY))  # a reservation, or an adopted idle instance

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from snakemake_executor_plugin_vastai.pool.placement import GIVEN_UP
+from snakemake_executor_plugin_vastai.pool.placement import GIVEN_UP, RENT_PATIENCE_SECONDS
 from tests.fakevast.harness import FakeVast
 from tests.test_first_hour_bill import SECONDS_OFF, billed, priced_catalogue
 from tests.workflows import (
@@ -24,7 +24,10 @@ from tests.workflows import (
     write_workflow,
 )
 
-BOOT_SECONDS = 25  # long next to the evaluations (a second each): a wait for it would show
+BOOT_SECONDS = 25  # long next to the evaluations: a wait for it would show
+# Longer than a job waits for a busy warm instance of its kind before it rents
+# (RENT_PATIENCE_SECONDS): the evaluations that find it busy do rent, as in the issue's case.
+EVALUATION_SECONDS = RENT_PATIENCE_SECONDS + 2
 
 TRAIN_THEN_EVALS = f"""\
 TOKEN = {INSTANCE_TOKEN!r}
@@ -44,7 +47,7 @@ rule evaluate:
     input: "model.txt"
     output: "eval/{{i}}.txt"
     resources: gpu=1
-    shell: "sleep 1; " + TOKEN + " > {{output}}"
+    shell: "sleep {EVALUATION_SECONDS:g}; " + TOKEN + " > {{output}}"
 """
 
 

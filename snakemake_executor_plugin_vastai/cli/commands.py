@@ -100,7 +100,8 @@ def parser() -> argparse.ArgumentParser:
     reap = add_subcommand(
         commands,
         "reap",
-        "destroy the instances of this workdir's dead runs (a live run keeps its own)",
+        "destroy the instances of this workdir's dead runs, those kept warm for the next "
+        "run included (a live run keeps its own)",
         reap_instances,
     )
     reap.add_argument(
@@ -180,19 +181,24 @@ class StatusRow:
     dph_total: float | None
     jobs: int | None
     label: str
+    kept_until: float | None = None  # kept warm for the next run until then
 
     @property
     def reapable(self) -> bool:
-        """An instance Vast.ai still lists, of a run of this workdir that is over."""
+        """An instance Vast.ai still lists, of a run of this workdir that is over (and not
+        kept warm for the next run: its deadline ends it)."""
         over = self.run_state not in (RUNNING, UNKNOWN_RUN)
-        return over and self.says not in ("", GONE)
+        return over and self.says not in ("", GONE) and self.kept_until is None
 
     def cells(self) -> list[str]:
+        says = self.says or "-"
+        if self.kept_until is not None and self.says not in ("", GONE):
+            says += f", kept warm until {clock(self.kept_until)}"
         return [
             self.run_id,
             self.run_state,
             str(self.instance_id) if self.instance_id is not None else "-",
-            self.says or "-",
+            says,
             f"{self.dph_total:.3f}" if self.dph_total is not None else "-",
             str(self.jobs) if self.jobs is not None else "-",
             self.label or "(nothing rented)",
@@ -222,6 +228,9 @@ def show_status(args: argparse.Namespace, state_dir: Path) -> int:
     reapable = sum(row.reapable for row in rows)
     if reapable:
         print(reap_advice(reapable, args.workdir))
+    kept = [r for r in rows if r.kept_until is not None and r.says not in ("", GONE)]
+    if kept:
+        print(kept_advice(kept, records, args.workdir))
     return 0
 
 
@@ -244,6 +253,7 @@ def recorded_rows(
                 info.dph_total if info else record.dph_total,
                 len(record.jobs),
                 record.label,
+                record.kept_until(),
             )
 
 
@@ -300,9 +310,30 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def clock(epoch: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(epoch))
+
+
+def reap_command(workdir: str) -> str:
+    return f"{PROG} reap" if workdir == "." else f"{PROG} --workdir {shlex.quote(workdir)} reap"
+
+
+def kept_advice(kept: list[StatusRow], records: list[InstanceRecord], workdir: str) -> str:
+    """What the instances kept warm have cost so far, and how to end them before their
+    deadline."""
+    labels = {row.label for row in kept}
+    now = time.time()
+    dollars = sum(r.cost(now) for r in records if r.label in labels)
+    return (
+        f"{len(kept)} instance(s) kept warm for the next run, billed ${dollars:.4f} so far to "
+        f"the run that kept them; each ends at its deadline, or now with "
+        f"'{reap_command(workdir)}'."
+    )
+
+
 def reap_advice(count: int, workdir: str) -> str:
     """The command that destroys what dead runs left, written for this workdir."""
-    command = f"{PROG} reap" if workdir == "." else f"{PROG} --workdir {shlex.quote(workdir)} reap"
+    command = reap_command(workdir)
     what = "1 instance of a dead run is" if count == 1 else f"{count} instances of dead runs are"
     it = "it" if count == 1 else "them"
     return f"{what} still on Vast.ai and billing: run '{command}' to destroy {it}."
@@ -319,10 +350,12 @@ def reap_instances(args: argparse.Namespace, state_dir: Path) -> int:
             ledger = Ledger(state_dir)
             targets = [t for t in targets if destroy_one(api, ledger, *t)]
     elif args.dry_run:
-        doomed = find_orphans(api.list_instances(), state_dir, own_run=None)
+        records = recorded(state_dir)
+        doomed = find_orphans(api.list_instances(), state_dir, None, records, with_kept=True)
         targets = [(o.instance_id, o.label) for o in doomed]
     else:
-        orphans = reap_orphans(api, Ledger(state_dir), state_dir, own_run=None)
+        ledger = Ledger(state_dir)
+        orphans = reap_orphans(api, ledger, state_dir, own_run=None, with_kept=True)
         targets = [(o.instance_id, o.label) for o in orphans]
     verb = "Would destroy" if args.dry_run else "Destroyed"
     for instance_id, label in targets:

@@ -157,6 +157,7 @@ _LIMITS = (
     ("pool_max_lifetime", 0, True),
     ("max_total_price", 0, False),
     ("budget", 0, False),
+    ("keep_warm", 0, True),
 )
 
 
@@ -171,6 +172,7 @@ def validate_settings(settings: ExecutorSettings) -> None:
         if not fine:
             bound = f"at least {lowest}" if inclusive else f"above {lowest}"
             raise SettingsError(name, value, f"it must be {bound}", f"Give a number {bound}.")
+    _check_keep_warm(settings)
     terms = [term.strip() for term in settings.order.split(",")]
     bad = [term for term in terms if not _ORDER_TERM.fullmatch(term)]
     if bad:
@@ -180,6 +182,28 @@ def validate_settings(settings: ExecutorSettings) -> None:
             f"{', '.join(repr(t) for t in bad)} is not an offer field with an optional direction",
             "Give comma-separated offer fields, each optionally followed by - (descending) "
             "or + (ascending), e.g. dph_total or dlperf_usd-,dph_total.",
+        )
+
+
+def _check_keep_warm(settings: ExecutorSettings) -> None:
+    """Kept instances are ended by their own dead-man switch: without one, nothing would."""
+    if not settings.keep_warm:
+        return
+    if settings.keep_instances:
+        raise SettingsError(
+            "keep_warm",
+            settings.keep_warm,
+            "it cannot go with --vastai-keep-instances, which leaves every instance up unguarded",
+            "Drop --vastai-keep-instances: --vastai-keep-warm keeps idle instances for the "
+            "next run and ends them at the deadline.",
+        )
+    if not settings.deadman:
+        raise SettingsError(
+            "keep_warm",
+            settings.keep_warm,
+            "it needs the dead-man switch (--vastai-deadman 0 turns it off), which ends a "
+            "kept instance at its deadline when no run comes back",
+            "Give --vastai-deadman a number of seconds, or drop --vastai-keep-warm.",
         )
 
 

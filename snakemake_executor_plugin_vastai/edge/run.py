@@ -29,7 +29,7 @@ from snakemake_executor_plugin_vastai.edge.startchecks import (
     require_supported_snakemake,
     unshipped_warning,
 )
-from snakemake_executor_plugin_vastai.edge.summary import run_cost
+from snakemake_executor_plugin_vastai.edge.summary import FAILED, FINISHED, run_cost
 from snakemake_executor_plugin_vastai.market.marketplace import (
     Marketplace,
     pacing_wanted,
@@ -39,6 +39,7 @@ from snakemake_executor_plugin_vastai.market.marketplace import (
 from snakemake_executor_plugin_vastai.market.request import ResourceRequest
 from snakemake_executor_plugin_vastai.pool.caps import Caps
 from snakemake_executor_plugin_vastai.pool.instance import BYTES_PER_GB, Instance
+from snakemake_executor_plugin_vastai.pool.keeping import forget_unused_keys, kept_note
 from snakemake_executor_plugin_vastai.pool.ledger import Ledger, RunLock, new_run_id
 from snakemake_executor_plugin_vastai.pool.placement import Pool, PoolConfig
 from snakemake_executor_plugin_vastai.pool.reaper import Reaper
@@ -125,6 +126,7 @@ class RunContext:
             ),
             pack=not settings.no_pack,
             bid_factor=float(settings.bid_factor or 1.0),
+            keep_warm=float(settings.keep_warm or 0),
         )
         pool = Pool(market, ledger, key, config)
         reaper = Reaper(pool, market, ledger, state_dir, run_id)
@@ -179,11 +181,23 @@ class RunContext:
             self.rule_deploy.update(request.deploy)
         self.pool.demand.reset(r.signature() for r in self.planned.values())
 
+    def adopt_kept(self) -> None:
+        """Take over what an earlier run of this workdir kept warm, before anything is
+        rented (after the checks that need no API call)."""
+        self.pool.adopt_kept()
+
     def check_offers(self) -> None:
         """Search once per distinct offer query of the remote jobs, through the pool's
         shared search (the first rents reuse the answers). Raises Unrentable, with a
-        diagnosis per rule, when some rule matches no offer: nothing is rented yet."""
-        preflight(self.planned.values(), self.pool.renter, self.settings)
+        diagnosis per rule, when some rule matches no offer: nothing is rented yet. A job
+        that an adopted instance can serve needs no offer."""
+        adopted = [i.signature for i in self.pool.instances()]
+        unserved = [
+            request
+            for request in self.planned.values()
+            if not any(s.can_serve(request.signature()) for s in adopted)
+        ]
+        preflight(unserved, self.pool.renter, self.settings)
 
     def check_before_renting(self, jobs: Any, workdir: Path) -> None:
         """Refuse what cannot work remotely and say what may surprise, once per run, before
@@ -216,7 +230,9 @@ class RunContext:
     def close(self, outcome: str) -> None:
         """The run's end: ``outcome`` (finished, failed or killed) goes into its summary."""
         try:
-            self.pool.shutdown()  # first: every destroy goes out before anything else waits
+            # first: every destroy goes out before anything else waits; an interrupted run
+            # keeps nothing warm
+            self.pool.shutdown(keep_warm=outcome in (FINISHED, FAILED))
             self.reaper.stop()
             self._report_teardown()
             self._report_cost(outcome)
@@ -225,14 +241,19 @@ class RunContext:
             self.lock.release()
 
     def _settle_key(self) -> None:
+        """The run's key goes with the run, unless an instance that accepts it stays up:
+        kept warm (until the last of them is gone), or kept for debugging."""
         if self.settings.keep_instances:
             log.warning(
                 "The kept instances accept SSH logins as root with %s; it stays until you "
                 "delete it",
                 self.key.private_path,
             )
-        else:
-            self.key.remove()
+            return
+        try:
+            forget_unused_keys(self.ledger, self.state_dir, ending=self.run_id)
+        except OSError as error:
+            log.warning("Could not delete the run keys no instance needs: %s", error)
 
     def _report_teardown(self) -> None:
         """One line the user can trust: every instance of the run is gone, or which may not
@@ -242,6 +263,9 @@ class RunContext:
         level, message = teardown_report(self.pool.instances())
         if message:
             log.log(level, "%s", message)
+        kept = self.pool.kept()
+        if kept:
+            log.warning("%s", kept_note(kept, time.time()))
 
     def _report_cost(self, outcome: str) -> None:
         """Printed when something was rented; written whenever a rent was tried, since the
@@ -264,12 +288,19 @@ def teardown_report(instances: list[Instance]) -> tuple[int, str]:
         for i in instances
         if i.instance_id or i.state is State.UNKNOWN or (i.creating and i.state is State.RENTING)
     ]
-    doubtful = [i for i in rented if i.state is not State.GONE]
+    kept = [i for i in rented if i.state is State.KEPT and i.kept_until is not None]
+    doubtful = [i for i in rented if i.state is not State.GONE and i not in kept]
     if doubtful:
         return logging.ERROR, (
             f"{len(doubtful)} instance(s) of this run may still be billing "
             f"({', '.join(i.name for i in doubtful)}). Run 'snakemake-vastai reap' to destroy "
             "them."
+        )
+    if kept:
+        gone = len(rented) - len(kept)
+        return logging.INFO, (
+            f"{len(kept)} instance(s) of this run kept warm (below) and {gone} destroyed; "
+            "nothing else of it is billing."
         )
     if rented:
         return (

@@ -125,6 +125,20 @@ class ExecutorSettings(ExecutorSettingsBase):
             "billing until you destroy them (snakemake-vastai reap). Default: off."
         },
     )
+    keep_warm: int = field(
+        default=0,
+        metadata={
+            "help": "Seconds that instances idle at the end of a finished or failed run stay "
+            "up for the next run in this workflow directory, which adopts them (no rent, no "
+            "boot) when its jobs fit them. Meanwhile an instance no job still to run can use "
+            "waits out --vastai-pool-ttl instead of going at once. Each one's dead-man "
+            "switch ends it at that "
+            "deadline if no run comes back; the run's last lines say which stay, until when, "
+            "the most they can cost, and that 'snakemake-vastai reap' ends them now. An "
+            "interrupted run (Ctrl-C, a signal) keeps nothing. Needs --vastai-deadman. "
+            "Default: 0 (every instance is destroyed at the run's end)."
+        },
+    )
     deploy_paths: Optional[str] = field(
         default=None,
         metadata={

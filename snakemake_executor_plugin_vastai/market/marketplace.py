@@ -606,6 +606,14 @@ class Marketplace:
         response.raise_for_status()
         return response.json()
 
+    def relabel(self, instance_id: int, label: str) -> None:
+        """Give the instance a new label (a later run that adopted it names itself)."""
+        self._call(
+            f"relabel instance {instance_id}",
+            lambda: self._sdk.label_instance(instance_id, label),
+            endpoint="manage",
+        )
+
     def reboot(self, instance_id: int) -> None:
         """Restart the instance's container (keeps its disk and its place on the host)."""
         self._call(

@@ -34,6 +34,9 @@ UNKNOWN_MIN_MISSES = 2  # ... and from at least this many list rounds
 ROUND_SECONDS = 90.0  # a reaper round waits this long at most for the destroys it sent
 CONFIRM_ROUNDS = 10  # list rounds after a batch destroy before the rest go one by one
 CONFIRM_PAUSE_SECONDS = 1.0  # between those rounds (the list limit: one a second)
+# Not to be claimed: on its way already, nothing to destroy yet, or kept past the run (its
+# own dead-man switch ends it; a keep that failed moves it to destroying explicitly).
+UNCLAIMABLE = frozenset({State.DESTROYING, State.GONE, State.RENTING, State.UNKNOWN, State.KEPT})
 
 
 class Destroyer:
@@ -48,7 +51,7 @@ class Destroyer:
         """Mark for destruction so nobody leases it; False if it is past that already or
         has no id to destroy (still renting, or an unknown create). Lock held or not."""
         with self.table.locked():
-            if instance.state in (State.DESTROYING, State.GONE, State.RENTING, State.UNKNOWN):
+            if instance.state in UNCLAIMABLE:
                 return False
             self.table.move(instance, State.DESTROYING)
             return True

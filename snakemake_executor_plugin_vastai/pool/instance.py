@@ -49,9 +49,11 @@ class Instance:
     host: RemoteHost | None = None
     files: InstanceFiles = field(default_factory=InstanceFiles)
     rented_at: float = field(default_factory=lambda: time.time())  # freezable in tests
+    born_at: float | None = None  # first rented, by an earlier run that kept it (adopted)
+    kept_until: float | None = None  # kept warm past the run until then (--vastai-keep-warm)
     created_at: float | None = None  # the create answered: Vast.ai made it a moment before
     running_at: float | None = None
-    gone_at: float | None = None
+    gone_at: float | None = None  # confirmed gone, or kept past the run: off its bill
     last_released_at: float | None = None
     jobs_run: int = 0
     busy_since: float | None = None

@@ -14,6 +14,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,20 +54,32 @@ class InstanceRecord:
     instance_id: int | None = None
     created_at: float | None = None  # when the create's answer came: Vast.ai bills from here
     running_at: float | None = None
-    destroyed_at: float | None = None  # where the bill ended (the destroy sent), if known
+    # Where this record's bill ended: the destroy sent, or the next run adopting it.
+    ended_at: float | None = None
     jobs: list[str] = field(default_factory=list)
-    data_dollars: float = 0.0  # its bandwidth, recorded when it was destroyed
+    data_dollars: float = 0.0  # its bandwidth, recorded when it was destroyed (or kept)
+    key: str = ""  # the run key (keys/<key>) that logs in to it: its renter's, or kept along
+    kept: dict[str, Any] | None = None  # kept warm past its run: what adopting it needs
+    handed_to: str | None = None  # the label it took when a later run adopted it
+    adopted_from: str | None = None  # the label it had in the run that kept it
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.run_id
 
     @property
     def open(self) -> bool:
-        return self.destroyed_at is None
+        return self.ended_at is None
+
+    def kept_until(self) -> float | None:
+        """The keep-warm deadline of an instance kept past its run and not taken over."""
+        return float(self.kept["deadline"]) if self.kept and self.open else None
 
     def cost(self, now: float) -> float:
         """As Vast.ai bills: from the create (from the request when its answer was lost: the
         most it can be) to the confirmed destroy, or ``now`` while it may bill, plus its
         bandwidth."""
         start = self.created_at or self.requested_at
-        time_cost = billed_dollars(start, self.destroyed_at or now, self.dph_total)
+        time_cost = billed_dollars(start, self.ended_at or now, self.dph_total)
         return time_cost + self.data_dollars
 
 
@@ -107,46 +120,42 @@ class Ledger:
             event["ended"] = ended_at
         self._append(event)
 
+    def kept(self, label: str, details: dict[str, Any]) -> None:
+        """Left up past its run until ``details["deadline"]``, for the next run to adopt."""
+        self._append({"event": "kept", "label": label, "kept": details})
+
+    def adopt(self, label: str, new_label: str, run_id: str) -> bool:
+        """Take over a kept instance for ``run_id`` under ``new_label``; False when it is
+        no longer kept (another run adopted it first, or it is gone). Checked and written
+        under the file's lock, so two runs never adopt the same instance."""
+        event = {"event": "adopted", "label": label, "new_label": new_label, "run": run_id}
+
+        def still_kept(records: dict[str, InstanceRecord]) -> bool:
+            record = records.get(label)
+            return record is not None and record.kept_until() is not None
+
+        return self._append(event, only_if=still_kept)
+
     def records(self) -> list[InstanceRecord]:
         """Every rent ever recorded here, oldest first."""
-        by_label: dict[str, InstanceRecord] = {}
-        for event in self._events():
-            label = event.get("label", "")
-            if event["event"] == "rent":
-                by_label[label] = InstanceRecord(
-                    label=label,
-                    run_id=event["run"],
-                    offer_id=event["offer"],
-                    dph_total=event["dph"],
-                    requested_at=event["t"],
-                )
-                continue
-            record = by_label.get(label)
-            if record is None:
-                continue
-            if event["event"] == "rented":
-                record.instance_id = event["instance"]
-                record.created_at = event["t"]
-            elif event["event"] == "running":
-                record.running_at = event["t"]
-            elif event["event"] == "job":
-                record.jobs.append(event["job"])
-            elif event["event"] == "price":
-                record.dph_total = event["dph"]
-            elif event["event"] == "data":
-                record.data_dollars = event["dollars"]
-            elif event["event"] == "destroyed":
-                record.destroyed_at = event.get("ended", event["t"])
-        return list(by_label.values())
+        return list(_fold(self._events()).values())
 
     def open_records(self) -> list[InstanceRecord]:
         return [record for record in self.records() if record.open]
 
-    def _append(self, event: dict[str, Any]) -> None:
+    def _append(
+        self,
+        event: dict[str, Any],
+        only_if: Callable[[dict[str, InstanceRecord]], bool] | None = None,
+    ) -> bool:
+        """Write one event (fsynced); with ``only_if``, only when the records as read under
+        the file's lock allow it. True when written."""
         event["t"] = time.time()
         line = json.dumps(event, separators=(",", ":")) + "\n"
         with self._lock, open(self.path, "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
+            if only_if is not None and not only_if(_fold(self._events())):
+                return False
             size = handle.seek(0, os.SEEK_END)
             if size:
                 handle.seek(size - 1)
@@ -157,6 +166,7 @@ class Ledger:
             handle.write(line.encode("utf-8"))  # append mode: always at the end
             handle.flush()
             os.fsync(handle.fileno())
+        return True
 
     def _events(self) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -168,6 +178,68 @@ class Ledger:
             except json.JSONDecodeError:
                 continue  # a line torn by a crash mid-write; the rest is still good
         return events
+
+
+def _fold(events: list[dict[str, Any]]) -> dict[str, InstanceRecord]:
+    """The records the events make, by label, oldest first."""
+    by_label: dict[str, InstanceRecord] = {}
+    for event in events:
+        label = event.get("label", "")
+        if event["event"] == "rent":
+            by_label[label] = InstanceRecord(
+                label=label,
+                run_id=event["run"],
+                offer_id=event["offer"],
+                dph_total=event["dph"],
+                requested_at=event["t"],
+            )
+            continue
+        record = by_label.get(label)
+        if record is None:
+            continue
+        if event["event"] == "adopted":
+            by_label[event["new_label"]] = _adopted(record, event)
+        else:
+            _apply(record, event)
+    return by_label
+
+
+def _apply(record: InstanceRecord, event: dict[str, Any]) -> None:
+    kind = event["event"]
+    if kind == "rented":
+        record.instance_id = event["instance"]
+        record.created_at = event["t"]
+    elif kind == "running":
+        record.running_at = event["t"]
+    elif kind == "job":
+        record.jobs.append(event["job"])
+    elif kind == "price":
+        record.dph_total = event["dph"]
+    elif kind == "data":
+        record.data_dollars = event["dollars"]
+    elif kind == "kept":
+        record.kept = event["kept"]
+    elif kind == "destroyed":
+        record.ended_at = event.get("ended", event["t"])
+
+
+def _adopted(kept: InstanceRecord, event: dict[str, Any]) -> InstanceRecord:
+    """A later run took the instance over: the keeping run's record ends there (its bill
+    with it), and the instance goes on under the new label, billed to the new run."""
+    kept.ended_at = event["t"]
+    kept.handed_to = event["new_label"]
+    return InstanceRecord(
+        label=event["new_label"],
+        run_id=event["run"],
+        offer_id=kept.offer_id,
+        dph_total=kept.dph_total,
+        requested_at=event["t"],
+        instance_id=kept.instance_id,
+        created_at=event["t"],
+        running_at=event["t"],
+        key=kept.key,
+        adopted_from=kept.label,
+    )
 
 
 def recorded(directory: Path) -> list[InstanceRecord]:

@@ -33,6 +33,7 @@ from snakemake_executor_plugin_vastai.market.marketplace import (
 from snakemake_executor_plugin_vastai.market.pacer import LIMITS
 from snakemake_executor_plugin_vastai.market.request import ResourceRequest, Signature
 from snakemake_executor_plugin_vastai.market.shares import Needs
+from snakemake_executor_plugin_vastai.pool.adoption import Adoption
 from snakemake_executor_plugin_vastai.pool.caps import Caps
 from snakemake_executor_plugin_vastai.pool.demand import Demand
 from snakemake_executor_plugin_vastai.pool.destroyer import (
@@ -41,6 +42,7 @@ from snakemake_executor_plugin_vastai.pool.destroyer import (
     Destroyer,
 )
 from snakemake_executor_plugin_vastai.pool.instance import Instance, InstanceFailure
+from snakemake_executor_plugin_vastai.pool.keeping import Keeping, keepable
 from snakemake_executor_plugin_vastai.pool.ledger import Ledger, make_label
 from snakemake_executor_plugin_vastai.pool.preparer import Preparer, unprepared_reason
 from snakemake_executor_plugin_vastai.pool.progress import BootProgress, short_name
@@ -70,6 +72,8 @@ RENT_BACKOFF_SECONDS = 1.0
 # machine's fault (a pull that broke, a full disk, a host gone offline), so the job moves on
 # to another machine; a bad image fails at once instead (marketplace.image_fault).
 BOOT_ATTEMPTS = 3
+# A job waits this long for a busy ready instance of its kind before it rents (see patient).
+RENT_PATIENCE_SECONDS = 5.0
 ORPHAN_WAIT_SECONDS = 60.0  # the first rent waits this long at most for the orphan reap
 SHUTDOWN_WAIT_SECONDS = 30.0  # for creates still in flight at teardown
 TEARDOWN_SECONDS = 120.0  # the teardown, plus each instance's destroy turn (teardown_budget)
@@ -94,6 +98,7 @@ class PoolConfig:
     caps: Caps = field(default_factory=Caps)
     pack: bool = True
     bid_factor: float = 1.0
+    keep_warm: float = 0.0  # seconds idle instances stay up past the run's end; 0: none
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,6 +122,7 @@ class Seeker:
     lost_creates: int = 0
     failed_boots: int = 0
     said_refusal: str = ""
+    since: float = field(default_factory=time.monotonic)  # when it began to look
 
     def __post_init__(self) -> None:
         self.wanted = self.request.signature()
@@ -187,11 +193,29 @@ def retire_reason(
         return f"it is older than --vastai-pool-max-lifetime ({config.max_lifetime:g} s)"
     if awaited:
         return None
-    if not demand.wants(instance.signature):
-        return "no job still to run can use it"
+    if not demand.wants(instance.signature) and not config.keep_warm:
+        return "no job still to run can use it"  # kept warm, it may serve the next run
     if now - (instance.last_released_at or now) >= config.ttl:
         return f"it was idle for --vastai-pool-ttl ({config.ttl:g} s)"
     return None
+
+
+def patient(seeker: Seeker, instances: Iterable[Instance], now: float) -> bool:
+    """Should the job wait a little for a ready instance of its kind to finish its job,
+    rather than rent? A rent is a create, a boot of minutes and a destroy; the jobs of a
+    fan-out or a rerun are often shorter than RENT_PATIENCE_SECONDS. A job that waited that
+    long rents: a long job costs it those seconds, next to a boot of minutes."""
+    if now - seeker.since >= RENT_PATIENCE_SECONDS:
+        return False
+    return any(
+        i.state is State.BUSY
+        and i.retiring is None
+        and not i.lost_reason
+        and i.slots is not None
+        and i.slots.capacity.holds(seeker.needs)
+        and i.signature.can_serve(seeker.wanted)
+        for i in instances
+    )
 
 
 def pending_rent_for(instances: Iterable[Instance], wanted: Signature) -> bool:
@@ -258,6 +282,22 @@ class Pool:
         self._last_refresh = 0.0
         self._awaiting_boot: list[Seeker] = []  # under the table's lock
         self._teardown_deadline: float | None = None  # monotonic, once the teardown began
+
+    # -- instances an earlier run kept ------------------------------------------------------
+
+    def adopt_kept(self) -> list[Instance]:
+        """Take over the instances an earlier run of this workdir kept warm that this run's
+        jobs can use (call once the demand is counted, before the first rent)."""
+        adoption = Adoption(
+            self.market,
+            self.ledger,
+            self.table,
+            self.demand,
+            self.config.run_id,
+            self.config.bootstrap,
+            self.config.pack,
+        )
+        return adoption.adopt(room=self.config.caps.max_instances - len(self.table.counted()))
 
     # -- placing a job ---------------------------------------------------------------------
 
@@ -347,6 +387,8 @@ class Pool:
                 self._count_off(seeker)
                 return self._place(chosen, seeker.needs, seeker.tag)
             if self.config.pack and pending_rent_for(instances, seeker.wanted):
+                return None
+            if patient(seeker, instances, time.monotonic()):
                 return None
             if len(self.table.counted()) < self.config.caps.max_instances:
                 label = make_label(self.config.run_id, f"{seeker.tag}-{next(self._serial)}")
@@ -644,11 +686,12 @@ class Pool:
 
     # -- teardown --------------------------------------------------------------------------
 
-    def shutdown(self, budget: float | None = None) -> None:
+    def shutdown(self, budget: float | None = None, keep_warm: bool = False) -> None:
         """Destroy everything, all destroys sent at once, then settle creates still in
         flight and creates whose answer was lost; all within ``budget`` seconds (by default
         `teardown_budget`), after which whatever is not confirmed gone is left for the run's
-        report to name. Idempotent."""
+        report to name. ``keep_warm``: idle instances stay up for the keep-warm time
+        instead (each one's deadline handed to its own dead-man switch). Idempotent."""
         self.table.close()  # from here on no rent starts and every waiting job wakes
         if budget is None:
             budget = teardown_budget(len(self.table.counted()))
@@ -656,6 +699,7 @@ class Pool:
         if self.config.keep_instances:
             self._warn_kept()
             return
+        keeping = self._start_keeping() if keep_warm and self.config.keep_warm else []
         self._destroy_all(deadline)
         self.table.wait_for(
             lambda: not self.table.in_states(frozenset({State.RENTING})),
@@ -663,6 +707,7 @@ class Pool:
         )
         self._destroy_all(deadline)  # whatever a create still in flight made meanwhile
         self._settle_creates_at_teardown(deadline)
+        self._finish_keeping(keeping, deadline)
         # Until every destroy is confirmed: destroys under way on other threads (a job's
         # instance retired as it ended) may still fail, and are then taken again here.
         while self.table.in_states(frozenset({State.DESTROYING})):
@@ -670,6 +715,36 @@ class Pool:
                 break
             self._destroy_all(deadline)
             self.table.wait(WAIT_SECONDS)
+
+    def _start_keeping(self) -> list[threading.Thread]:
+        """Idle, sound instances move to kept (nothing else touches them from here on) and
+        get their deadline, each on a thread of its own."""
+        with self.table.locked():
+            chosen = [i for i in self.table.all() if keepable(i)]
+            for instance in chosen:
+                self.table.move(instance, State.KEPT)
+        keeping = Keeping(self.ledger, self.config.keep_warm, self.config.bootstrap.key)
+        return keeping.start(chosen)
+
+    def _finish_keeping(self, threads: list[threading.Thread], deadline: float) -> None:
+        """Wait for the deadlines to be set; an instance whose deadline was not set within
+        the teardown's time is destroyed, never left up unguarded."""
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self.table.locked():
+            failed = [
+                i for i in self.table.in_states(frozenset({State.KEPT})) if i.kept_until is None
+            ]
+            for instance in failed:
+                self.table.move(instance, State.DESTROYING)
+        self.destroyer.finish_all(
+            ((i, i.failure or "its keep-warm deadline was not set in time") for i in failed),
+            deadline,
+        )
+
+    def kept(self) -> list[Instance]:
+        """The instances left up past the run, with their deadline set."""
+        return [i for i in self.table.in_states(frozenset({State.KEPT})) if i.kept_until]
 
     def teardown_left(self) -> float:
         """Seconds the teardown may still take (its whole budget before it starts)."""

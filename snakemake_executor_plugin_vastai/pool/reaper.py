@@ -24,7 +24,13 @@ from snakemake_executor_plugin_vastai.market.marketplace import (
     MarketplaceError,
 )
 from snakemake_executor_plugin_vastai.pool.deadman import Heartbeat, beat_interval
-from snakemake_executor_plugin_vastai.pool.ledger import Ledger, run_id_of, run_is_alive
+from snakemake_executor_plugin_vastai.pool.keeping import forget_unused_keys
+from snakemake_executor_plugin_vastai.pool.ledger import (
+    InstanceRecord,
+    Ledger,
+    run_id_of,
+    run_is_alive,
+)
 from snakemake_executor_plugin_vastai.pool.placement import Pool
 from snakemake_executor_plugin_vastai.pool.progress import SPEND_TICK_SECONDS, SpendTicker
 
@@ -46,18 +52,30 @@ class Orphan:
 
 
 def find_orphans(
-    instances: Iterable[InstanceInfo], state_dir: Path, own_run: str | None
+    instances: Iterable[InstanceInfo],
+    state_dir: Path,
+    own_run: str | None,
+    records: Iterable[InstanceRecord] = (),
+    with_kept: bool = False,
 ) -> list[Orphan]:
     """Instances carrying our label whose run (recorded in this workdir) is dead.
 
     A run is dead when its lock file exists and can be taken: the kernel drops the lock when
     the process dies, even by ``kill -9``. A run this workdir never saw may be alive in
-    another shell or on another machine, so its instances are left alone.
+    another shell or on another machine, so its instances are left alone. An instance kept
+    warm (``records`` say so) is no orphan until its deadline, unless ``with_kept``; one a
+    later run adopted belongs to that run, even before its label says so.
     """
+    now = time.time()
+    records = list(records)
+    kept = {r.label for r in records if (r.kept_until() or 0.0) > now}
+    handed = {r.label: r.handed_to for r in records if r.handed_to}
     orphans = []
     for info in instances:
-        run_id = run_id_of(info.label)
+        run_id = run_id_of(handed.get(info.label, info.label))
         if run_id is None or run_id == own_run:
+            continue
+        if info.label in kept and not with_kept:
             continue
         if not run_is_alive(state_dir, run_id):
             orphans.append(Orphan(info.id, info.label, run_id))
@@ -70,16 +88,18 @@ def reap_orphans(
     state_dir: Path,
     own_run: str | None,
     on_sent: Callable[[], None] = lambda: None,
+    with_kept: bool = False,
 ) -> list[Orphan]:
     """Destroy the orphans and close the ledger entries of instances that are gone.
 
     Every destroy is sent at once, and ``on_sent`` is called as soon as they all are, before
     the (slower) confirmations: a new run's first rent waits for exactly that. One orphan
     that cannot be destroyed does not stop the others; it is reported and left to the next
-    reap, its ledger entry open.
+    reap, its ledger entry open. Instances kept warm are left to their deadline, unless
+    ``with_kept``. Run keys no instance or live run needs any more are deleted.
     """
     listed = market.list_instances()
-    orphans = find_orphans(listed, state_dir, own_run)
+    orphans = find_orphans(listed, state_dir, own_run, ledger.records(), with_kept)
     for orphan in orphans:
         log.warning(
             "Destroying instance %d left running by the dead run %s (%s)",
@@ -109,6 +129,7 @@ def reap_orphans(
         gone = record.run_id != own_run and record.label not in live_labels
         if gone and not run_is_alive(state_dir, record.run_id):
             ledger.destroyed(record.label)  # destroyed elsewhere, or never created
+    forget_unused_keys(ledger, state_dir, ending=None)
     return destroyed
 
 

@@ -19,6 +19,7 @@ class State(enum.Enum):
     LOST = "lost"  # its host stopped, vanished or went offline: to be destroyed
     DESTROYING = "destroying"  # destroy sent or to be retried; billing until confirmed
     GONE = "gone"  # confirmed gone, or never created
+    KEPT = "kept"  # left up past the run's end (--vastai-keep-warm); its own switch ends it
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -26,13 +27,18 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.UNKNOWN: frozenset({State.DESTROYING, State.GONE}),
     State.BOOTING: frozenset({State.BOOTSTRAPPING, State.LOST, State.DESTROYING}),
     State.BOOTSTRAPPING: frozenset({State.IDLE, State.BUSY, State.LOST, State.DESTROYING}),
-    State.IDLE: frozenset({State.BUSY, State.LOST, State.DESTROYING}),
+    State.IDLE: frozenset({State.BUSY, State.LOST, State.DESTROYING, State.KEPT}),
     State.BUSY: frozenset({State.IDLE, State.LOST, State.DESTROYING}),
     State.LOST: frozenset({State.DESTROYING}),
     State.DESTROYING: frozenset({State.GONE}),
     State.GONE: frozenset(),
+    State.KEPT: frozenset({State.DESTROYING}),  # its deadline could not be set: it goes
 }
 """Every legal move. Anything may be destroyed once it exists; nothing comes back."""
+
+ENTRY = frozenset({State.RENTING, State.IDLE})
+"""How an instance enters a run's table: a rent as a reservation; an instance kept by an
+earlier run ready, once this run has logged in to it and taken it over (adopted)."""
 
 READY = frozenset({State.IDLE, State.BUSY})
 STARTING = frozenset({State.BOOTING, State.BOOTSTRAPPING})

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from snakemake_executor_plugin_vastai.base.errors import PluginBug, VastaiError
-from snakemake_executor_plugin_vastai.pool.states import BILLING, TRANSITIONS, State
+from snakemake_executor_plugin_vastai.pool.states import BILLING, ENTRY, TRANSITIONS, State
 
 if TYPE_CHECKING:  # instance.py imports only the states, so this is no cycle
     from snakemake_executor_plugin_vastai.pool.instance import Instance
@@ -58,7 +58,7 @@ class InstanceTable:
 
     def add(self, instance: Instance) -> None:
         with self.changed:
-            if instance.state is not State.RENTING:
+            if instance.state not in ENTRY:
                 raise IllegalTransition(f"{instance.label} enters the table as {instance.state}")
             self._instances.append(instance)
             self.changed.notify_all()

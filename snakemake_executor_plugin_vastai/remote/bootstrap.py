@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import base64
 import hashlib
+import math
 import shlex
 import zlib
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ SCRIPT_COMMAND = "/bin/sh -s"
 ONHOST_PROGRAMS = ("agent", "runner", "watchdog")
 # Touched by the run while it lives; the dead-man switch ends the instance when it goes stale.
 HEARTBEAT = f"{REMOTE_BASE}/heartbeat"
+# An instance kept warm past its run: the deadline its dead-man switch keeps instead.
+KEEP_UNTIL = f"{REMOTE_BASE}/keep-until"
 # How long the bootstrap waits for the runner it started to listen: a fraction of a second on
 # a sound host (only the interpreter starts before it does).
 RUNNER_START_SECONDS = 15.0
@@ -116,6 +119,15 @@ def onstart_script(public_key: str, plan: BootstrapPlan) -> str:
             "for the dead-man switch it carries. Use a shorter URL, or --vastai-deadman 0."
         )
     return script
+
+
+def keep_command(seconds: float) -> str:
+    """Sets the instance's keep-warm deadline ``seconds`` from now, on the host's own clock
+    (ours may differ), written whole so the switch never reads half a number."""
+    return (
+        f"echo $(( $(date +%s) + {math.ceil(seconds)} )) > {KEEP_UNTIL}.new "
+        f"&& mv -f {KEEP_UNTIL}.new {KEEP_UNTIL}"
+    )
 
 
 def compact_source(source: str) -> str:
@@ -220,7 +232,8 @@ class BootstrapPlan:
         if self.deadman:
             watchdog = shlex.quote(f"{REMOTE_BASE}/watchdog-{self.key}")
             lines.append(
-                f"touch {HEARTBEAT}\n"
+                # the heartbeat first: with keep-until gone, the switch counts from it again
+                f"touch {HEARTBEAT}\nrm -f {KEEP_UNTIL}\n"
                 f"setsid nohup {PYTHON} -I -S {watchdog}.py {self.deadman:g} "
                 f"{shlex.quote(self.api_url)} >> {watchdog}.log 2>&1 < /dev/null &\n"
             )

@@ -1,7 +1,7 @@
 """The run's own SSH key: made fresh for every run, so no long-lived key of the user's is
 ever attached to a rented machine. It lives on disk (mode 0600) under ``.snakemake/`` while
 the run lasts, so the user can log in to an instance while debugging, and goes with the run
-(kept only for instances kept with ``--vastai-keep-instances``)."""
+(kept while an instance kept warm past the run may accept it: see ``pool/keeping.py``)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,27 @@ class RunKey:
         (directory / f"{name}.pub").write_text(public_line + "\n")
         return cls(private_path=path, public_line=public_line, private_pem=private.decode())
 
+    @classmethod
+    def load(cls, directory: Path, name: str) -> RunKey:
+        """An earlier run's key, to log in to an instance it kept warm."""
+        path = directory / name
+        public_line = (directory / f"{name}.pub").read_text().strip()
+        return cls(private_path=path, public_line=public_line, private_pem=path.read_text())
+
     def remove(self) -> None:
         """Forget the key: no instance of the run is left to log in to."""
         self.private_path.unlink(missing_ok=True)
         self.private_path.with_name(f"{self.private_path.name}.pub").unlink(missing_ok=True)
+
+
+def remove_keys_except(directory: Path, wanted: set[str]) -> list[str]:
+    """Delete every run key in ``directory`` but the ``wanted`` ones; the names deleted."""
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.iterdir():
+        name = path.name.removesuffix(".pub")
+        if name not in wanted:
+            path.unlink(missing_ok=True)
+            removed.append(name)
+    return sorted(set(removed))

@@ -10,6 +10,11 @@ container's main process environment (``CONTAINER_ID``, ``CONTAINER_API_KEY``: a
 does not inherit them, so they are read from ``/proc/1/environ``). The user's own key never
 comes to the host. If the destroy is refused, it stops the instance (a stopped instance bills
 only its disk); if that fails too, it ends the container's main process.
+
+An instance kept warm past its run (``--vastai-keep-warm``) has a ``keep-until`` file: an
+epoch second on this host's clock, written by the run as it ends. While it exists the
+deadline rules instead of the heartbeat, so the instance ends then even if nobody returns;
+the next run that adopts it touches the heartbeat and removes the file.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import urllib.request
 
 BASE = os.path.dirname(os.path.abspath(__file__))
 HEARTBEAT = os.path.join(BASE, "heartbeat")
+KEEP_UNTIL = os.path.join(BASE, "keep-until")
 CALL_TIMEOUT_SECONDS = 30
 DESTROY_ATTEMPTS = 3
 RETRY_SECONDS = 5
@@ -92,6 +98,27 @@ def silence(started: float) -> float:
     return time.time() - last
 
 
+def kept_until() -> float | None:
+    """The keep-warm deadline, if the run left one; an unreadable file counts as none (the
+    heartbeat rule is the stricter one)."""
+    try:
+        with open(KEEP_UNTIL) as handle:
+            return float(handle.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def why_end(started: float, deadman: float) -> str | None:
+    """Why the instance must end now; None while it may live."""
+    until = kept_until()
+    if until is not None:
+        return f"kept warm until {until:.0f}, which has passed" if time.time() > until else None
+    quiet = silence(started)
+    if quiet > deadman:
+        return f"no heartbeat for {quiet:.0f} s: the run that rented this instance is gone"
+    return None
+
+
 def main() -> int:
     deadman, api_url = float(sys.argv[1]), sys.argv[2]
     lock = open(os.path.join(BASE, "watchdog.lock"), "a")  # noqa: SIM115 (held for life)
@@ -106,9 +133,11 @@ def main() -> int:
     started = time.time()
     say(f"guarding: no heartbeat for {deadman:g} s ends this instance")
     check = max(1.0, min(10.0, deadman / 4))
-    while silence(started) <= deadman:
+    reason = why_end(started, deadman)
+    while reason is None:
         time.sleep(check)
-    say(f"no heartbeat for {silence(started):.0f} s: the run that rented this instance is gone")
+        reason = why_end(started, deadman)
+    say(reason)
     end_instance(api_url, credentials)
     return 0
 
