@@ -27,7 +27,7 @@ from snakemake_executor_plugin_vastai.market.marketplace import (
 )
 from snakemake_executor_plugin_vastai.pool.demand import Demand
 from snakemake_executor_plugin_vastai.pool.instance import Instance, InstanceFailure
-from snakemake_executor_plugin_vastai.pool.keeping import KeptInstance
+from snakemake_executor_plugin_vastai.pool.keeping import KeptInstance, found_gone_end
 from snakemake_executor_plugin_vastai.pool.ledger import InstanceRecord, Ledger, make_label
 from snakemake_executor_plugin_vastai.pool.slots import SlotBook
 from snakemake_executor_plugin_vastai.pool.states import State
@@ -86,7 +86,8 @@ def sort_kept(
         if row is None or row.label != record.label:
             forget.append((record, None, "Vast.ai no longer lists it"))
         elif row.lost or row.actual_status != "running":
-            forget.append((record, row, f"Vast.ai says it is {row.actual_status}"))
+            said = "stopped" if row.intended_status == "stopped" else row.actual_status
+            forget.append((record, row, f"Vast.ai says it is {said}"))
         elif not (keys / record.key).is_file():
             forget.append((record, row, "the key that logs in to it is gone"))
         elif until - now < ADOPT_MARGIN_SECONDS:
@@ -212,7 +213,7 @@ class Adoption:
         """A kept instance no run can use: destroyed if it exists, closed in the ledger (left
         open when the destroy failed: a later reap tries again)."""
         if row is None:
-            self.ledger.destroyed(record.label)
+            self.ledger.destroyed(record.label, found_gone_end(record, time.time()))
         else:
             self._destroy(record.label, row.id, reason)
 

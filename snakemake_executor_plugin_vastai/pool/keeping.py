@@ -18,7 +18,12 @@ from typing import Any
 from snakemake_executor_plugin_vastai.market.marketplace import Offer
 from snakemake_executor_plugin_vastai.market.request import Signature
 from snakemake_executor_plugin_vastai.pool.instance import Instance
-from snakemake_executor_plugin_vastai.pool.ledger import Ledger, billed_dollars, run_is_alive
+from snakemake_executor_plugin_vastai.pool.ledger import (
+    InstanceRecord,
+    Ledger,
+    billed_dollars,
+    run_is_alive,
+)
 from snakemake_executor_plugin_vastai.pool.states import State
 from snakemake_executor_plugin_vastai.remote.bootstrap import keep_command
 from snakemake_executor_plugin_vastai.remote.ssh import RemoteError
@@ -83,6 +88,16 @@ class KeptInstance:
             )
         except (KeyError, TypeError, ValueError):
             return None
+
+
+def found_gone_end(record: InstanceRecord, now: float) -> float:
+    """Where the bill of an instance found no longer listed ended, at the latest: now; for
+    one kept warm, its deadline plus one look of its switch, which ended it then unless
+    someone destroyed it sooner (a run that comes back days later must not bill the gap)."""
+    kept = KeptInstance.from_json(record.kept) if record.kept else None
+    if kept is None:
+        return now
+    return min(now, kept.deadline + switch_check_seconds(kept.deadman))
 
 
 def keepable(instance: Instance) -> bool:

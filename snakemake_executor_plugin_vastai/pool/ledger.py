@@ -71,8 +71,14 @@ class InstanceRecord:
         return self.ended_at is None
 
     def kept_until(self) -> float | None:
-        """The keep-warm deadline of an instance kept past its run and not taken over."""
-        return float(self.kept["deadline"]) if self.kept and self.open else None
+        """The keep-warm deadline of an instance kept past its run and not taken over; None
+        also when the record cannot be read (its instance is then no longer spared)."""
+        if not self.kept or not self.open:
+            return None
+        try:
+            return float(self.kept["deadline"])
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def cost(self, now: float) -> float:
         """As Vast.ai bills: from the create (from the request when its answer was lost: the
@@ -219,7 +225,7 @@ def _apply(record: InstanceRecord, event: dict[str, Any]) -> None:
         record.data_dollars = event["dollars"]
     elif kind == "kept":
         record.kept = event["kept"]
-    elif kind == "destroyed":
+    elif kind == "destroyed" and record.handed_to is None:  # a handed record's bill ended
         record.ended_at = event.get("ended", event["t"])
 
 

@@ -24,7 +24,7 @@ from snakemake_executor_plugin_vastai.market.marketplace import (
     MarketplaceError,
 )
 from snakemake_executor_plugin_vastai.pool.deadman import Heartbeat, beat_interval
-from snakemake_executor_plugin_vastai.pool.keeping import forget_unused_keys
+from snakemake_executor_plugin_vastai.pool.keeping import forget_unused_keys, found_gone_end
 from snakemake_executor_plugin_vastai.pool.ledger import (
     InstanceRecord,
     Ledger,
@@ -47,7 +47,7 @@ WAKE_GAP_SECONDS = 10.0
 @dataclass(frozen=True)
 class Orphan:
     instance_id: int
-    label: str
+    label: str  # its label in the ledger (Vast.ai may still show an earlier one)
     run_id: str
 
 
@@ -72,14 +72,25 @@ def find_orphans(
     handed = {r.label: r.handed_to for r in records if r.handed_to}
     orphans = []
     for info in instances:
-        run_id = run_id_of(handed.get(info.label, info.label))
+        label = current_label(info.label, handed)
+        run_id = run_id_of(label)
         if run_id is None or run_id == own_run:
             continue
         if info.label in kept and not with_kept:
             continue
         if not run_is_alive(state_dir, run_id):
-            orphans.append(Orphan(info.id, info.label, run_id))
+            orphans.append(Orphan(info.id, label, run_id))
     return orphans
+
+
+def current_label(label: str, handed: dict[str, str]) -> str:
+    """The label an instance has in the ledger: its own, or, when later runs adopted it
+    before relabelling it, the label of the last of them."""
+    seen = {label}
+    while label in handed and handed[label] not in seen:
+        label = handed[label]
+        seen.add(label)
+    return label
 
 
 def reap_orphans(
@@ -128,7 +139,8 @@ def reap_orphans(
     for record in ledger.open_records():
         gone = record.run_id != own_run and record.label not in live_labels
         if gone and not run_is_alive(state_dir, record.run_id):
-            ledger.destroyed(record.label)  # destroyed elsewhere, or never created
+            # destroyed elsewhere, by its own switch, or never created
+            ledger.destroyed(record.label, found_gone_end(record, time.time()))
     forget_unused_keys(ledger, state_dir, ending=None)
     return destroyed
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import signal
 import sys
@@ -103,9 +104,10 @@ def kept_until() -> float | None:
     heartbeat rule is the stricter one)."""
     try:
         with open(KEEP_UNTIL) as handle:
-            return float(handle.read().strip())
+            until = float(handle.read().strip())
     except (OSError, ValueError):
         return None
+    return until if math.isfinite(until) else None
 
 
 def why_end(started: float, deadman: float) -> str | None:
