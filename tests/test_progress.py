@@ -203,7 +203,7 @@ def booting_instance(status_msg: str) -> SimpleNamespace:
         direct_ssh_port=None, dph_total=0.5, start_date=0.0,
     )  # fmt: skip
     return SimpleNamespace(
-        instance_id=7, label="label", rented_at=1000.0, info=info, booted=lambda: False
+        instance_id=7, label="label", boot_began=1000.0, info=info, booted=lambda: False
     )
 
 

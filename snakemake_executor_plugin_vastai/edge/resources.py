@@ -158,6 +158,8 @@ _LIMITS = (
     ("max_total_price", 0, False),
     ("budget", 0, False),
     ("keep_warm", 0, True),
+    ("pool_stop_after", 0, True),
+    ("start_timeout", 1, True),
 )
 
 

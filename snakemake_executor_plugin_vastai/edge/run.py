@@ -127,6 +127,8 @@ class RunContext:
             pack=not settings.no_pack,
             bid_factor=float(settings.bid_factor or 1.0),
             keep_warm=float(settings.keep_warm or 0),
+            stop_after=float(settings.pool_stop_after or 0),
+            start_timeout=float(settings.start_timeout),
         )
         pool = Pool(market, ledger, key, config)
         reaper = Reaper(pool, market, ledger, state_dir, run_id)

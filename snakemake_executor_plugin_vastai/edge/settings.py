@@ -23,6 +23,9 @@ DEFAULT_BOOT_TIMEOUT = 1800
 DEFAULT_POOL_TTL = 300
 DEFAULT_BID_FACTOR = 1.25
 DEFAULT_DEADMAN = 600
+# docs.vast.ai: a start "stuck in the scheduling state for more than 30 seconds" lacks
+# resources; the rest is the container's start from its disk, as long as a first boot's login.
+DEFAULT_START_TIMEOUT = 120
 
 
 @dataclass
@@ -137,6 +140,28 @@ class ExecutorSettings(ExecutorSettingsBase):
             "the most they can cost, and that 'snakemake-vastai reap' ends them now. An "
             "interrupted run (Ctrl-C, a signal) keeps nothing. Needs --vastai-deadman. "
             "Default: 0 (every instance is destroyed at the run's end)."
+        },
+    )
+    pool_stop_after: int = field(
+        default=0,
+        metadata={
+            "help": "Seconds an idle instance runs before it is stopped instead: stopped, it "
+            "bills only its disk, and the next job of its kind starts it again without a new "
+            "rent or image pull (it still waits for the GPU and the container's start). A "
+            "stopped instance runs nothing, so no dead-man switch guards it: if the run is "
+            "killed, it bills its disk until the next run in this directory or "
+            "'snakemake-vastai reap' destroys it. --vastai-pool-ttl still counts its idle "
+            "time; instances kept warm past the run are never stopped. Default: 0 (never "
+            "stopped)."
+        },
+    )
+    start_timeout: int = field(
+        default=DEFAULT_START_TIMEOUT,
+        metadata={
+            "help": "Seconds a stopped instance may take to run again once a job starts it: "
+            "Vast.ai may have given its GPU to another renter meanwhile. Past it the instance "
+            "is destroyed and the job rents a fresh one. Default: "
+            f"{DEFAULT_START_TIMEOUT}."
         },
     )
     deploy_paths: Optional[str] = field(

@@ -37,8 +37,15 @@ class InstanceCost:
     dph_total: float
     dollars: float  # time and data together
     data_dollars: float = 0.0  # of which the bytes moved (bandwidth)
+    storage_dollars: float = 0.0  # of which its disk, billed whether it runs or is stopped
+    stopped_seconds: float = 0.0  # stopped by the run (--vastai-pool-stop-after): disk only
     bid: bool = False  # an interruptible instance (--preemptible-rules)
     saved_dollars: float = 0.0  # a bid's saving over the same machine on demand
+
+    @property
+    def gpu_dollars(self) -> float:
+        """Its price less the disk's, while it ran (nothing while stopped)."""
+        return round(self.dollars - self.storage_dollars - self.data_dollars, 6)
 
     @classmethod
     def of(cls, instance: Instance, now: float) -> InstanceCost:
@@ -48,6 +55,8 @@ class InstanceCost:
         boot = max(0.0, min(ready, end) - start)
         busy = min(instance.busy_seconds, life - boot)
         data = instance.data_cost()
+        storage = instance.offer.storage_dph if instance.offer else 0.0
+        time_dollars = billed_dollars(start, end, instance.dph_total) - instance.stop_saving(end)
         return cls(
             instance_id=instance.instance_id or 0,
             label=instance.label,
@@ -58,8 +67,10 @@ class InstanceCost:
             busy_seconds=round(busy, 2),
             idle_seconds=round(max(0.0, life - boot - busy), 2),
             dph_total=instance.dph_total,
-            dollars=round(billed_dollars(start, end, instance.dph_total) + data, 6),
+            dollars=round(time_dollars + data, 6),
             data_dollars=round(data, 6),
+            storage_dollars=round(billed_dollars(start, end, storage), 6),
+            stopped_seconds=round(instance.stopped_for(end), 2),
             bid=bool(instance.offer and instance.offer.bid_price is not None),
             saved_dollars=round(saved_by_bid(instance, life), 6),
         )
@@ -118,7 +129,7 @@ class RunCost:
         return {
             "run_id": self.run_id,
             "outcome": self.outcome,
-            "instances": [asdict(i) for i in self.instances],
+            "instances": [asdict(i) | {"gpu_dollars": i.gpu_dollars} for i in self.instances],
             "excluded_hosts": {str(m): why for m, why in self.excluded_hosts.items()},
             "totals": {
                 "instances": len(self.instances),
@@ -126,6 +137,9 @@ class RunCost:
                 "boots_avoided": self.boots_avoided,
                 "dollars": self.dollars,
                 "data_dollars": self.data_dollars,
+                "storage_dollars": round(sum(i.storage_dollars for i in self.instances), 6),
+                "gpu_dollars": round(sum(i.gpu_dollars for i in self.instances), 6),
+                "stopped_seconds": round(sum(i.stopped_seconds for i in self.instances), 2),
                 "saved_by_bids": self.saved_by_bids,
                 "boot_seconds": round(sum(i.boot_seconds for i in self.instances), 2),
                 "busy_seconds": round(sum(i.busy_seconds for i in self.instances), 2),
@@ -144,13 +158,14 @@ class RunCost:
             f"on {len(self.instances)} instance(s); {self.boots_avoided} boot(s) avoided "
             "by reuse.",
             f"  {'instance':>10}  {'gpu':<16} {'jobs':>4} {'boot s':>7} {'busy s':>7} "
-            f"{'idle s':>7} {'$/h':>7} {'data $':>8} {'$':>8}",
+            f"{'idle s':>7} {'$/h':>7} {'gpu $':>8} {'disk $':>8} {'data $':>8} {'$':>8}",
         ]
         for i in self.instances:
             lines.append(
                 f"  {i.instance_id:>10}  {i.gpu:<16} {i.jobs_run:>4} {i.boot_seconds:>7.1f} "
                 f"{i.busy_seconds:>7.1f} {i.idle_seconds:>7.1f} {i.dph_total:>7.3f} "
-                f"{i.data_dollars:>8.4f} {i.dollars:>8.4f}"
+                f"{i.gpu_dollars:>8.4f} {i.storage_dollars:>8.4f} {i.data_dollars:>8.4f} "
+                f"{i.dollars:>8.4f}"
             )
         lines.append(f"  {BILLING_NOTE}")
         if self.data_dollars:

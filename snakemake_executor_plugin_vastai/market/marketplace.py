@@ -254,10 +254,13 @@ class InstanceInfo:
 
     @property
     def lost(self) -> bool:
-        """The host stopped or vanished: the instance will not come back to ``running``."""
-        return self.actual_status in {"offline", "unknown", "stopped", "exited"} or (
-            self.intended_status == "stopped"
-        )
+        """The host stopped or vanished: the instance will not come back to ``running``. A
+        stopped instance asked to run again (intended ``running``) is not lost: it waits for
+        its GPU, which its start timeout bounds."""
+        restarting = self.actual_status == "stopped" and self.intended_status == "running"
+        return (
+            self.actual_status in {"offline", "unknown", "stopped", "exited"} and not restarting
+        ) or self.intended_status == "stopped"
 
 
 @dataclass(frozen=True)
@@ -611,6 +614,23 @@ class Marketplace:
         self._call(
             f"relabel instance {instance_id}",
             lambda: self._sdk.label_instance(instance_id, label),
+            endpoint="manage",
+        )
+
+    def stop(self, instance_id: int) -> None:
+        """Stop the instance: its GPU goes back to the market, its disk stays (and bills)."""
+        self._call(
+            f"stop instance {instance_id}",
+            lambda: self._sdk.stop_instance(instance_id),
+            endpoint="manage",
+        )
+
+    def start(self, instance_id: int) -> None:
+        """Start a stopped instance again: it waits for its machine's GPU, then boots from
+        its disk (no image pull)."""
+        self._call(
+            f"start instance {instance_id}",
+            lambda: self._sdk.start_instance(instance_id),
             endpoint="manage",
         )
 

@@ -51,6 +51,11 @@ class Instance:
     rented_at: float = field(default_factory=lambda: time.time())  # freezable in tests
     born_at: float | None = None  # first rented, by an earlier run that kept it (adopted)
     kept_until: float | None = None  # kept warm past the run until then (--vastai-keep-warm)
+    stopped_at: float | None = None  # stopped by the run (and not started again) since then
+    started_at: float | None = None  # the last start of it stopped (its boot counts from here)
+    seen_stopped_at: float | None = None  # the last list row since that start still said so
+    stopped_seconds: float = 0.0  # time spent stopped before that: billed for its disk only
+    earlier_data_dollars: float = 0.0  # bandwidth of its SSH connections before its last stop
     created_at: float | None = None  # the create answered: Vast.ai made it a moment before
     running_at: float | None = None
     gone_at: float | None = None  # confirmed gone, or kept past the run: off its bill
@@ -86,20 +91,57 @@ class Instance:
         self.slots = SlotBook(offer.capacity(capacity_signature.disk_gb), exclusive=exclusive)
 
     def cost(self, now: float) -> float:
-        """Dollars so far: its time at its $/h, and the bytes it moved."""
+        """Dollars so far: its time at its $/h (at its disk's price while stopped), and the
+        bytes it moved."""
         if self.instance_id is None and self.state is not State.UNKNOWN:
             return 0.0
         end = self.gone_at if self.gone_at is not None else now
-        return billed_dollars(self.rented_at, end, self.dph_total) + self.data_cost()
+        running = billed_dollars(self.rented_at, end, self.dph_total)
+        return running - self.stop_saving(end) + self.data_cost()
+
+    def stopped_for(self, now: float) -> float:
+        """Seconds it has spent stopped, up to ``now``."""
+        current = now - self.stopped_at if self.stopped_at is not None else 0.0
+        return self.stopped_seconds + max(0.0, current)
+
+    def stop_saving(self, now: float) -> float:
+        """What its stops took off the bill: the GPU's part of its price while stopped."""
+        storage = self.offer.storage_dph if self.offer else 0.0
+        return billed_dollars(0.0, self.stopped_for(now), max(0.0, self.dph_total - storage))
 
     def data_cost(self) -> float:
         """What its bandwidth cost: Vast.ai bills each byte at the offer's $/GB, into the
         instance at inet_down_cost and out of it at inet_up_cost."""
         if self.host is None or self.offer is None:
-            return 0.0
+            return self.earlier_data_dollars
         traffic = self.host.traffic
         up = traffic.received * self.offer.inet_up_cost
-        return (traffic.sent * self.offer.inet_down_cost + up) / BYTES_PER_GB
+        return self.earlier_data_dollars + (traffic.sent * self.offer.inet_down_cost + up) / (
+            BYTES_PER_GB
+        )
+
+    def stopped(self, now: float) -> None:
+        """Stopped by the run: its connection goes (its sshd is gone), its bytes so far stay
+        counted, and from ``now`` it bills its disk only. Call with the table's lock held."""
+        self.earlier_data_dollars = self.data_cost()
+        host, self.host = self.host, None
+        if host is not None:
+            host.close()
+        self.stopped_at = now
+
+    def started(self, now: float) -> None:
+        """Asked to run again: its row must be read afresh (the last one says stopped). It
+        bills its disk only until a row shows it off ``stopped`` (see `observe`): a start
+        waits for the machine's GPU, and Vast.ai bills the GPU once it has it. Call with the
+        table's lock held."""
+        self.started_at = now
+        self.seen_stopped_at = None
+        self.info = None
+
+    @property
+    def boot_began(self) -> float:
+        """When its current boot began: its rent, or its last start after a stop."""
+        return self.started_at or self.rented_at
 
     def observe(self, info: InstanceInfo | None) -> None:
         """A fresh row from the instance list (None: the marketplace no longer lists it).
@@ -112,6 +154,15 @@ class Instance:
         self.info = info
         if info is not None:
             self.dph_total = info.dph_total or self.dph_total
+        restarting = self.stopped_at is not None and self.started_at is not None
+        if restarting and info is not None:
+            if info.actual_status == "stopped":
+                self.seen_stopped_at = time.time()
+            else:  # it has its GPU again, since the last row that said stopped at the latest
+                assert self.started_at is not None
+                resumed = max(self.started_at, self.seen_stopped_at or self.started_at)
+                self.stopped_seconds = self.stopped_for(resumed)
+                self.stopped_at = None
 
     def silence(self, now: float) -> float:
         """Seconds since this run last gave it a sign of life (0 before the first)."""
@@ -130,7 +181,10 @@ class Instance:
 
     @property
     def lost_reason(self) -> str | None:
-        """Why this instance can never run a job again, if it cannot."""
+        """Why this instance can never run a job again, if it cannot. (One the run stopped
+        is listed as stopped, as it should be.)"""
+        if self.state is State.STOPPED and not self.vanished:
+            return None
         if self.vanished and self.silence_at_loss is not None:
             return (
                 f"its dead-man switch destroyed it: this run gave it no sign of life for "
@@ -159,6 +213,15 @@ class Instance:
             self.info is not None
             and self.info.actual_status == "running"
             and bool(self.endpoints())
+        )
+
+    def start_timeout_message(self) -> str:
+        info = self.info
+        status = info.actual_status if info else "not listed yet"
+        message = f" ({info.status_msg})" if info and info.status_msg else ""
+        return (
+            f"{self.name} did not run again within --vastai-start-timeout: still "
+            f"{status}{message}. Its GPU may have gone to another renter while it was stopped"
         )
 
     def boot_timeout_message(self) -> str:

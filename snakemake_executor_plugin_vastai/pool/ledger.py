@@ -61,6 +61,9 @@ class InstanceRecord:
     key: str = ""  # the run key (keys/<key>) that logs in to it: its renter's, or kept along
     kept: dict[str, Any] | None = None  # kept warm past its run: what adopting it needs
     handed_to: str | None = None  # the label it took when a later run adopted it
+    stopped_at: float | None = None  # stopped by its run, and not started again since
+    stopped_seconds: float = 0.0  # time it spent stopped before that
+    storage_dph: float = 0.0  # what its disk costs per hour: all it bills while stopped
     adopted_from: str | None = None  # the label it had in the run that kept it
 
     def __post_init__(self) -> None:
@@ -85,8 +88,11 @@ class InstanceRecord:
         most it can be) to the confirmed destroy, or ``now`` while it may bill, plus its
         bandwidth."""
         start = self.created_at or self.requested_at
-        time_cost = billed_dollars(start, self.ended_at or now, self.dph_total)
-        return time_cost + self.data_dollars
+        end = self.ended_at or now
+        time_cost = billed_dollars(start, end, self.dph_total)
+        stopped = self.stopped_seconds + max(0.0, end - (self.stopped_at or end))
+        saved = billed_dollars(0.0, stopped, max(0.0, self.dph_total - self.storage_dph))
+        return time_cost - saved + self.data_dollars
 
 
 class Ledger:
@@ -125,6 +131,14 @@ class Ledger:
         if ended_at is not None:
             event["ended"] = ended_at
         self._append(event)
+
+    def stopped(self, label: str, storage_dph: float) -> None:
+        """Stopped by its run: from now on it bills ``storage_dph``, its disk, only."""
+        self._append({"event": "stopped", "label": label, "storage": storage_dph})
+
+    def started(self, label: str) -> None:
+        """Running again (its machine's GPU is its own again): it bills its whole price."""
+        self._append({"event": "started", "label": label})
 
     def kept(self, label: str, details: dict[str, Any]) -> None:
         """Left up past its run until ``details["deadline"]``, for the next run to adopt."""
@@ -225,6 +239,11 @@ def _apply(record: InstanceRecord, event: dict[str, Any]) -> None:
         record.data_dollars = event["dollars"]
     elif kind == "kept":
         record.kept = event["kept"]
+    elif kind == "stopped":
+        record.stopped_at, record.storage_dph = event["t"], event["storage"]
+    elif kind == "started" and record.stopped_at is not None:
+        record.stopped_seconds += event["t"] - record.stopped_at
+        record.stopped_at = None
     elif kind == "destroyed" and record.handed_to is None:  # a handed record's bill ended
         record.ended_at = event.get("ended", event["t"])
 

@@ -99,6 +99,8 @@ class PoolConfig:
     pack: bool = True
     bid_factor: float = 1.0
     keep_warm: float = 0.0  # seconds idle instances stay up past the run's end; 0: none
+    stop_after: float = 0.0  # seconds idle before an instance is stopped; 0: never
+    start_timeout: float = 120.0  # for a stopped instance to run again
 
 
 @dataclass(frozen=True, eq=False)
@@ -218,6 +220,29 @@ def patient(seeker: Seeker, instances: Iterable[Instance], now: float) -> bool:
     )
 
 
+def pick_stopped(instances: Iterable[Instance], wanted: Signature, needs: Needs) -> Instance | None:
+    """A stopped instance of the job's kind that can hold it: started again, it costs no
+    rent and no image pull. The cheapest, then the most recently used."""
+    fitting = [
+        i
+        for i in instances
+        if i.state is State.STOPPED
+        and i.stopped_at is not None  # its stop went through
+        and i.retiring is None
+        and not i.lost_reason
+        and i.slots is not None
+        and i.signature.can_serve(wanted)
+        and i.slots.capacity.holds(needs)
+    ]
+    return min(fitting, key=lambda i: (i.dph_total, -(i.last_released_at or 0.0)), default=None)
+
+
+def stop_due(instance: Instance, now: float, config: PoolConfig) -> bool:
+    """Has an idle instance run idle long enough to be stopped instead?"""
+    idle_since = instance.last_released_at or instance.running_at or now
+    return bool(config.stop_after) and now - idle_since >= config.stop_after
+
+
 def pending_rent_for(instances: Iterable[Instance], wanted: Signature) -> bool:
     """Is a rent of this job's kind under way? Its machine may have room for the job too."""
     return any(i.state is State.RENTING and i.signature.same_kind(wanted) for i in instances)
@@ -275,6 +300,7 @@ class Pool:
             config.boot_timeout,
             config.bootstrap,
             self.look_soon,
+            config.start_timeout,
         )
         self.orphans_reaped = threading.Event()  # set by the reaper once orphans are sent off
         self.boot_progress = BootProgress(market.redact)
@@ -390,6 +416,10 @@ class Pool:
                 return None
             if patient(seeker, instances, time.monotonic()):
                 return None
+            asleep = pick_stopped(instances, seeker.wanted, seeker.needs)
+            if asleep is not None:
+                self._count_off(seeker)
+                return self._wake(asleep, seeker)
             if len(self.table.counted()) < self.config.caps.max_instances:
                 label = make_label(self.config.run_id, f"{seeker.tag}-{next(self._serial)}")
                 reserved = Instance(label, seeker.wanted)
@@ -400,6 +430,22 @@ class Pool:
                 return victim
             return None
 
+    def _wake(self, asleep: Instance, seeker: Seeker) -> Placement:
+        """Under the lock: start a stopped instance again for the job (no rent, no image
+        pull), the job placed on it as on any instance still starting."""
+        stopped_for = asleep.stopped_for(time.time())
+        asleep.started(time.time())
+        self.table.move(asleep, State.BOOTING)
+        say(
+            "Starting %s again for %s (stopped %.0f s ago: no rent, no image pull)",
+            short_name(asleep),
+            seeker.tag,
+            stopped_for,
+        )
+        placement = self._place(asleep, seeker.needs, seeker.tag, quiet=True)
+        self.preparer.start(asleep, again=True)
+        return placement
+
     def _count_off(self, seeker: Seeker) -> None:
         """The job is placed: it no longer counts as a job still to come (once, however
         often it waits)."""
@@ -407,7 +453,12 @@ class Pool:
         seeker.counted.clear()
 
     def _place(
-        self, instance: Instance, needs: Needs, tag: str, moved_from: Instance | None = None
+        self,
+        instance: Instance,
+        needs: Needs,
+        tag: str,
+        moved_from: Instance | None = None,
+        quiet: bool = False,
     ) -> Placement:
         assert instance.slots is not None
         if instance.slots.empty:
@@ -426,7 +477,7 @@ class Pool:
             )
         elif was_idle:
             say("Reusing %s for %s (no rent, no boot)", short_name(instance), tag)
-        else:
+        elif not quiet:
             still = " (still booting)" if instance.state in STARTING else ""
             jobs = count(beside, "job")
             say("Packing %s onto %s%s beside %s", tag, short_name(instance), still, jobs)
@@ -613,14 +664,19 @@ class Pool:
         remaining job, starting ones whose jobs all left and that no remaining job wants, and
         lost ones; retry failed destroys. No API call unless one goes."""
         now = time.time() if now is None else now
-        doomed = []
+        doomed, sleepy = [], []
         with self.table.locked():
             if self.config.keep_instances:
                 return
             for instance in self.table.all():
-                if instance.state is State.IDLE:
+                if instance.state in (State.IDLE, State.STOPPED):
                     awaited = self._awaited(instance)
                     reason = retire_reason(instance, now, self.config, self.demand, awaited)
+                    if reason is None and instance.state is State.IDLE and not awaited:
+                        if stop_due(instance, now, self.config):
+                            self.table.move(instance, State.STOPPED)
+                            sleepy.append(instance)
+                        continue
                 elif instance.state is State.LOST:
                     reason = instance.lost_reason or "its host was lost"
                 elif instance.state in STARTING:
@@ -633,6 +689,32 @@ class Pool:
                     doomed.append((instance, reason))
         self.destroyer.finish_all(doomed, time.monotonic() + ROUND_SECONDS)
         self.destroyer.retry_failed()
+        for instance in sleepy:
+            self._stop(instance, now)
+
+    def _stop(self, instance: Instance, now: float) -> None:
+        """Stop an idle instance (already marked stopped, so no job takes it meanwhile); a
+        stop the API refuses leaves it idle, to be tried again."""
+        assert instance.instance_id is not None
+        try:
+            self.market.stop(instance.instance_id)
+        except MarketplaceError as error:
+            log.warning("Could not stop %s: %s", instance.name, error)
+            with self.table.locked():
+                if instance.state is State.STOPPED:
+                    self.table.move(instance, State.IDLE)
+            return
+        storage = instance.offer.storage_dph if instance.offer else 0.0
+        with self.table.locked():
+            instance.stopped(now)
+        self.ledger.stopped(instance.label, storage)
+        say(
+            "Stopped %s after %.0f s idle: it bills its disk only ($%.3f/h) until a job of "
+            "its kind starts it again",
+            short_name(instance),
+            self.config.stop_after,
+            storage,
+        )
 
     def look_soon(self) -> None:
         """The next reaper round asks for the instance list (a new instance is booting)."""
@@ -661,7 +743,10 @@ class Pool:
                 row = by_id.get(instance.instance_id)
                 if row is not None and row.dph_total and row.dph_total != instance.dph_total:
                     self.ledger.price_changed(instance.label, row.dph_total)
+                stopped = instance.stopped_at is not None
                 instance.observe(row)
+                if stopped and instance.stopped_at is None:
+                    self.ledger.started(instance.label)
                 if instance.lost_reason and instance.state in USABLE:
                     self.table.move(instance, State.LOST)
                     if instance.loss_blames_host(now):

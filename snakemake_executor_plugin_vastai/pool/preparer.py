@@ -65,21 +65,24 @@ class Preparer:
     boot_timeout: float
     bootstrap: BootstrapPlan
     look_soon: Callable[[], None]  # the instance list should be asked again soon
+    start_timeout: float = 120.0  # for a stopped instance to run again
 
-    def start(self, instance: Instance) -> None:
+    def start(self, instance: Instance, again: bool = False) -> None:
+        """``again``: a stopped instance of the run, started for a job (no new boot: it
+        waits for its GPU, then its container starts from its disk)."""
         threading.Thread(
             target=self.prepare,
-            args=(instance,),
+            args=(instance, again),
             name=f"prepare-{instance.instance_id}",
             daemon=True,
         ).start()
 
-    def prepare(self, instance: Instance) -> None:
+    def prepare(self, instance: Instance, again: bool = False) -> None:
         """Boot, log in, bootstrap; on any failure (a teardown meanwhile included) the
         instance is destroyed and the jobs placed on it while it booted hear why."""
         try:
             self.table.check_open()
-            self._boot_and_bootstrap(instance)
+            self._boot_and_bootstrap(instance, again)
         except BaseException as error:
             reason = unprepared_reason(instance, error)
             cancelled = isinstance(error, Cancelled)
@@ -111,15 +114,26 @@ class Preparer:
             message += f"\n  Last lines of the instance's log:\n{lines}"
         return InstanceFailure(message)
 
-    def _boot_and_bootstrap(self, instance: Instance) -> None:
-        deadline = time.monotonic() + self.boot_timeout
+    def _boot_and_bootstrap(self, instance: Instance, again: bool) -> None:
         assert instance.instance_id is not None
-        self.market.attach_key(instance.instance_id, self.key.public_line)
-        self._wait_booted(instance, deadline)
-        instance.running_at = time.time()
-        self.ledger.running(instance.label)
+        began = time.time() if again else instance.rented_at
+        if again:
+            deadline = time.monotonic() + self.start_timeout
+            self.market.start(instance.instance_id)
+            self._wait_booted(instance, deadline, instance.start_timeout_message)
+        else:
+            deadline = time.monotonic() + self.boot_timeout
+            self.market.attach_key(instance.instance_id, self.key.public_line)
+            self._wait_booted(instance, deadline, instance.boot_timeout_message)
+            instance.running_at = time.time()
+            self.ledger.running(instance.label)
         self._log_in(instance, deadline)
         self.advance(instance, State.BOOTING, State.BOOTSTRAPPING)
+        took = time.time() - began
+        if again:
+            say("Instance %s runs again after %.1f s; bootstrapping", instance.instance_id, took)
+        else:
+            say("Instance %s booted in %.1f s; bootstrapping", instance.instance_id, took)
         self._bootstrap(instance)
         with self.table.locked():
             assert instance.slots is not None
@@ -127,9 +141,8 @@ class Preparer:
             self.advance(instance, State.BOOTSTRAPPING, ready)
 
     def _bootstrap(self, instance: Instance) -> None:
-        """Said at its start and end: a first install of Snakemake can take minutes."""
-        booted = time.time() - instance.rented_at
-        say("Instance %s booted in %.1f s; bootstrapping", instance.instance_id, booted)
+        """Said at its end (and, by the caller, at its start): a first install of Snakemake
+        can take minutes."""
         started = time.monotonic()
         installed = instance.bootstrap(self.bootstrap)
         took = time.monotonic() - started
@@ -151,7 +164,7 @@ class Preparer:
         assert instance.instance_id is not None
         self.market.reboot(instance.instance_id)
         deadline = time.monotonic() + self.boot_timeout
-        self._wait_booted(instance, deadline)
+        self._wait_booted(instance, deadline, instance.boot_timeout_message)
         instance.connect(self.key, deadline)
 
     def _boot_log(self, instance: Instance) -> str:
@@ -165,7 +178,9 @@ class Preparer:
                     log.debug("%s: no log: %s", instance.name, failed)
         return instance.boot_log
 
-    def _wait_booted(self, instance: Instance, deadline: float) -> None:
+    def _wait_booted(
+        self, instance: Instance, deadline: float, timed_out: Callable[[], str]
+    ) -> None:
         """Until the reaper's list rounds show it running with an SSH endpoint; fail fast on
         a Docker error that waiting cannot heal, a lost host, or the boot timeout."""
         self.look_soon()  # a new instance is booting
@@ -186,7 +201,7 @@ class Preparer:
             if failure:
                 raise InstanceFailure(failure)
             if not instance.booted():
-                raise InstanceFailure(instance.boot_timeout_message())
+                raise InstanceFailure(timed_out())
 
     def advance(self, instance: Instance, expected: State, to: State) -> None:
         """A preparing thread's move: only from the state it expects. Teardown or the reaper may

@@ -56,12 +56,13 @@ class BootProgress:
 
     def observe(self, instance: Instance, now: float) -> None:
         """After a list round, for an instance still booting."""
-        last = self._said_at.get(instance.label, instance.rented_at)
+        began = instance.boot_began
+        last = max(self._said_at.get(instance.label, began), began)
         if now - last < self.interval:
             return
         self._said_at[instance.label] = now
         status = boot_status(instance, self.redact)
-        elapsed = now - instance.rented_at
+        elapsed = now - began
         say("Instance %s still booting after %.0f s: %s", instance.instance_id, elapsed, status)
 
 

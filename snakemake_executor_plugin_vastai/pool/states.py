@@ -20,6 +20,7 @@ class State(enum.Enum):
     DESTROYING = "destroying"  # destroy sent or to be retried; billing until confirmed
     GONE = "gone"  # confirmed gone, or never created
     KEPT = "kept"  # left up past the run's end (--vastai-keep-warm); its own switch ends it
+    STOPPED = "stopped"  # idle, stopped by the run (--vastai-pool-stop-after): bills its disk
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -27,12 +28,14 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.UNKNOWN: frozenset({State.DESTROYING, State.GONE}),
     State.BOOTING: frozenset({State.BOOTSTRAPPING, State.LOST, State.DESTROYING}),
     State.BOOTSTRAPPING: frozenset({State.IDLE, State.BUSY, State.LOST, State.DESTROYING}),
-    State.IDLE: frozenset({State.BUSY, State.LOST, State.DESTROYING, State.KEPT}),
+    State.IDLE: frozenset({State.BUSY, State.LOST, State.DESTROYING, State.KEPT, State.STOPPED}),
     State.BUSY: frozenset({State.IDLE, State.LOST, State.DESTROYING}),
     State.LOST: frozenset({State.DESTROYING}),
     State.DESTROYING: frozenset({State.GONE}),
     State.GONE: frozenset(),
     State.KEPT: frozenset({State.DESTROYING}),  # its deadline could not be set: it goes
+    # started again for a job (booting), or back to idle when the stop was refused
+    State.STOPPED: frozenset({State.BOOTING, State.IDLE, State.DESTROYING}),
 }
 """Every legal move. Anything may be destroyed once it exists; nothing comes back."""
 
