@@ -1,12 +1,14 @@
-"""``python -m benchmarks [--quick] [--case all|standard|load] [--boot-seconds S] [--rtt-ms MS]
-[--only chain|fanout|tiny] [--modes ...] [--no-faults] [--no-rate-limits]``
+"""``python -m benchmarks [--quick] [--case all|standard|load|rerun] [--boot-seconds S]
+[--rtt-ms MS] [--only chain|fanout|tiny] [--modes ...] [--no-faults] [--no-rate-limits]``
 
 The standard cases: each workflow in its modes against a fresh fake marketplace, written to
 ``benchmarks/results/<name>.json`` after every case (a crash keeps what was measured). Then
 the load case (``benchmarks/load.py``): many short jobs under API errors, with and without
-packing, written to ``benchmarks/results/load.json`` (quick: ``quick-load.json``). Prints the
-tables. Exits 1, loudly, when a case fails, leaves an instance running or has a call refused
-under the fake's rate limits (which are on, as on Vast.ai, unless ``--no-rate-limits``).
+packing, written to ``benchmarks/results/load.json`` (quick: ``quick-load.json``). Then the
+edit-and-rerun loop (``benchmarks/rerun.py``), cold and kept warm, written to
+``benchmarks/results/rerun.json`` (quick: ``quick-rerun.json``). Prints the tables. Exits 1,
+loudly, when a case fails, leaves an instance running or has a call refused under the fake's
+rate limits (which are on, as on Vast.ai, unless ``--no-rate-limits``).
 """
 
 from __future__ import annotations
@@ -18,17 +20,17 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from benchmarks import load, plot
+from benchmarks import load, plot, rerun
 from benchmarks.measure import MODES, RATE_LIMITS, BenchmarkError, Case, CaseResult, run_case
 from benchmarks.report import document, header, render, write
-from benchmarks.workflows import load_workflow, standard_workflows
+from benchmarks.workflows import load_workflow, rerun_workflow, standard_workflows
 
 HERE = Path(__file__).resolve().parent
 # 5 s: the issue's fanout figure is for a 5 s boot; the chain's per-warm-job figures do not
 # depend on the boot, so one boot serves every standard case (quick and full alike).
 BOOT_SECONDS = 5.0
 RTT_MS = 50.0  # the pool-rtt mode's simulated SSH round-trip time
-CASES = ("all", "standard", "load")
+CASES = ("all", "standard", "load", "rerun")
 # Which modes each workflow runs in: the RTT dimension is the chain's; tiny is there for the
 # remote CPU of a 0.1 s job, which ttl0 (every job cold) would not show.
 WORKFLOW_MODES = {
@@ -49,13 +51,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--case",
         choices=CASES,
         help="standard: chain, fanout and tiny; load: 500 short jobs under API errors "
-        "(quick: 60); "
+        "(quick: 60); rerun: the edit-and-rerun loop, cold and kept warm; "
         "default all, or standard when --only or --modes is given",
     )
     parser.add_argument(
         "--boot-seconds",
         type=float,
-        help=f"fake boot time (default {BOOT_SECONDS:g}; load case {load.BOOT_SECONDS:g})",
+        help=f"fake boot time (default {BOOT_SECONDS:g}; load case {load.BOOT_SECONDS:g}; "
+        f"rerun case {rerun.BOOT_SECONDS:g}, quick {rerun.QUICK_BOOT_SECONDS:g})",
     )
     parser.add_argument(
         "--rtt-ms",
@@ -85,11 +88,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.case is None:
         args.case = "standard" if args.only or args.modes else "all"
-    if args.case == "load" and (args.only or args.modes):
-        parser.error("--only and --modes choose standard cases; the load case has neither")
+    if args.case in ("load", "rerun") and (args.only or args.modes):
+        parser.error(f"--only and --modes choose standard cases; the {args.case} case has neither")
     if args.output and args.case == "all":
-        parser.error("--output names one results file: add --case standard or --case load")
+        parser.error("--output names one results file: add --case standard, load or rerun")
     args.load_boot_seconds = load.BOOT_SECONDS if args.boot_seconds is None else args.boot_seconds
+    default = rerun.default_boot_seconds(args.quick)
+    args.rerun_boot_seconds = default if args.boot_seconds is None else args.boot_seconds
     args.modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",") if m.strip()]
     unknown = set(args.modes) - set(MODES)
     if unknown or not args.modes:
@@ -145,6 +150,15 @@ def load_result_name(args: argparse.Namespace) -> str:
     return name + ("-nofaults" if args.no_faults else "") + limits_suffix(args)
 
 
+def rerun_result_name(args: argparse.Namespace) -> str:
+    """rerun / quick-rerun, with the boot when it is not the default (the loop's figures are
+    the boots it saves)."""
+    name = "quick-rerun" if args.quick else "rerun"
+    if args.rerun_boot_seconds != rerun.default_boot_seconds(args.quick):
+        name += f"-boot{args.rerun_boot_seconds:g}"
+    return name + limits_suffix(args)
+
+
 def _terminate(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt  # the same clean-up path as Ctrl-C: Snakemake, then the fake
 
@@ -160,6 +174,8 @@ def main(argv: list[str]) -> int:
         code = run_standard(args, argv, stamp)
     if code == 0 and args.case in ("all", "load"):
         code = run_load(args, argv, stamp)
+    if code == 0 and args.case in ("all", "rerun"):
+        code = run_rerun(args, argv, stamp)
     if code == 0 and not args.quick and args.output is None:
         plot.main([])  # the README's figure, from the results files just written
     return code
@@ -239,6 +255,46 @@ def run_load(args: argparse.Namespace, argv: list[str], stamp: str) -> int:
     if failed:
         print(f"\nBENCHMARK FAILED in load/{', load/'.join(failed)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def run_rerun(args: argparse.Namespace, argv: list[str], stamp: str) -> int:
+    """Each mode of the loop in turn; the first that fails stops the case, its figures kept."""
+    name = rerun_result_name(args)
+    output = args.output or HERE / "results" / f"{name}.json"
+    scratch = HERE / "scratch" / f"{name}-{stamp}"
+    boot = args.rerun_boot_seconds
+    head = header(boot, args.quick, ["python", "-m", "benchmarks", *argv], args.rate_limits)
+    workflow = rerun_workflow()
+    results: list[rerun.LoopResult] = []
+    for mode in rerun.MODES:
+        print(
+            f"== rerun/{mode}: {workflow.jobs} evaluations, {workflow.parallel} at once, boot "
+            f"{boot:g} s, rate limits {'on' if args.rate_limits else 'OFF'}",
+            flush=True,
+        )
+        try:
+            result = rerun.run_mode(workflow, mode, scratch / mode, boot, args.rate_limits)
+        except BenchmarkError as error:
+            if error.result is not None:  # it ran to the end: keep its figures
+                results.append(error.result)
+            doc = rerun.rerun_document(head, workflow, boot, results, args.rate_limits)
+            write(output, doc | {"error": f"rerun/{mode}: {error}"})
+            print(f"\nBENCHMARK FAILED in rerun/{mode}: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\ninterrupted; Snakemake and the fake were stopped", file=sys.stderr)
+            return 130
+        results.append(result)
+        print(
+            f"   rerun {result.rerun_wall_seconds:.1f} s, {result.rerun_creates} creates, "
+            f"{result.rerun_adopted} adopted",
+            flush=True,
+        )
+        write(output, rerun.rerun_document(head, workflow, boot, results, args.rate_limits))
+    doc = rerun.rerun_document(head, workflow, boot, results, args.rate_limits)
+    print("\n" + rerun.render_rerun(doc))
+    print(f"\nresults: {output}\nscratch: {scratch}")
     return 0
 
 

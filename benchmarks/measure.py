@@ -228,14 +228,17 @@ def run_case(case: Case, scratch: Path) -> CaseResult:
         plugin_tree_sha256=plugin_tree,
     )
     if bill is not None and bill.refused_calls:
-        raise BenchmarkError(
-            f"the fake refused {bill.refused_calls} calls under its rate limits or quota "
-            f"(rate_limited {bill.rate_limited}, quota_exceeded {bill.quota_exceeded}): the "
-            f"plugin did not pace them; see {scratch / 'ledger.json'} and "
-            f"{scratch / 'snakemake.log'}",
-            result,
-        )
+        raise BenchmarkError(refused_calls_message(bill, scratch), result)
     return result
+
+
+def refused_calls_message(bill: FakeBill, scratch: Path) -> str:
+    return (
+        f"the fake refused {bill.refused_calls} calls under its rate limits or quota "
+        f"(rate_limited {bill.rate_limited}, quota_exceeded {bill.quota_exceeded}): the "
+        f"plugin did not pace them; see {scratch / 'ledger.json'} and the Snakemake logs in "
+        f"{scratch}"
+    )
 
 
 def last_output_at(workdir: Path, outputs: list[str]) -> float | None:
@@ -268,25 +271,16 @@ def run_on_fake(
 ) -> tuple[float, FakeBill, list[float] | None, float]:
     """Wall seconds, the fake's bill, its SSH round trips' times and Snakemake's exit (epoch)
     of a run with the plugin, probes on; fails loudly if an instance outlives Snakemake."""
-    offers = scratch / "offers.json"
-    offers.write_text(json.dumps([{"id": 9300001 + i, **OFFER} for i in range(OFFER_COUNT)]))
     with FakeVast(
         rate_limits=case.rate_limits,
         boot_seconds=case.boot_seconds,
-        offers=offers,
+        offers=uniform_offers(scratch / "offers.json"),
         rtt_ms=case.rtt_ms,
     ) as fake:
-        command = snakemake_command(
-            "--executor", "vastai",
-            "--jobs", str(case.workflow.parallel),
-            "--vastai-api-url", fake.url,
-            "--vastai-pool-ttl", str(POOL_TTL[case.mode]),
-            traced=True,
-        )  # fmt: skip
-        env = clean_env(case.rate_limits) | {
-            "VAST_API_KEY": fake.api_key,
-            TRACE_ENV: str(scratch / "trace.jsonl"),
-        }
+        command = executor_command(
+            fake, case.workflow.parallel, "--vastai-pool-ttl", str(POOL_TTL[case.mode])
+        )
+        env = traced_env(fake, scratch / "trace.jsonl", case.rate_limits)
         wall = run_snakemake(command, workdir, env, case.timeout, scratch / "snakemake.log")
         exited_at = time.time()
         ledger = fake.ledger()
@@ -297,6 +291,26 @@ def run_on_fake(
         raise BenchmarkError("instances still running in the fake after Snakemake exited")
     times = ledger.get("ssh_round_trip_times")  # None from a fake that does not count them
     return wall, bill, None if times is None else [float(t) for t in times], exited_at
+
+
+def uniform_offers(path: Path) -> Path:
+    """The uniform catalogue (OFFER, OFFER_COUNT times) as an ``--offers`` file for the fake."""
+    path.write_text(json.dumps([{"id": 9300001 + i, **OFFER} for i in range(OFFER_COUNT)]))
+    return path
+
+
+def executor_command(fake: FakeVast, jobs: int, *flags: str) -> list[str]:
+    """Snakemake with the plugin against ``fake``, the probes on, with the plugin's defaults
+    but for ``flags``."""
+    return snakemake_command(
+        "--executor", "vastai", "--jobs", str(jobs), "--vastai-api-url", fake.url, *flags,
+        traced=True,
+    )  # fmt: skip
+
+
+def traced_env(fake: FakeVast, trace: Path, rate_limits: bool = RATE_LIMITS) -> dict[str, str]:
+    """``clean_env`` with the fake's key and the file the probes write to."""
+    return clean_env(rate_limits) | {"VAST_API_KEY": fake.api_key, TRACE_ENV: str(trace)}
 
 
 def save_requests(fake: FakeVast, path: Path) -> list[dict[str, Any]] | None:
@@ -373,7 +387,8 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def plugin_summary(workdir: Path) -> dict[str, Any] | None:
-    """The totals of the plugin's cost summary (one run per workdir, so one file)."""
+    """The totals of the plugin's cost summary of the newest run in ``workdir`` (a run's id,
+    and so its file name, begins with its start time)."""
     found = sorted((workdir / ".snakemake" / "vastai").glob("summary-*.json"))
     if not found:
         return None

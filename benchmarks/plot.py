@@ -1,8 +1,10 @@
-"""``python -m benchmarks.plot [--standard F] [--load F] [--output PNG]``: the README's figure.
+"""``python -m benchmarks.plot [--standard F] [--load F] [--rerun F] [--output PNG]``: the
+README's figure.
 
-Wall time and dollars per workflow and mode, drawn from the results files the benchmark
-wrote, so the picture can never disagree with the tables beside it. ``python -m benchmarks``
-redraws it after every complete run.
+Wall time and dollars per workflow and mode, and the edit-and-rerun loop (the rerun's wall
+time and its wait for the first remote job, cold and kept warm), drawn from the results files
+the benchmark wrote, so the picture can never disagree with the tables beside it. ``python -m
+benchmarks`` redraws it after every complete run.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,10 @@ MODE_LABELS = {
     "pool": "warm pool",
     "pack": "pool + packing",
     "no-pack": "pool, --vastai-no-pack",
+    "cold": "rerun, nothing kept",
+    "kept": "rerun, --vastai-keep-warm",
 }
+LOOP_GROUPS = ("rerun wall", "to first remote job")
 
 
 @dataclass(frozen=True)
@@ -56,19 +62,50 @@ def bars(standard: dict[str, Any] | None, load: dict[str, Any] | None) -> list[B
     return found
 
 
-def draw(found: list[Bar], output: Path, limits: str = "") -> Path:
+@dataclass(frozen=True)
+class LoopBar:
+    """One mode of the edit-and-rerun loop: the rerun's two times, the whole loop's dollars."""
+
+    mode: str
+    wall_seconds: float
+    first_job_seconds: float | None
+    dollars: float
+    boot_seconds: float
+
+
+def loop_bars(rerun: dict[str, Any] | None) -> list[LoopBar]:
+    if not rerun:
+        return []
+    boot = rerun["rerun"]["boot_seconds"]
+    return [
+        LoopBar(
+            m["mode"], m["rerun_wall_seconds"], m["rerun_first_job_seconds"], m["dollars"], boot
+        )
+        for m in rerun.get("modes", [])
+    ]
+
+
+def place(spot: int, index: int, count: int) -> tuple[float, float]:
+    """x and width of bar ``index`` of ``count`` in the cluster at ``spot``."""
+    width = 0.8 / count
+    return spot + (index - (count - 1) / 2) * width, width
+
+
+def draw(found: list[Bar], output: Path, limits: str = "", loop: Sequence[LoopBar] = ()) -> Path:
     """Two panels (wall seconds, dollars on a log scale: a per-job instance costs tens of
-    times the pool), one cluster of bars per workflow, one colour per mode."""
+    times the pool), one cluster of bars per workflow, one colour per mode; a third for the
+    edit-and-rerun loop when it was measured."""
     groups = list(dict.fromkeys(bar.group for bar in found))
-    modes = list(dict.fromkeys(bar.mode for bar in found))
+    modes = list(dict.fromkeys([*(bar.mode for bar in found), *(bar.mode for bar in loop)]))
     colours = dict(zip(modes, pyplot.get_cmap("tab10").colors, strict=False))
-    figure, (wall, cost) = pyplot.subplots(1, 2, figsize=(12, 4.5))
+    panels = 3 if loop else 2
+    figure, panes = pyplot.subplots(1, panels, figsize=(6 * panels, 4.5))
+    wall, cost = panes[0], panes[1]
     labelled: set[str] = set()
     for spot, group in enumerate(groups):
         cluster = [bar for bar in found if bar.group == group]
-        width = 0.8 / len(cluster)
         for index, bar in enumerate(cluster):
-            x = spot + (index - (len(cluster) - 1) / 2) * width
+            x, width = place(spot, index, len(cluster))
             label = None if bar.mode in labelled else mode_label(bar.mode)
             labelled.add(bar.mode)
             wall.bar(x, bar.wall_seconds, width, color=colours[bar.mode], label=label)
@@ -80,6 +117,8 @@ def draw(found: list[Bar], output: Path, limits: str = "") -> Path:
         axes.set_title(title)
         axes.grid(axis="y", alpha=0.3)
     wall.legend(fontsize="small")
+    if loop:
+        draw_loop(panes[2], loop, colours)
     figure.suptitle(
         "snakemake-executor-plugin-vastai: the same workflows, by mode (2-core VM"
         + (f"; {limits})" if limits else ")")
@@ -89,6 +128,21 @@ def draw(found: list[Bar], output: Path, limits: str = "") -> Path:
     figure.savefig(output, dpi=100)
     pyplot.close(figure)
     return output
+
+
+def draw_loop(axes: Any, loop: Sequence[LoopBar], colours: dict[str, Any]) -> None:
+    """The rerun's wall time and its wait for the first remote job, one bar per mode; the
+    legend gives each loop's dollars (both runs and the idle time between them)."""
+    for index, bar in enumerate(loop):
+        heights = (bar.wall_seconds, bar.first_job_seconds or 0.0)
+        for spot, height in enumerate(heights):
+            x, width = place(spot, index, len(loop))
+            label = f"{mode_label(bar.mode)}: loop ${bar.dollars:.4f}" if spot == 0 else None
+            axes.bar(x, height, width, color=colours[bar.mode], label=label)
+    axes.set_xticks(range(len(LOOP_GROUPS)), LOOP_GROUPS)
+    axes.set_title(f"edit and rerun, {loop[0].boot_seconds:g} s boot (s)")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize="small")
 
 
 def mode_label(mode: str) -> str:
@@ -116,14 +170,16 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__)
     parser.add_argument("--standard", type=Path, default=RESULTS / "full.json")
     parser.add_argument("--load", type=Path, default=RESULTS / "load.json")
+    parser.add_argument("--rerun", type=Path, default=RESULTS / "rerun.json")
     parser.add_argument("--output", type=Path, default=RESULTS / "overview.png")
     args = parser.parse_args(argv)
-    standard, load = read(args.standard), read(args.load)
+    standard, load, rerun = read(args.standard), read(args.load), read(args.rerun)
     found = bars(standard, load)
     if not found:
         print(f"no results in {args.standard} or {args.load}", file=sys.stderr)
         return 1
-    print(f"plot: {draw(found, args.output, limits_note(standard, load))}")
+    note = limits_note(standard, load, rerun)
+    print(f"plot: {draw(found, args.output, note, loop_bars(rerun))}")
     return 0
 
 

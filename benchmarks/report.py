@@ -193,19 +193,19 @@ def speedups(results: list[CaseResult]) -> list[Speedup]:
         found.append(
             Speedup(
                 workflow,
-                wall=_ratio(ttl0.wall_seconds, pool.wall_seconds),
-                billed_instance_seconds=_ratio(
+                wall=ratio(ttl0.wall_seconds, pool.wall_seconds),
+                billed_instance_seconds=ratio(
                     ttl0.bill.billed_instance_seconds, pool.bill.billed_instance_seconds
                 ),
-                dollars=_ratio(ttl0.bill.dollars, pool.bill.dollars),
-                instances=_ratio(ttl0.bill.instances, pool.bill.instances),
-                api_calls=_ratio(ttl0.bill.api_calls_total, pool.bill.api_calls_total),
+                dollars=ratio(ttl0.bill.dollars, pool.bill.dollars),
+                instances=ratio(ttl0.bill.instances, pool.bill.instances),
+                api_calls=ratio(ttl0.bill.api_calls_total, pool.bill.api_calls_total),
             )
         )
     return found
 
 
-def _ratio(a: float, b: float) -> float:
+def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("inf")
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 GIT_TIMEOUT = 60.0
 # Seconds each job sleeps: 1 s jobs for the chain and the fanout, as the issue states them;
 # 0.1 s jobs where the plugin's own cost should dominate (the remote CPU figure, the load case);
-# 0.05 s for the scale case, whose thousands of jobs measure the controller, not the jobs.
-SLEEP_SECONDS = {"chain": 1, "fanout": 1, "tiny": 0.1, "load": 0.1, "scale": 0.05}
+# 0.05 s for the scale case, whose thousands of jobs measure the controller, not the jobs;
+# 1 s for the rerun loop's GPU jobs, like the chain's: its figures are the boots it saves.
+SLEEP_SECONDS = {"chain": 1, "fanout": 1, "tiny": 0.1, "load": 0.1, "scale": 0.05, "rerun": 1}
 LOAD_SLEEP_SECONDS = SLEEP_SECONDS["load"]
 SEQUENTIAL = ("chain", "tiny")  # each job needs the previous one's output
 
@@ -88,15 +89,69 @@ rule work:
         "sleep {sleep}; echo {name} {{wildcards.i}} > {{output}}"
 """
 
-_TEMPLATES = {"chain": _CHAIN, "tiny": _CHAIN, "fanout": _FANOUT, "load": _LOAD, "scale": _LOAD}
+# The edit-and-rerun loop (tests/test_keep_warm.py's workflow, with the jobs' sleep): the
+# evaluations read scripts/evaluate.sh, so editing it reruns them and nothing else.
+_RERUN = """\
+# rerun: a local prepare, a GPU train, {jobs} GPU evaluations that read scripts/evaluate.sh;
+# each GPU job sleeps {sleep} s first.
+localrules: all, prepare
+
+
+rule all:
+    input:
+        expand("eval/{{i}}.txt", i=range(1, {jobs} + 1)),
+
+
+rule prepare:
+    output:
+        "data.txt",
+    shell:
+        "echo prepared > {{output}}"
+
+
+rule train:
+    input:
+        "data.txt",
+    output:
+        "model.txt",
+    resources:
+        gpu=1,
+    shell:
+        "sleep {sleep}; cat {{input}} > {{output}}"
+
+
+rule evaluate:
+    input:
+        "model.txt",
+        "scripts/evaluate.sh",
+    output:
+        "eval/{{i}}.txt",
+    resources:
+        gpu=1,
+    shell:
+        "sleep {sleep}; sh scripts/evaluate.sh {{wildcards.i}} > {{output}}"
+"""
+EVALUATE = 'echo "score of $1: 0.5"\n'
+EVALUATE_EDITED = 'echo "score of $1: 0.75 (fixed)"\n'
+
+_TEMPLATES = {
+    "chain": _CHAIN,
+    "tiny": _CHAIN,
+    "fanout": _FANOUT,
+    "load": _LOAD,
+    "scale": _LOAD,
+    "rerun": _RERUN,
+}
 
 
 @dataclass(frozen=True)
 class Workflow:
     """One benchmark workflow: which shape, how many remote jobs, how many at once."""
 
-    name: str  # "chain", "tiny", "fanout", "load" or "scale"
-    jobs: int  # jobs that run remotely; the target rule `all` is local and not counted
+    name: str  # "chain", "tiny", "fanout", "load", "scale" or "rerun"
+    # Jobs that run remotely; the target rule `all` is local and not counted. "rerun": its
+    # evaluations, the jobs its rerun runs (the first run also runs train, once).
+    jobs: int
     parallel: int  # --jobs for the executor, --cores for plain local Snakemake
 
     @property
@@ -107,7 +162,7 @@ class Workflow:
     @property
     def outputs(self) -> list[str]:
         """Each job's output, in the order a sequential workflow makes them."""
-        folder = {"fanout": "fan"}.get(self.name, self.name)
+        folder = {"fanout": "fan", "rerun": "eval"}.get(self.name, self.name)
         return [f"{folder}/{i}.txt" for i in range(1, self.jobs + 1)]
 
     def snakefile(self) -> str:
@@ -118,12 +173,15 @@ class Workflow:
         files = {"Snakefile": self.snakefile()}
         if self.sequential:
             files["seed.txt"] = "seed\n"
+        if self.name == "rerun":
+            files["scripts/evaluate.sh"] = EVALUATE
         return files
 
     def create(self, target: Path) -> Path:
         """Write the workflow into ``target`` (which must not exist) and commit it."""
         target.mkdir(parents=True)
         for name, text in self.files().items():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
             (target / name).write_text(text)
         for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "benchmark workflow"]):
             subprocess.run(
@@ -148,6 +206,21 @@ def load_workflow(quick: bool) -> Workflow:
 def load_outputs(jobs: int, name: str = "load") -> dict[str, str]:
     """What the load (or scale) workflow must leave behind: relative path -> exact text."""
     return {f"{name}/{i}.txt": f"{name} {i}\n" for i in range(1, jobs + 1)}
+
+
+def rerun_workflow() -> Workflow:
+    """The edit-and-rerun loop: three evaluations at --jobs 4, as in tests/test_keep_warm.py."""
+    return Workflow("rerun", 3, 4)
+
+
+def edit_the_evaluation(workdir: Path) -> None:
+    """The user's fix between the runs: the evaluations' script changes, so they run again."""
+    (workdir / "scripts" / "evaluate.sh").write_text(EVALUATE_EDITED)
+
+
+def rerun_outputs(jobs: int) -> dict[str, str]:
+    """What the rerun must leave behind: every evaluation by the edited script."""
+    return {f"eval/{i}.txt": f"score of {i}: 0.75 (fixed)\n" for i in range(1, jobs + 1)}
 
 
 def _git_env() -> dict[str, str]:

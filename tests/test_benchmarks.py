@@ -1,22 +1,31 @@
-"""The benchmark machinery on a tiny case, and its target arithmetic on made-up numbers.
+"""The benchmark machinery on tiny cases, and its target arithmetic on made-up numbers.
 
 Why: ``python -m benchmarks`` takes minutes, so its parts are checked here in seconds: one
 real three-job chain of 0.1 s jobs through the warm pool against the fake (ledger, summary,
-probes, per-warm-job figures), and the targets and ratios the results file reports. Only
-structure is checked: timing is measured by the benchmarks, never asserted here.
+probes, per-warm-job figures), the edit-and-rerun loop with one evaluation and a 2 s boot,
+and the targets and ratios the results file reports. Only structure is checked: timing is
+measured by the benchmarks, never asserted here.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from benchmarks.__main__ import load_result_name, parse, result_name, standard_cases
+from benchmarks.__main__ import (
+    load_result_name,
+    parse,
+    rerun_result_name,
+    result_name,
+    standard_cases,
+)
 from benchmarks.load import FAULTS, faults_fired
 from benchmarks.measure import Case, CaseResult, FakeBill, run_case
 from benchmarks.report import document, render, speedups, targets, warm_overhead
+from benchmarks.rerun import MODES, LoopResult, render_rerun, rerun_document, run_mode
 from benchmarks.workflows import Workflow
 
 
@@ -55,6 +64,35 @@ def test_chain_in_the_pool_is_measured(tmp_path: Path) -> None:
     doc = document({}, [result], 0.0)
     assert doc["cases"][0]["warm_overhead_seconds"] is None  # no local case to compare with
     assert "tiny/pool" in render(doc)
+
+
+def test_the_edit_and_rerun_loop_is_measured(tmp_path: Path) -> None:
+    """Both modes of the loop at tiny size: the kept mode's rerun adopts and rents nothing,
+    the cold one rents again, and every figure the results file explains is there."""
+    workflow = Workflow("rerun", 1, 4)
+
+    def loop(mode: str) -> LoopResult:
+        return run_mode(workflow, mode, tmp_path / mode, boot_seconds=2.0, gap_seconds=1.0)
+
+    with ThreadPoolExecutor(len(MODES)) as modes:  # each its own fake and workdir: at once
+        results = list(modes.map(loop, MODES))
+    doc = rerun_document({}, workflow, 2.0, results, gap_seconds=1.0)
+
+    cold, kept = doc["modes"]
+    assert (cold["mode"], kept["mode"]) == ("cold", "kept")
+    assert kept["rerun_creates"] == 0 and kept["rerun_adopted"] == 1
+    assert cold["rerun_creates"] == 1 and cold["rerun_adopted"] == 0
+    for mode in (cold, kept):
+        assert set(doc["rerun"]["how"]) <= set(mode)
+        assert mode["rerun_jobs"] == 1 and mode["rerun_first_job_seconds"] > 0
+        assert mode["nothing_left_running"] and mode["refused_calls"] == 0
+        assert mode["dollars"] > 0 and mode["idle_gap_seconds"] >= 1.0
+    assert cold["idle_between_runs_dollars"] == 0 < kept["idle_between_runs_dollars"]
+    [speedup] = doc["speedups_cold_over_mode"]
+    assert speedup["mode"] == "kept" and speedup["rerun_wall"] and speedup["rerun_first_job"]
+    log = (tmp_path / "kept" / "rerun" / "snakemake.log").read_text()
+    assert "benchmark probes skipped" not in log
+    assert "cold/kept" in render_rerun(json.loads(json.dumps(doc)))
 
 
 def bill(instances: int, billed: float, calls: int, boot: float) -> FakeBill:
@@ -170,6 +208,10 @@ def test_partial_runs_get_their_own_results_file() -> None:
     assert result_name(parse(["--no-rate-limits"])) == "full-nolimits"
     assert load_result_name(parse(["--case", "load", "--no-rate-limits"])) == "load-nolimits"
     assert parse(["--quick"]).boot_seconds == 5.0 and parse([]).boot_seconds == 5.0
+    assert rerun_result_name(parse(["--case", "rerun"])) == "rerun"
+    assert parse(["--case", "rerun"]).rerun_boot_seconds == 30.0
+    assert rerun_result_name(parse(["--quick", "--case", "rerun"])) == "quick-rerun"
+    assert rerun_result_name(parse(["--case", "rerun", "--boot-seconds", "10"])) == "rerun-boot10"
     names = [c.name for c in standard_cases(parse([]))]
     assert names == [
         "chain/local",
@@ -184,8 +226,8 @@ def test_partial_runs_get_their_own_results_file() -> None:
     ]
 
 
-def test_the_readme_figure_is_drawn_from_both_results_files(tmp_path: Path) -> None:
-    from benchmarks.plot import bars, draw
+def test_the_readme_figure_is_drawn_from_the_results_files(tmp_path: Path) -> None:
+    from benchmarks.plot import bars, draw, loop_bars
 
     standard = {
         "cases": [
@@ -204,4 +246,18 @@ def test_the_readme_figure_is_drawn_from_both_results_files(tmp_path: Path) -> N
         ("load: 60 jobs", "pack", 0.2),
     ]
     image = draw(found, tmp_path / "figure.png")
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rerun = {
+        "rerun": {"boot_seconds": 30.0},
+        "modes": [
+            {"mode": m, "rerun_wall_seconds": w, "rerun_first_job_seconds": f, "dollars": d}
+            for m, w, f, d in (("cold", 60.0, 45.0, 0.03), ("kept", 20.0, 4.0, 0.02))
+        ],
+    }
+    loop = loop_bars(rerun)
+    assert [(b.mode, b.first_job_seconds, b.boot_seconds) for b in loop] == [
+        ("cold", 45.0, 30.0),
+        ("kept", 4.0, 30.0),
+    ]
+    image = draw(found, tmp_path / "with-loop.png", loop=loop)
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
