@@ -5,6 +5,7 @@ its boot progress, first SSH login, bootstrap). Its state changes only through t
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -54,6 +55,7 @@ class Instance:
     stopped_at: float | None = None  # stopped by the run (and not started again) since then
     started_at: float | None = None  # the last start of it stopped (its boot counts from here)
     seen_stopped_at: float | None = None  # the last list row since that start still said so
+    resumed_at: float | None = None  # when its GPU billed again after its last stop
     stopped_seconds: float = 0.0  # time spent stopped before that: billed for its disk only
     earlier_data_dollars: float = 0.0  # bandwidth of its SSH connections before its last stop
     created_at: float | None = None  # the create answered: Vast.ai made it a moment before
@@ -125,9 +127,10 @@ class Instance:
         counted, and from ``now`` it bills its disk only. Call with the table's lock held."""
         self.earlier_data_dollars = self.data_cost()
         host, self.host = self.host, None
-        if host is not None:
-            host.close()
+        if host is not None:  # a close may wait on a reconnect: never under the lock
+            threading.Thread(target=host.close, name="vastai-ssh-close", daemon=True).start()
         self.stopped_at = now
+        self.started_at = self.seen_stopped_at = None  # no start of this stop yet
 
     def started(self, now: float) -> None:
         """Asked to run again: its row must be read afresh (the last one says stopped). It
@@ -163,6 +166,7 @@ class Instance:
                 resumed = max(self.started_at, self.seen_stopped_at or self.started_at)
                 self.stopped_seconds = self.stopped_for(resumed)
                 self.stopped_at = None
+                self.resumed_at = resumed
 
     def silence(self, now: float) -> float:
         """Seconds since this run last gave it a sign of life (0 before the first)."""
@@ -183,8 +187,9 @@ class Instance:
     def lost_reason(self) -> str | None:
         """Why this instance can never run a job again, if it cannot. (One the run stopped
         is listed as stopped, as it should be.)"""
-        if self.state is State.STOPPED and not self.vanished:
-            return None
+        restart_pending = self.stopped_at is not None and self.started_at is not None
+        if (self.state is State.STOPPED or restart_pending) and not self.vanished:
+            return None  # its start timeout bounds the wait for its GPU
         if self.vanished and self.silence_at_loss is not None:
             return (
                 f"its dead-man switch destroyed it: this run gave it no sign of life for "
@@ -216,22 +221,25 @@ class Instance:
         )
 
     def start_timeout_message(self) -> str:
-        info = self.info
-        status = info.actual_status if info else "not listed yet"
-        message = f" ({info.status_msg})" if info and info.status_msg else ""
         return (
             f"{self.name} did not run again within --vastai-start-timeout: still "
-            f"{status}{message}. Its GPU may have gone to another renter while it was stopped"
+            f"{self._last_status()}. Its GPU may have gone to another renter while it was "
+            "stopped"
         )
 
     def boot_timeout_message(self) -> str:
-        info = self.info
-        status = info.actual_status if info else "not listed yet"
-        message = f" ({info.status_msg})" if info and info.status_msg else ""
         return (
-            f"{self.name} did not boot within the boot timeout: still {status}{message}. "
+            f"{self.name} did not boot within the boot timeout: still {self._last_status()}. "
             "Raise --vastai-boot-timeout or choose another image/offer"
         )
+
+    def _last_status(self) -> str:
+        """Its status and status message, as the last list row said them."""
+        info = self.info
+        if info is None:
+            return "not listed yet"
+        message = f" ({info.status_msg})" if info.status_msg else ""
+        return f"{info.actual_status}{message}"
 
     def endpoints(self) -> list[Endpoint]:
         return ssh_endpoints(self.info) if self.info is not None else []

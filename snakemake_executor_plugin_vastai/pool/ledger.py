@@ -132,13 +132,13 @@ class Ledger:
             event["ended"] = ended_at
         self._append(event)
 
-    def stopped(self, label: str, storage_dph: float) -> None:
-        """Stopped by its run: from now on it bills ``storage_dph``, its disk, only."""
-        self._append({"event": "stopped", "label": label, "storage": storage_dph})
+    def stopped(self, label: str, storage_dph: float, at: float) -> None:
+        """Stopped by its run at ``at``: from then on it bills ``storage_dph``, its disk."""
+        self._append({"event": "stopped", "label": label, "storage": storage_dph, "at": at})
 
-    def started(self, label: str) -> None:
-        """Running again (its machine's GPU is its own again): it bills its whole price."""
-        self._append({"event": "started", "label": label})
+    def started(self, label: str, at: float) -> None:
+        """Running again since ``at`` (its machine's GPU its own again): its whole price."""
+        self._append({"event": "started", "label": label, "at": at})
 
     def kept(self, label: str, details: dict[str, Any]) -> None:
         """Left up past its run until ``details["deadline"]``, for the next run to adopt."""
@@ -240,9 +240,9 @@ def _apply(record: InstanceRecord, event: dict[str, Any]) -> None:
     elif kind == "kept":
         record.kept = event["kept"]
     elif kind == "stopped":
-        record.stopped_at, record.storage_dph = event["t"], event["storage"]
+        record.stopped_at, record.storage_dph = event.get("at", event["t"]), event["storage"]
     elif kind == "started" and record.stopped_at is not None:
-        record.stopped_seconds += event["t"] - record.stopped_at
+        record.stopped_seconds += event.get("at", event["t"]) - record.stopped_at
         record.stopped_at = None
     elif kind == "destroyed" and record.handed_to is None:  # a handed record's bill ended
         record.ended_at = event.get("ended", event["t"])

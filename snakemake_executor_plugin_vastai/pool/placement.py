@@ -173,7 +173,13 @@ def pick_ready(instances: Iterable[Instance], wanted: Signature, needs: Needs) -
 
 
 def least_recently_used(instances: Iterable[Instance]) -> Instance | None:
-    idle = [i for i in instances if i.state is State.IDLE]
+    """The idle instance to evict first: idle or stopped (its stop through), used longest
+    ago."""
+    idle = [
+        i
+        for i in instances
+        if i.state is State.IDLE or (i.state is State.STOPPED and i.stopped_at is not None)
+    ]
     return min(idle, key=lambda i: i.last_released_at or 0.0, default=None)
 
 
@@ -690,9 +696,9 @@ class Pool:
         self.destroyer.finish_all(doomed, time.monotonic() + ROUND_SECONDS)
         self.destroyer.retry_failed()
         for instance in sleepy:
-            self._stop(instance, now)
+            self._stop(instance)
 
-    def _stop(self, instance: Instance, now: float) -> None:
+    def _stop(self, instance: Instance) -> None:
         """Stop an idle instance (already marked stopped, so no job takes it meanwhile); a
         stop the API refuses leaves it idle, to be tried again."""
         assert instance.instance_id is not None
@@ -705,14 +711,16 @@ class Pool:
                     self.table.move(instance, State.IDLE)
             return
         storage = instance.offer.storage_dph if instance.offer else 0.0
+        now = time.time()  # the stop's answer: the GPU bills no more
         with self.table.locked():
             instance.stopped(now)
-        self.ledger.stopped(instance.label, storage)
+        self.ledger.stopped(instance.label, storage, now)
+        idle = now - (instance.last_released_at or now)
         say(
             "Stopped %s after %.0f s idle: it bills its disk only ($%.3f/h) until a job of "
             "its kind starts it again",
             short_name(instance),
-            self.config.stop_after,
+            idle,
             storage,
         )
 
@@ -745,8 +753,8 @@ class Pool:
                     self.ledger.price_changed(instance.label, row.dph_total)
                 stopped = instance.stopped_at is not None
                 instance.observe(row)
-                if stopped and instance.stopped_at is None:
-                    self.ledger.started(instance.label)
+                if stopped and instance.stopped_at is None and instance.resumed_at is not None:
+                    self.ledger.started(instance.label, instance.resumed_at)
                 if instance.lost_reason and instance.state in USABLE:
                     self.table.move(instance, State.LOST)
                     if instance.loss_blames_host(now):
