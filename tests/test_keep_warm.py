@@ -262,6 +262,7 @@ def test_a_killed_rerun_leaves_nothing_alive_once_the_switch_fires(
     assert row["destroyed_by"] == "container", row
 
 
+@pytest.mark.slow  # two or three real runs (README: Tests)
 @pytest.mark.parametrize("fate", ["destroyed", "outbid"])
 def test_a_kept_instance_that_died_meanwhile_is_forgotten_and_the_rerun_rents_fresh(
     fakevast: FakeVast, tmp_path: Path, fate: str
@@ -289,6 +290,7 @@ def test_a_kept_instance_that_died_meanwhile_is_forgotten_and_the_rerun_rents_fr
     assert keys_left(workdir) == []
 
 
+@pytest.mark.slow  # two or three real runs (README: Tests)
 def test_two_workflow_directories_never_adopt_each_others_instances(
     fakevast: FakeVast, tmp_path: Path
 ) -> None:

@@ -107,6 +107,7 @@ def test_an_idle_instance_sleeps_and_the_next_job_starts_it_again(
     )
 
 
+@pytest.mark.slow  # two boots and a start timeout (README: Tests)
 def test_a_start_that_hangs_gives_the_instance_up_and_the_job_rents_fresh(
     fakevast_factory, tmp_path: Path
 ) -> None:
@@ -142,7 +143,8 @@ def reap(workdir: Path, fake: FakeVast) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("how", ["interrupted", "killed"])
+# (the interrupted run waits out a local job's 20 s: with the slowest tests, README: Tests)
+@pytest.mark.parametrize("how", [pytest.param("interrupted", marks=pytest.mark.slow), "killed"])
 def test_a_stopped_instance_of_a_run_that_ends_midway_is_destroyed(
     fakevast: FakeVast, tmp_path: Path, how: str
 ) -> None:
