@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--case all|standard|load|rerun] [--boot-seconds S]
+"""``python -m benchmarks [--quick] [--case all|standard|load|rerun|pause] [--boot-seconds S]
 [--rtt-ms MS] [--only chain|fanout|tiny] [--modes ...] [--no-faults] [--no-rate-limits]``
 
 The standard cases: each workflow in its modes against a fresh fake marketplace, written to
@@ -6,7 +6,10 @@ The standard cases: each workflow in its modes against a fresh fake marketplace,
 the load case (``benchmarks/load.py``): many short jobs under API errors, with and without
 packing, written to ``benchmarks/results/load.json`` (quick: ``quick-load.json``). Then the
 edit-and-rerun loop (``benchmarks/rerun.py``), cold and kept warm, written to
-``benchmarks/results/rerun.json`` (quick: ``quick-rerun.json``). Prints the tables. Exits 1,
+``benchmarks/results/rerun.json`` (quick: ``quick-rerun.json``). Then the idle gap
+(``benchmarks/pause.py``): a long pause between two GPU jobs, the instance destroyed, kept warm
+or stopped, written to ``benchmarks/results/pause.json`` (quick: ``quick-pause.json``). Prints
+the tables. Exits 1,
 loudly, when a case fails, leaves an instance running or has a call refused under the fake's
 rate limits (which are on, as on Vast.ai, unless ``--no-rate-limits``).
 """
@@ -17,20 +20,27 @@ import argparse
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from benchmarks import load, plot, rerun
+from benchmarks import load, pause, plot, rerun
 from benchmarks.measure import MODES, RATE_LIMITS, BenchmarkError, Case, CaseResult, run_case
 from benchmarks.report import document, header, render, write
-from benchmarks.workflows import load_workflow, rerun_workflow, standard_workflows
+from benchmarks.workflows import (
+    load_workflow,
+    pause_workflow,
+    rerun_workflow,
+    standard_workflows,
+)
 
 HERE = Path(__file__).resolve().parent
 # 5 s: the issue's fanout figure is for a 5 s boot; the chain's per-warm-job figures do not
 # depend on the boot, so one boot serves every standard case (quick and full alike).
 BOOT_SECONDS = 5.0
 RTT_MS = 50.0  # the pool-rtt mode's simulated SSH round-trip time
-CASES = ("all", "standard", "load", "rerun")
+CASES = ("all", "standard", "load", "rerun", "pause")
 # Which modes each workflow runs in: the RTT dimension is the chain's; tiny is there for the
 # remote CPU of a 0.1 s job, which ttl0 (every job cold) would not show.
 WORKFLOW_MODES = {
@@ -45,20 +55,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="chain 5, fanout 8 at --jobs 4, tiny 5; load 60 jobs at --jobs 8",
+        help="chain 5, fanout 8 at --jobs 4, tiny 5; load 60 jobs at --jobs 8; rerun at a "
+        f"{rerun.QUICK_BOOT_SECONDS:g} s boot; pause at a {pause.QUICK_BOOT_SECONDS:g} s boot "
+        f"and a {pause.QUICK_GAP_SECONDS:g} s gap",
     )
     parser.add_argument(
         "--case",
         choices=CASES,
         help="standard: chain, fanout and tiny; load: 500 short jobs under API errors "
-        "(quick: 60); rerun: the edit-and-rerun loop, cold and kept warm; "
+        "(quick: 60); rerun: the edit-and-rerun loop, cold and kept warm; pause: a long "
+        "idle gap between two GPU jobs, the instance destroyed, kept warm or stopped; "
         "default all, or standard when --only or --modes is given",
     )
     parser.add_argument(
         "--boot-seconds",
         type=float,
         help=f"fake boot time (default {BOOT_SECONDS:g}; load case {load.BOOT_SECONDS:g}; "
-        f"rerun case {rerun.BOOT_SECONDS:g}, quick {rerun.QUICK_BOOT_SECONDS:g})",
+        f"rerun case {rerun.BOOT_SECONDS:g}, quick {rerun.QUICK_BOOT_SECONDS:g}; pause case "
+        f"{pause.BOOT_SECONDS:g}, quick {pause.QUICK_BOOT_SECONDS:g})",
     )
     parser.add_argument(
         "--rtt-ms",
@@ -88,13 +102,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.case is None:
         args.case = "standard" if args.only or args.modes else "all"
-    if args.case in ("load", "rerun") and (args.only or args.modes):
+    if args.case in ("load", "rerun", "pause") and (args.only or args.modes):
         parser.error(f"--only and --modes choose standard cases; the {args.case} case has neither")
     if args.output and args.case == "all":
-        parser.error("--output names one results file: add --case standard, load or rerun")
+        parser.error("--output names one results file: add --case standard, load, rerun or pause")
     args.load_boot_seconds = load.BOOT_SECONDS if args.boot_seconds is None else args.boot_seconds
     default = rerun.default_boot_seconds(args.quick)
     args.rerun_boot_seconds = default if args.boot_seconds is None else args.boot_seconds
+    default = pause.default_boot_seconds(args.quick)
+    args.pause_boot_seconds = default if args.boot_seconds is None else args.boot_seconds
     args.modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",") if m.strip()]
     unknown = set(args.modes) - set(MODES)
     if unknown or not args.modes:
@@ -159,6 +175,15 @@ def rerun_result_name(args: argparse.Namespace) -> str:
     return name + limits_suffix(args)
 
 
+def pause_result_name(args: argparse.Namespace) -> str:
+    """pause / quick-pause, with the boot when it is not the default (the boot, and the
+    restart that follows it, are what the second GPU job waits for)."""
+    name = "quick-pause" if args.quick else "pause"
+    if args.pause_boot_seconds != pause.default_boot_seconds(args.quick):
+        name += f"-boot{args.pause_boot_seconds:g}"
+    return name + limits_suffix(args)
+
+
 def _terminate(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt  # the same clean-up path as Ctrl-C: Snakemake, then the fake
 
@@ -176,6 +201,8 @@ def main(argv: list[str]) -> int:
         code = run_load(args, argv, stamp)
     if code == 0 and args.case in ("all", "rerun"):
         code = run_rerun(args, argv, stamp)
+    if code == 0 and args.case in ("all", "pause"):
+        code = run_pause(args, argv, stamp)
     if code == 0 and not args.quick and args.output is None:
         plot.main([])  # the README's figure, from the results files just written
     return code
@@ -258,44 +285,91 @@ def run_load(args: argparse.Namespace, argv: list[str], stamp: str) -> int:
     return 0
 
 
-def run_rerun(args: argparse.Namespace, argv: list[str], stamp: str) -> int:
-    """Each mode of the loop in turn; the first that fails stops the case, its figures kept."""
-    name = rerun_result_name(args)
-    output = args.output or HERE / "results" / f"{name}.json"
-    scratch = HERE / "scratch" / f"{name}-{stamp}"
-    boot = args.rerun_boot_seconds
-    head = header(boot, args.quick, ["python", "-m", "benchmarks", *argv], args.rate_limits)
-    workflow = rerun_workflow()
-    results: list[rerun.LoopResult] = []
-    for mode in rerun.MODES:
-        print(
-            f"== rerun/{mode}: {workflow.jobs} evaluations, {workflow.parallel} at once, boot "
-            f"{boot:g} s, rate limits {'on' if args.rate_limits else 'OFF'}",
-            flush=True,
-        )
+@dataclass(frozen=True)
+class ModeCase:
+    """A case measured one mode after another, each in a workdir and fake of its own."""
+
+    name: str
+    modes: Iterable[str]
+    intro: str  # said before each mode
+    run: Callable[[str, Path], Any]  # one mode, in its scratch folder
+    document: Callable[[list[Any]], dict[str, Any]]  # the results file, from those so far
+    render: Callable[[dict[str, Any]], str]
+    outcome: Callable[[Any], str]  # one line on a mode's result
+
+
+def run_modes(case: ModeCase, output: Path, scratch: Path) -> int:
+    """Each mode in turn; the first that fails stops the case, its figures kept (a mode that
+    ran to the end keeps its own too)."""
+    results: list[Any] = []
+    for mode in case.modes:
+        print(f"== {case.name}/{mode}: {case.intro}", flush=True)
         try:
-            result = rerun.run_mode(workflow, mode, scratch / mode, boot, args.rate_limits)
+            result = case.run(mode, scratch / mode)
         except BenchmarkError as error:
-            if error.result is not None:  # it ran to the end: keep its figures
+            if error.result is not None:
                 results.append(error.result)
-            doc = rerun.rerun_document(head, workflow, boot, results, args.rate_limits)
-            write(output, doc | {"error": f"rerun/{mode}: {error}"})
-            print(f"\nBENCHMARK FAILED in rerun/{mode}: {error}", file=sys.stderr)
+            write(output, case.document(results) | {"error": f"{case.name}/{mode}: {error}"})
+            print(f"\nBENCHMARK FAILED in {case.name}/{mode}: {error}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("\ninterrupted; Snakemake and the fake were stopped", file=sys.stderr)
             return 130
         results.append(result)
-        print(
-            f"   rerun {result.rerun_wall_seconds:.1f} s, {result.rerun_creates} creates, "
-            f"{result.rerun_adopted} adopted",
-            flush=True,
-        )
-        write(output, rerun.rerun_document(head, workflow, boot, results, args.rate_limits))
-    doc = rerun.rerun_document(head, workflow, boot, results, args.rate_limits)
-    print("\n" + rerun.render_rerun(doc))
+        print(f"   {case.outcome(result)}", flush=True)
+        write(output, case.document(results))
+    print("\n" + case.render(case.document(results)))
     print(f"\nresults: {output}\nscratch: {scratch}")
     return 0
+
+
+def run_rerun(args: argparse.Namespace, argv: list[str], stamp: str) -> int:
+    name = rerun_result_name(args)
+    boot = args.rerun_boot_seconds
+    head = header(boot, args.quick, ["python", "-m", "benchmarks", *argv], args.rate_limits)
+    workflow = rerun_workflow()
+    case = ModeCase(
+        "rerun",
+        rerun.MODES,
+        f"{workflow.jobs} evaluations, {workflow.parallel} at once, boot {boot:g} s, rate "
+        f"limits {'on' if args.rate_limits else 'OFF'}",
+        lambda mode, folder: rerun.run_mode(workflow, mode, folder, boot, args.rate_limits),
+        lambda results: rerun.rerun_document(head, workflow, boot, results, args.rate_limits),
+        rerun.render_rerun,
+        lambda r: (
+            f"rerun {r.rerun_wall_seconds:.1f} s, {r.rerun_creates} creates, "
+            f"{r.rerun_adopted} adopted"
+        ),
+    )
+    output = args.output or HERE / "results" / f"{name}.json"
+    return run_modes(case, output, HERE / "scratch" / f"{name}-{stamp}")
+
+
+def run_pause(args: argparse.Namespace, argv: list[str], stamp: str) -> int:
+    name = pause_result_name(args)
+    boot = args.pause_boot_seconds
+    gap = pause.default_gap_seconds(args.quick)
+    head = header(boot, args.quick, ["python", "-m", "benchmarks", *argv], args.rate_limits)
+    workflow = pause_workflow()
+
+    def outcome(result: pause.PauseResult) -> str:
+        wait = result.second_job_wait_seconds
+        waited = "-" if wait is None else f"{wait:.1f}"
+        return (
+            f"{result.wall_seconds:.1f} s, second GPU job waited {waited} s, ${result.dollars:.4f}"
+        )
+
+    case = ModeCase(
+        "pause",
+        pause.MODES,
+        f"gap {gap:g} s, boot {boot:g} s, rate limits {'on' if args.rate_limits else 'OFF'}",
+        lambda mode, folder: pause.run_mode(workflow, mode, folder, boot, args.rate_limits, gap),
+        lambda results: pause.pause_document(head, workflow, boot, results, args.rate_limits, gap),
+        pause.render_pause,
+        outcome,
+    )
+    output = args.output or HERE / "results" / f"{name}.json"
+    return run_modes(case, output, HERE / "scratch" / f"{name}-{stamp}")
 
 
 if __name__ == "__main__":

@@ -121,19 +121,7 @@ class LoopResult:
     plugin_tree_sha256: str | None = None  # the plugin's files as this mode started
 
     def to_json(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if k != "bill"}
-        bill = self.bill
-        return data | {
-            "instances": bill.instances,
-            "billed_instance_seconds": bill.billed_instance_seconds,
-            "boot_seconds": bill.boot_seconds,
-            "nothing_left_running": bill.nothing_left_running,
-            "api_calls_total": bill.api_calls_total,
-            "api_calls": bill.api_calls,
-            "refused_calls": bill.refused_calls,
-            "rate_limited": bill.rate_limited,
-            "quota_exceeded": bill.quota_exceeded,
-        }
+        return {k: v for k, v in asdict(self).items() if k != "bill"} | self.bill.figures()
 
 
 def default_boot_seconds(quick: bool) -> float:

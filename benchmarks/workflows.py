@@ -16,8 +16,17 @@ GIT_TIMEOUT = 60.0
 # Seconds each job sleeps: 1 s jobs for the chain and the fanout, as the issue states them;
 # 0.1 s jobs where the plugin's own cost should dominate (the remote CPU figure, the load case);
 # 0.05 s for the scale case, whose thousands of jobs measure the controller, not the jobs;
-# 1 s for the rerun loop's GPU jobs, like the chain's: its figures are the boots it saves.
-SLEEP_SECONDS = {"chain": 1, "fanout": 1, "tiny": 0.1, "load": 0.1, "scale": 0.05, "rerun": 1}
+# 1 s for the rerun loop's GPU jobs, like the chain's: its figures are the boots it saves;
+# 1 s for the pause case's two GPU jobs too: its figures are the idle gap between them.
+SLEEP_SECONDS = {
+    "chain": 1,
+    "fanout": 1,
+    "tiny": 0.1,
+    "load": 0.1,
+    "scale": 0.05,
+    "rerun": 1,
+    "pause": 1,
+}
 LOAD_SLEEP_SECONDS = SLEEP_SECONDS["load"]
 SEQUENTIAL = ("chain", "tiny")  # each job needs the previous one's output
 
@@ -134,6 +143,55 @@ rule evaluate:
 EVALUATE = 'echo "score of $1: 0.5"\n'
 EVALUATE_EDITED = 'echo "score of $1: 0.75 (fixed)"\n'
 
+# The idle gap: a GPU job, a local job that sleeps the gap (``--config gap=S``: a user's
+# local step, a download, a review), then a GPU job of the same kind (the same resources and
+# image). The local job writes its end (epoch) into its output, from which the second GPU
+# job's wait is measured. disk_mb as a small job would declare: each instance gets the
+# plugin's default disk, whichever mode rents it.
+_PAUSE = """\
+# pause: a GPU job, a local job that sleeps config["gap"] s, then a GPU job of the same kind;
+# each GPU job sleeps {sleep} s.
+localrules: all, wait
+
+
+rule all:
+    input:
+        "pause/2.txt",
+
+
+rule first:
+    output:
+        "pause/1.txt",
+    resources:
+        gpu=1,
+        disk_mb=1000,
+    shell:
+        "sleep {sleep}; echo first > {{output}}"
+
+
+rule wait:
+    input:
+        "pause/1.txt",
+    output:
+        "{waited}",
+    shell:
+        "sleep {{config[gap]}}; date +%s.%N > {{output}}"
+
+
+rule second:
+    input:
+        "pause/1.txt",
+        "{waited}",
+    output:
+        "pause/2.txt",
+    resources:
+        gpu=1,
+        disk_mb=1000,
+    shell:
+        "sleep {sleep}; cat {{input[0]}} > {{output}}; echo second >> {{output}}"
+"""
+PAUSE_WAITED = "pause/waited.txt"  # the local job's output: the epoch its sleep ended
+
 _TEMPLATES = {
     "chain": _CHAIN,
     "tiny": _CHAIN,
@@ -141,6 +199,7 @@ _TEMPLATES = {
     "load": _LOAD,
     "scale": _LOAD,
     "rerun": _RERUN,
+    "pause": _PAUSE,
 }
 
 
@@ -148,9 +207,10 @@ _TEMPLATES = {
 class Workflow:
     """One benchmark workflow: which shape, how many remote jobs, how many at once."""
 
-    name: str  # "chain", "tiny", "fanout", "load", "scale" or "rerun"
+    name: str  # "chain", "tiny", "fanout", "load", "scale", "rerun" or "pause"
     # Jobs that run remotely; the target rule `all` is local and not counted. "rerun": its
-    # evaluations, the jobs its rerun runs (the first run also runs train, once).
+    # evaluations, the jobs its rerun runs (the first run also runs train, once). "pause":
+    # its two GPU jobs (the local wait between them is not counted).
     jobs: int
     parallel: int  # --jobs for the executor, --cores for plain local Snakemake
 
@@ -167,7 +227,9 @@ class Workflow:
 
     def snakefile(self) -> str:
         sleep = SLEEP_SECONDS[self.name]
-        return _TEMPLATES[self.name].format(name=self.name, jobs=self.jobs, sleep=sleep)
+        return _TEMPLATES[self.name].format(
+            name=self.name, jobs=self.jobs, sleep=sleep, waited=PAUSE_WAITED
+        )
 
     def files(self) -> dict[str, str]:
         files = {"Snakefile": self.snakefile()}
@@ -221,6 +283,16 @@ def edit_the_evaluation(workdir: Path) -> None:
 def rerun_outputs(jobs: int) -> dict[str, str]:
     """What the rerun must leave behind: every evaluation by the edited script."""
     return {f"eval/{i}.txt": f"score of {i}: 0.75 (fixed)\n" for i in range(1, jobs + 1)}
+
+
+def pause_workflow() -> Workflow:
+    """The idle gap: two GPU jobs, one after the other, the local wait between them."""
+    return Workflow("pause", 2, 1)
+
+
+def pause_outputs() -> dict[str, str]:
+    """What the pause workflow must leave behind besides the local job's timestamp."""
+    return {"pause/1.txt": "first\n", "pause/2.txt": "first\nsecond\n"}
 
 
 def _git_env() -> dict[str, str]:

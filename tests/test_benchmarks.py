@@ -3,8 +3,8 @@
 Why: ``python -m benchmarks`` takes minutes, so its parts are checked here in seconds: one
 real three-job chain of 0.1 s jobs through the warm pool against the fake (ledger, summary,
 probes, per-warm-job figures), the edit-and-rerun loop with one evaluation and a 2 s boot,
-and the targets and ratios the results file reports. Only structure is checked: timing is
-measured by the benchmarks, never asserted here.
+the idle gap at a 2 s boot and a 3 s gap, and the targets and ratios the results file
+reports. Only structure is checked: timing is measured by the benchmarks, never asserted here.
 """
 
 from __future__ import annotations
@@ -18,15 +18,18 @@ import pytest
 from benchmarks.__main__ import (
     load_result_name,
     parse,
+    pause_result_name,
     rerun_result_name,
     result_name,
     standard_cases,
 )
 from benchmarks.load import FAULTS, faults_fired
 from benchmarks.measure import Case, CaseResult, FakeBill, run_case
+from benchmarks.pause import PauseResult, pause_document, render_pause
+from benchmarks.pause import run_mode as run_pause_mode
 from benchmarks.report import document, render, speedups, targets, warm_overhead
 from benchmarks.rerun import MODES, LoopResult, render_rerun, rerun_document, run_mode
-from benchmarks.workflows import Workflow
+from benchmarks.workflows import Workflow, pause_workflow
 
 
 def test_chain_in_the_pool_is_measured(tmp_path: Path) -> None:
@@ -66,6 +69,7 @@ def test_chain_in_the_pool_is_measured(tmp_path: Path) -> None:
     assert "tiny/pool" in render(doc)
 
 
+@pytest.mark.slow  # two modes of real runs side by side (README: Tests)
 def test_the_edit_and_rerun_loop_is_measured(tmp_path: Path) -> None:
     """Both modes of the loop at tiny size: the kept mode's rerun adopts and rents nothing,
     the cold one rents again, and every figure the results file explains is there."""
@@ -93,6 +97,46 @@ def test_the_edit_and_rerun_loop_is_measured(tmp_path: Path) -> None:
     log = (tmp_path / "kept" / "rerun" / "snakemake.log").read_text()
     assert "benchmark probes skipped" not in log
     assert "cold/kept" in render_rerun(json.loads(json.dumps(doc)))
+
+
+@pytest.mark.slow  # two modes of real runs side by side (README: Tests)
+def test_the_idle_gap_is_measured(tmp_path: Path) -> None:
+    """The pause case at tiny size (2 s boot, 3 s gap, stopped after 1 s idle), destroy and
+    stopped: the stopped mode rents once, stops its instance in the gap and starts it again,
+    the destroy mode rents twice, and every figure the results file explains is there."""
+    workflow = pause_workflow()
+    modes = ("destroy", "stopped")
+
+    def one(mode: str) -> PauseResult:
+        return run_pause_mode(
+            workflow, mode, tmp_path / mode, boot_seconds=2.0, gap_seconds=3.0, stop_after=1
+        )
+
+    with ThreadPoolExecutor(len(modes)) as pool:  # each its own fake and workdir: at once
+        results = list(pool.map(one, modes))
+    doc = pause_document({}, workflow, 2.0, results, gap_seconds=3.0, stop_after=1)
+
+    destroy, stopped = doc["modes"]
+    assert (destroy["mode"], stopped["mode"]) == ("destroy", "stopped")
+    assert stopped["args"][:4] == ["--vastai-pool-ttl", "600", "--vastai-pool-stop-after", "1"]
+    assert (stopped["creates"], stopped["stops"], stopped["starts"]) == (1, 1, 1)
+    assert stopped["plugin_stopped_seconds"] > 0 and stopped["fake_gpu_free_seconds"] > 0
+    assert stopped["restart_seconds"] > 0
+    assert (destroy["creates"], destroy["stops"], destroy["starts"]) == (2, 0, 0)
+    assert destroy["restart_seconds"] is None and destroy["plugin_stopped_seconds"] == 0
+    for mode in (destroy, stopped):
+        assert set(doc["pause"]["how"]) <= set(mode)
+        assert mode["second_job_wait_seconds"] > 0 and mode["first_job_seconds"] > 0
+        assert mode["nothing_left_running"] and mode["refused_calls"] == 0
+        assert mode["gpu_dollars"] > 0 and mode["disk_dollars"] > 0
+        assert mode["plugin_gpu_dollars"] > 0 and mode["plugin_storage_dollars"] > 0
+        assert mode["gpu_dollars_gap_seconds"] is not None
+        assert mode["disk_gb"] and all(gb > 0 for gb in mode["disk_gb"])
+    [versus] = doc["ratios_stopped_over_mode"]
+    assert versus["mode"] == "destroy" and versus["dollars"] and versus["second_job_wait"]
+    log = (tmp_path / "stopped" / "run" / "snakemake.log").read_text()
+    assert "benchmark probes skipped" not in log
+    assert "stopped/destroy" in render_pause(json.loads(json.dumps(doc)))
 
 
 def bill(instances: int, billed: float, calls: int, boot: float) -> FakeBill:
@@ -212,6 +256,11 @@ def test_partial_runs_get_their_own_results_file() -> None:
     assert parse(["--case", "rerun"]).rerun_boot_seconds == 30.0
     assert rerun_result_name(parse(["--quick", "--case", "rerun"])) == "quick-rerun"
     assert rerun_result_name(parse(["--case", "rerun", "--boot-seconds", "10"])) == "rerun-boot10"
+    assert pause_result_name(parse(["--case", "pause"])) == "pause"
+    assert parse(["--case", "pause"]).pause_boot_seconds == 30.0
+    assert pause_result_name(parse(["--quick", "--case", "pause"])) == "quick-pause"
+    assert pause_result_name(parse(["--case", "pause", "--boot-seconds", "10"])) == "pause-boot10"
+    assert pause_result_name(parse(["--case", "pause", "--no-rate-limits"])) == "pause-nolimits"
     names = [c.name for c in standard_cases(parse([]))]
     assert names == [
         "chain/local",

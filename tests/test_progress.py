@@ -232,7 +232,7 @@ def test_the_running_total_speaks_only_when_something_is_alive_and_it_changed(
 ) -> None:
     caplog.set_level(logging.INFO, logger="snakemake.logging.vastai")
     ticker = SpendTicker()
-    alive = SimpleNamespace(instance_id=1, state=State.BUSY, dph_total=0.42)
+    alive = SimpleNamespace(instance_id=1, state=State.BUSY, billing_rate=0.42)
     gone = SimpleNamespace(instance_id=2, state=State.GONE, dph_total=1.0)
     reserved = SimpleNamespace(instance_id=None, state=State.RENTING, dph_total=0.3)
 

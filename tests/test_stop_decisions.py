@@ -45,7 +45,7 @@ from snakemake_executor_plugin_vastai.pool.placement import (
     stop_due,
 )
 from snakemake_executor_plugin_vastai.pool.preparer import Preparer
-from snakemake_executor_plugin_vastai.pool.progress import BootProgress
+from snakemake_executor_plugin_vastai.pool.progress import BootProgress, Spend
 from snakemake_executor_plugin_vastai.pool.renter import CapRefusal
 from snakemake_executor_plugin_vastai.pool.states import (
     BILLING,
@@ -1242,3 +1242,11 @@ def test_a_restarts_boot_lines_count_from_its_start_not_its_rent(
     lines.observe(instance, t + 1015)
     assert [round(args[1]) for args in said] == [16, 15]
     assert said[-1][2] == "not listed by Vast.ai yet"
+
+
+def test_the_running_total_counts_a_stopped_instance_at_its_disks_price() -> None:
+    """The spend line's $/h is what the instances bill now: a stopped one, its disk only."""
+    running, stopped = stoppable(State.BUSY), stoppable(State.IDLE)
+    stopped.stopped(time.time())
+    stopped.state = State.STOPPED
+    assert Spend.of([running, stopped], 0.0).dph == pytest.approx(PRICE + STORAGE)

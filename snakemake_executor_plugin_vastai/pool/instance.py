@@ -142,6 +142,13 @@ class Instance:
         self.info = None
 
     @property
+    def billing_rate(self) -> float:
+        """What it bills per hour now: its disk only while stopped."""
+        if self.stopped_at is not None and self.offer is not None:
+            return self.offer.storage_dph
+        return self.dph_total
+
+    @property
     def boot_began(self) -> float:
         """When its current boot began: its rent, or its last start after a stop."""
         return self.started_at or self.rented_at

@@ -467,7 +467,7 @@ class Pool:
         quiet: bool = False,
     ) -> Placement:
         assert instance.slots is not None
-        if instance.slots.empty:
+        if instance.slots.empty and instance.state in READY:  # a boot's wait is no work
             instance.busy_since = time.time()
         beside = len(instance.slots.leases)
         lease = instance.slots.take(needs)

@@ -139,6 +139,8 @@ class Preparer:
             assert instance.slots is not None
             ready = State.IDLE if instance.slots.empty else State.BUSY
             self.advance(instance, State.BOOTSTRAPPING, ready)
+            if ready is State.BUSY:  # its jobs start now: busy from here, not from the rent
+                instance.busy_since = time.time()
 
     def _bootstrap(self, instance: Instance) -> None:
         """Said at its end (and, by the caller, at its start): a first install of Snakemake

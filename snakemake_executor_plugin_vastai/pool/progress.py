@@ -77,7 +77,7 @@ class Spend:
     @classmethod
     def of(cls, instances: Iterable[Instance], dollars: float) -> Spend:
         alive = [i for i in instances if i.instance_id is not None and i.state is not State.GONE]
-        return cls(len(alive), round(sum(i.dph_total for i in alive), 3), round(dollars, 4))
+        return cls(len(alive), round(sum(i.billing_rate for i in alive), 3), round(dollars, 4))
 
     def line(self) -> str:
         alive = count(self.alive, "instance")

@@ -442,7 +442,7 @@ class Renter:
         with self.table.locked():
             assert reserved.slots is not None
             reserved.instance_id = instance_id
-            reserved.created_at = reserved.busy_since = time.time()
+            reserved.created_at = time.time()  # busy once it is ready (the preparer says)
             self.table.move(reserved, State.BOOTING)  # it exists: destroyed or kept, not dropped
             lease = reserved.slots.take(request.needs())  # in the same step: no job goes first
         self.ledger.rented(reserved.label, instance_id)
