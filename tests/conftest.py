@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import paramiko
@@ -52,6 +53,19 @@ def fakevast_factory() -> Iterator[Callable[..., FakeVast]]:
 
     yield start
     _stop_checked(started)
+
+
+LEAK_TRIPWIRE = Path.home() / ".instance-token"  # tests.workflows.INSTANCE_TOKEN's file
+
+
+@pytest.fixture(scope="session", autouse=True)
+def instances_keep_to_themselves() -> Iterator[None]:
+    """A job's ``$HOME`` is its instance's own: were an instance ever to run on this machine's
+    filesystem (the fake unisolated), its files would land in the real home and every later
+    instance would see them (two instances would look like one)."""
+    assert not LEAK_TRIPWIRE.exists(), f"{LEAK_TRIPWIRE} exists before the tests: remove it"
+    yield
+    assert not LEAK_TRIPWIRE.exists(), f"an instance wrote {LEAK_TRIPWIRE} on this machine"
 
 
 @pytest.fixture(scope="session")

@@ -180,6 +180,7 @@ class JobRun:
         except (VastaiError, OSError) as error:
             if self._cancelled.is_set() or isinstance(error, Cancelled | JobCancelled):
                 outcome = Outcome(False, sentence(f"{self.spec.name} was cancelled"), True)
+                healthy = True  # says nothing of its instance: the teardown ends that
             else:
                 outcome = self._failure(sentence(f"{self.spec.name} failed{self._where(error)}"))
                 if isinstance(error, HostError) and self._host_to_blame():

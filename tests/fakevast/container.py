@@ -255,13 +255,30 @@ def _build_image_venv(host_dir: Path, inner: str) -> None:
         (site_packages / "fakevast-host-packages.pth").write_text("".join(lines))
 
 
+# Probes of the namespaces before a root fake gives up (a busy machine may fail a fork).
+_PROBE_ATTEMPTS = 5
+_PROBE_PAUSE_SECONDS = 0.5
+
+
 @functools.cache
 def namespaces_available() -> bool:
-    """Whether this process may create the mount + PID namespaces an isolated instance needs."""
+    """Whether this process may create the mount + PID namespaces an isolated instance needs:
+    not without root or `unshare`. As root with `unshare`, a probe that fails is tried again,
+    and one that keeps failing is an error, never a quiet fallback: an unisolated instance
+    writes to this machine's own home (a job's `$HOME` is root's), which every later instance
+    of every test then sees."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         return False
     probe = ["unshare", "--mount", "--pid", "--fork", "--propagation", "private", "true"]
-    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
+    for _ in range(_PROBE_ATTEMPTS):
+        done = subprocess.run(probe, capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            return True
+        time.sleep(_PROBE_PAUSE_SECONDS)
+    raise ContainerError(
+        f"cannot create the namespaces an instance needs ({done.stderr.strip()}), though "
+        "running as root: refusing to run instances on this machine's own filesystem"
+    )
 
 
 @functools.cache
