@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,9 @@ from tests.test_first_hour_bill import billed
 from tests.workflows import (
     ANNOUNCE_START,
     assert_all_destroyed,
+    helper,
     one_rule_workflow,
+    reap,
     rented,
     result_files,
     run_local,
@@ -78,23 +78,6 @@ def edit_the_evaluation(workdir: Path) -> None:
 
 def creates(fake: FakeVast) -> int:
     return len(rented(fake))
-
-
-def helper(workdir: Path, fake: FakeVast, *args: str) -> str:
-    """The snakemake-vastai command, as a user runs it in the workflow directory."""
-    done = subprocess.run(
-        [sys.executable, "-m", "snakemake_executor_plugin_vastai.cli.commands", *args],
-        cwd=workdir,
-        env={"VAST_API_KEY": fake.api_key, "VAST_URL": fake.url, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout
-
-
-def reap(workdir: Path, fake: FakeVast) -> str:
-    return helper(workdir, fake, "reap")
 
 
 def keys_left(workdir: Path) -> list[str]:

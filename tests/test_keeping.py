@@ -1136,6 +1136,11 @@ def test_keep_warm_holds_an_unwanted_idle_instance_until_its_ttl(
     ],
 )
 def test_keep_warm_settings_refused(options: dict[str, Any], said: list[str]) -> None:
+    assert_refused(options, said)
+
+
+def assert_refused(options: dict[str, Any], said: list[str]) -> None:
+    """The options stop the run at start with a message holding each of ``said``."""
     with pytest.raises(SettingsError) as caught:
         validate_settings(ExecutorSettings(**options))
     for text in said:

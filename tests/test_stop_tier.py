@@ -11,8 +11,6 @@ the next run or ``snakemake-vastai reap`` destroys it, which the help says plain
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import pytest
 from tests.fakevast.harness import FakeVast
 from tests.workflows import (
     assert_all_destroyed,
+    reap,
     rented,
     run_snakemake,
     run_summary,
@@ -129,18 +128,6 @@ def test_a_start_that_hangs_gives_the_instance_up_and_the_job_rents_fresh(
     assert "Traceback" not in run.output
     # It never got its GPU back: after its stop it billed its disk only, here and at the fake.
     assert_billed_as_the_fake_bills(workdir, fake)
-
-
-def reap(workdir: Path, fake: FakeVast) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "snakemake_executor_plugin_vastai.cli.commands", "reap"],
-        cwd=workdir,
-        env={"VAST_API_KEY": fake.api_key, "VAST_URL": fake.url, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout
 
 
 # (the interrupted run waits out a local job's 20 s: with the slowest tests, README: Tests)

@@ -289,3 +289,21 @@ def run_summary(workdir: Path) -> dict[str, Any]:
     found = sorted((workdir / ".snakemake" / "vastai").glob("summary-*.json"))
     assert len(found) == 1, f"expected one cost summary, found {found}"
     return json.loads(found[0].read_text())
+
+
+def helper(workdir: Path, fake: FakeVast, *args: str) -> str:
+    """The snakemake-vastai command, as a user runs it in the workflow directory."""
+    done = subprocess.run(
+        [sys.executable, "-m", "snakemake_executor_plugin_vastai.cli.commands", *args],
+        cwd=workdir,
+        env={"VAST_API_KEY": fake.api_key, "VAST_URL": fake.url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
+def reap(workdir: Path, fake: FakeVast) -> str:
+    """``snakemake-vastai reap`` in the workflow directory; its output."""
+    return helper(workdir, fake, "reap")
