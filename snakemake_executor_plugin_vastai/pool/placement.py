@@ -145,6 +145,17 @@ def teardown_budget(billing: int) -> float:
     return TEARDOWN_SECONDS + billing * LIMITS["destroy"].seconds
 
 
+def could_hold(instance: Instance, wanted: Signature, needs: Needs) -> bool:
+    """Of the job's kind, sound, not on its way out, and big enough for the job alone."""
+    return (
+        instance.retiring is None
+        and not instance.lost_reason
+        and instance.slots is not None
+        and instance.signature.can_serve(wanted)
+        and instance.slots.capacity.holds(needs)
+    )
+
+
 def pick_instance(
     instances: Iterable[Instance], wanted: Signature, needs: Needs
 ) -> Instance | None:
@@ -154,10 +165,8 @@ def pick_instance(
         i
         for i in instances
         if i.state in USABLE
-        and i.retiring is None
-        and not i.lost_reason
+        and could_hold(i, wanted, needs)
         and i.slots is not None
-        and i.signature.can_serve(wanted)
         and i.slots.fits(needs)
     ]
     return min(
@@ -216,13 +225,7 @@ def patient(seeker: Seeker, instances: Iterable[Instance], now: float) -> bool:
     if now - seeker.since >= RENT_PATIENCE_SECONDS:
         return False
     return any(
-        i.state is State.BUSY
-        and i.retiring is None
-        and not i.lost_reason
-        and i.slots is not None
-        and i.slots.capacity.holds(seeker.needs)
-        and i.signature.can_serve(seeker.wanted)
-        for i in instances
+        i.state is State.BUSY and could_hold(i, seeker.wanted, seeker.needs) for i in instances
     )
 
 
@@ -234,11 +237,7 @@ def pick_stopped(instances: Iterable[Instance], wanted: Signature, needs: Needs)
         for i in instances
         if i.state is State.STOPPED
         and i.stopped_at is not None  # its stop went through
-        and i.retiring is None
-        and not i.lost_reason
-        and i.slots is not None
-        and i.signature.can_serve(wanted)
-        and i.slots.capacity.holds(needs)
+        and could_hold(i, wanted, needs)
     ]
     return min(fitting, key=lambda i: (i.dph_total, -(i.last_released_at or 0.0)), default=None)
 
